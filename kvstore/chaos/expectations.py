@@ -1,0 +1,89 @@
+"""What each replication mode promises, as DATA: mode/acks -> the level of each check.
+
+Owns: the EXPECTATIONS table and `expectations_for()`. The checker computes every check
+for every run; this table only says which verdicts decide the run's `valid`.
+
+Levels:
+- "must":        the check must hold, or the run is invalid;
+- "in-rollback": (lost_writes) acknowledged writes may be lost, but every lost one must
+                 be found in a node's rollback file (data_dir/<id>/rollback/*.jsonl);
+- "unless-rolled-back": (sessions) violations are allowed only when the value involved
+                 was an acknowledged write that a failover rolled back;
+- "expected":    the check is expected to FAIL in this mode, and the checker must see it
+                 (e.g. leaderless with w + r <= n: stale reads must be detected) — the run
+                 is valid either way, the verdict is reported;
+- "report":      computed and shown, never decides validity.
+
+Pure: standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+CHECKS = ("linearizable", "lost_writes", "sessions", "values_known")
+
+Level = str
+Expectation = Mapping[str, Level]
+
+_STRONG: Expectation = {
+    "linearizable": "must",        # consistency=leader reads, writes, cas, deletes
+    "lost_writes": "must",         # zero acknowledged writes lost
+    "sessions": "must",            # read-your-writes + monotonic reads with KV-Token
+    "values_known": "must",        # no read ever returns a value nobody wrote
+}
+
+EXPECTATIONS: dict[tuple[str, str], Expectation] = {
+    # single-leader: acks decide durability across failover.
+    ("single-leader", "sync"): _STRONG,
+    ("single-leader", "semi-sync"): _STRONG,
+    ("single-leader", "async"): {
+        "linearizable": "report",           # a failover may roll back acknowledged writes
+        "lost_writes": "in-rollback",       # ...but never silently (CONTRACT §5)
+        "sessions": "unless-rolled-back",
+        "values_known": "must",
+    },
+    # ---- to be filled in when these modes land (keep the shape) ----------------------
+    # multi-leader: async replication between leaders, conflicts resolved by lww/siblings.
+    # Leader reads are not linearizable; writes may be superseded by a concurrent write
+    # (lww) or surface as siblings. Expected: sessions "must" per node, "values_known" must.
+    ("multi-leader", "*"): {
+        "linearizable": "report",
+        "lost_writes": "report",
+        "sessions": "report",
+        "values_known": "must",
+    },
+    # leaderless, w + r > n: a read after an acknowledged write sees it (no stale reads
+    # after acked writes) -> a "stale_reads" check at level "must" belongs here.
+    ("leaderless", "w+r>n"): {
+        "linearizable": "report",
+        "lost_writes": "report",
+        "sessions": "report",
+        "values_known": "must",
+    },
+    # leaderless, w + r <= n: stale reads are expected and must be DETECTED ("expected").
+    ("leaderless", "w+r<=n"): {
+        "linearizable": "report",
+        "lost_writes": "report",
+        "sessions": "report",
+        "values_known": "must",
+    },
+}
+
+
+def expectations_for(mode: str, acks: str | None = None, *, n: int | None = None,
+                     w: int | None = None, r: int | None = None,
+                     strict: bool = False) -> Expectation:
+    """The expectation row for a cluster. `strict` holds every check to "must" (used by
+    the checker's own tests and by `--expect strict`)."""
+    if strict:
+        return {c: "must" for c in CHECKS}
+    if mode == "single-leader":
+        return EXPECTATIONS[("single-leader", acks or "semi-sync")]
+    if mode == "multi-leader":
+        return EXPECTATIONS[("multi-leader", "*")]
+    if mode == "leaderless":
+        if n is not None and w is not None and r is not None and w + r <= n:
+            return EXPECTATIONS[("leaderless", "w+r<=n")]
+        return EXPECTATIONS[("leaderless", "w+r>n")]
+    raise KeyError(f"no expectations for mode {mode!r}")
