@@ -1,0 +1,51 @@
+"""The kvstore client library: AsyncClient (asyncio) and Client (blocking), sessions,
+typed results and the KVError exception tree. See docs/client.md.
+
+    from kvstore.client import Client, NotFound
+    with Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002"]) as kv:
+        kv.put("greeting", b"hello")
+        print(kv.get("greeting").value)
+"""
+
+from kvstore.errors import (
+    BadRequest,
+    ConfigError,
+    KVError,
+    NotFound,
+    NotLeader,
+    Timeout,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    VersionMismatch,
+)
+
+from .aio import AsyncClient, Session
+from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
+from .results import NodeStatus, Result, Sibling, Siblings
+from .sync import Client, SyncSession
+
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "ConfigError",
+    "Conflict",
+    "IndeterminateError",
+    "KVError",
+    "NodeStatus",
+    "NotFound",
+    "NotLeader",
+    "Result",
+    "Session",
+    "Sibling",
+    "Siblings",
+    "SyncSession",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "VersionMismatch",
+    "error_from_reply",
+    "map_exceptions",
+]

@@ -1,0 +1,143 @@
+"""Client and SyncSession: the blocking face of AsyncClient. The async client runs on
+its own event loop in a daemon thread; each call is submitted to that loop and waited
+for. Exceptions are the same KVError classes. Thread-safe: calls from several threads
+share the loop (and its connection pools).
+
+Imports: asyncio, threading, and the async client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+from .aio import AsyncClient, MergeFn, Session
+from .results import NodeStatus, Result, Siblings
+from .wire import DEFAULT_URL
+
+T = TypeVar("T")
+
+
+class Client:
+    """Blocking client with the methods of AsyncClient (same constructor arguments).
+    Use as a context manager or call close()."""
+
+    def __init__(self, urls: str | Iterable[str] = DEFAULT_URL, token: str | None = None,
+                 timeout: float = 15.0, **options: Any) -> None:
+        self._aclient = AsyncClient(urls, token, timeout, **options)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self._closed = False
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._ready.set)
+        self._loop.run_forever()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._call(self._aclient.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    @property
+    def async_client(self) -> AsyncClient:
+        return self._aclient
+
+    @property
+    def leader(self) -> str | None:
+        return self._aclient.leader
+
+    def session(self, read_preference: str | None = None, token: str | None = None) -> SyncSession:
+        return SyncSession(self, self._aclient.session(read_preference, token))
+
+    def get(self, key: str, **kw: Any) -> Result:
+        return self._call(self._aclient.get(key, **kw))
+
+    def get_siblings(self, key: str, **kw: Any) -> Siblings:
+        return self._call(self._aclient.get_siblings(key, **kw))
+
+    def put(self, key: str, value: bytes | str, **kw: Any) -> Result:
+        return self._call(self._aclient.put(key, value, **kw))
+
+    def cas(self, key: str, expected_version: str, value: bytes | str, **kw: Any) -> Result:
+        return self._call(self._aclient.cas(key, expected_version, value, **kw))
+
+    def delete(self, key: str, **kw: Any) -> Result:
+        return self._call(self._aclient.delete(key, **kw))
+
+    def resolve(self, key: str, merge_fn: MergeFn) -> Result:
+        return self._call(self._aclient.resolve(key, merge_fn))
+
+    def status(self) -> dict[str, Any]:
+        return self._call(self._aclient.status())
+
+    def cluster_overview(self) -> list[NodeStatus]:
+        return self._call(self._aclient.cluster_overview())
+
+    def refresh(self) -> None:
+        self._call(self._aclient.refresh())
+
+    def measure_latencies(self) -> dict[str, float | None]:
+        return self._call(self._aclient.measure_latencies())
+
+
+class SyncSession:
+    """Blocking face of a Session (see kvstore.client.aio.Session)."""
+
+    def __init__(self, client: Client, session: Session) -> None:
+        self._client = client
+        self._session = session
+
+    @property
+    def token(self) -> str | None:
+        return self._session.token
+
+    @property
+    def read_preference(self) -> str:
+        return self._session.read_preference
+
+    @property
+    def sticky_node(self) -> str | None:
+        return self._session.sticky_node
+
+    def get(self, key: str, **kw: Any) -> Result:
+        return self._client._call(self._session.get(key, **kw))
+
+    def get_siblings(self, key: str, **kw: Any) -> Siblings:
+        return self._client._call(self._session.get_siblings(key, **kw))
+
+    def put(self, key: str, value: bytes | str, **kw: Any) -> Result:
+        return self._client._call(self._session.put(key, value, **kw))
+
+    def cas(self, key: str, expected_version: str, value: bytes | str, **kw: Any) -> Result:
+        return self._client._call(self._session.cas(key, expected_version, value, **kw))
+
+    def delete(self, key: str, **kw: Any) -> Result:
+        return self._client._call(self._session.delete(key, **kw))
+
+    def resolve(self, key: str, merge_fn: MergeFn) -> Result:
+        return self._client._call(self._session.resolve(key, merge_fn))

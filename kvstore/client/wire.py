@@ -1,0 +1,117 @@
+"""Wire helpers of the client: URL checks, key paths, body decoding by Content-Type,
+parsing of the 300 siblings answer. Pure: json, msgpack, base64, urllib only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import msgpack
+
+from kvstore.errors import BadRequest, ConfigError
+
+from .results import Sibling
+
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+ACCEPT_MSGPACK = "application/msgpack, application/json;q=0.9, */*;q=0.5"
+ACCEPT_JSON = "application/json, */*;q=0.5"
+DEFAULT_URL = "http://127.0.0.1:7001"
+
+
+def normalize_url(url: str) -> str:
+    """'http://host:port' without a trailing slash; ConfigError for anything else."""
+    u = url.strip().rstrip("/")
+    parts = urlsplit(u)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise ConfigError(f"--url: must look like http://HOST:PORT, got {url!r}")
+    if parts.path or parts.query or parts.fragment:
+        raise ConfigError(f"--url: must be http://HOST:PORT with no path, got {url!r}")
+    return u
+
+
+def parse_urls(urls: str | Iterable[str]) -> list[str]:
+    """Accept one URL, a comma-separated list, or an iterable of either; dedupe, keep order."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            if part.strip():
+                u = normalize_url(part)
+                if u not in out:
+                    out.append(u)
+    if not out:
+        raise ConfigError("--url: no node URL given")
+    return out
+
+
+def key_path(key: str) -> str:
+    """The encoded path for a key: every byte outside unreserved characters is
+    percent-encoded (so '/', '?', '%', '#' and spaces survive the trip intact)."""
+    if not isinstance(key, str):
+        raise BadRequest(f"key must be a str, got {type(key).__name__}")
+    if not key:
+        raise BadRequest("key must not be empty")
+    return "/kv/" + quote(key, safe="")
+
+
+def as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise BadRequest(f"value must be bytes or str, got {type(value).__name__}")
+
+
+def decode_body(content_type: str | None, body: bytes) -> Any:
+    """Decode a metadata/error body by its Content-Type: msgpack or JSON -> Python
+    objects; anything else (or an undecodable body) -> None."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if not body:
+        return None
+    try:
+        if ctype in MSGPACK_TYPES:
+            return msgpack.unpackb(body, raw=False)
+        if ctype == "application/json" or ctype.endswith("+json"):
+            return json.loads(body)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    return None
+
+
+def parse_siblings(payload: Any) -> tuple[tuple[Sibling, ...], str | None]:
+    """The 300 answer: {"siblings": [{"value_b64", "version"}...], "context"}. A msgpack
+    answer may carry raw bytes in "value" instead of "value_b64"."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("siblings"), list):
+        raise BadRequest("malformed 300 answer: no 'siblings' list")
+    sibs: list[Sibling] = []
+    for item in payload["siblings"]:
+        if not isinstance(item, dict):
+            raise BadRequest("malformed 300 answer: a sibling is not an object")
+        if isinstance(item.get("value"), (bytes, bytearray)):
+            value = bytes(item["value"])
+        elif isinstance(item.get("value_b64"), str):
+            try:
+                value = base64.b64decode(item["value_b64"], validate=True)
+            except ValueError as e:
+                raise BadRequest("malformed 300 answer: bad value_b64") from e
+        else:
+            raise BadRequest("malformed 300 answer: a sibling has no value")
+        version = item.get("version")
+        sibs.append(Sibling(value=value, version=None if version is None else str(version)))
+    ctx = payload.get("context")
+    return tuple(sibs), (None if ctx is None else str(ctx))
+
+
+def strip_quotes(version: str) -> str:
+    v = version.strip()
+    if len(v) >= 2 and v[0] == v[-1] == '"':
+        return v[1:-1]
+    return v
