@@ -24,7 +24,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from kvstore.errors import KVError, NotLeader, Unavailable
+from kvstore.errors import BadRequest, KVError, NotLeader, Unavailable
 
 from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
 from .results import NodeStatus, Result, Sibling, Siblings
@@ -33,6 +33,7 @@ from .wire import (
     ACCEPT_JSON,
     ACCEPT_MSGPACK,
     DEFAULT_URL,
+    MSGPACK_TYPES,
     as_bytes,
     decode_body,
     key_path,
@@ -89,6 +90,7 @@ class AsyncClient:
         connections_per_node: int = 64,
         latency_max_age_s: float = 10.0,
         failure_cooldown_s: float = 1.0,
+        retry_after_cap_s: float = 0.25,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -109,6 +111,7 @@ class AsyncClient:
         self.backoff_max_s = backoff_max_s
         self.connections_per_node = connections_per_node
         self.latency_max_age_s = latency_max_age_s
+        self.retry_after_cap_s = retry_after_cap_s
         self._rng = rng or random.Random()
         self._clock = clock
         self._http: dict[str, aiohttp.ClientSession] = {}
@@ -255,6 +258,13 @@ class AsyncClient:
         owns = await asyncio.gather(*(own_view(e) for e in entries))
         rows: list[NodeStatus] = []
         leader_id = view.get("leader_id")
+        # Only the leader measures every follower's lag: prefer its view of state and lag.
+        leader_view = next((o for e, o in zip(entries, owns) if o is not None and e["id"] == leader_id
+                            and o.get("role") == "leader"), None)
+        if leader_view is not None:
+            by_id = {n.get("id"): n for n in leader_view.get("nodes") or () if isinstance(n, dict)}
+            entries = [{**e, **{k: by_id[e["id"]][k] for k in ("state", "lag_entries", "lag_ms")
+                                if k in by_id.get(e["id"], {})}} for e in entries]
         for entry, own in zip(entries, owns):
             nid = entry["id"]
             url = self.topology.url_of(nid) or str(entry.get("url") or "")
@@ -370,8 +380,16 @@ class AsyncClient:
             await self.refresh()
 
     def _retry_after(self, err: KVError) -> float:
+        """The server's Retry-After, honoured up to retry_after_cap_s (nodes say 1 s on
+        every 503; an election is usually over sooner, and the deadline is the client's)."""
         ra = err.details.get("retry_after_s")
-        return float(ra) if isinstance(ra, (int, float)) else 0.0
+        return min(float(ra), self.retry_after_cap_s) if isinstance(ra, (int, float)) else 0.0
+
+    def _redirected(self, err: KVError | None, url: str) -> bool:
+        """A 503 named a leader other than the node just asked, and it is not known to be down."""
+        leader = self.topology.leader_url
+        return (isinstance(err, NotLeader) and leader is not None and leader != url
+                and self.topology.is_available(leader, self._clock()))
 
     async def _pause(self, attempt: int, deadline: float, floor_s: float = 0.0) -> bool:
         """Sleep before the next attempt; False when the deadline does not allow one."""
@@ -410,7 +428,7 @@ class AsyncClient:
         await self._ensure_topology()
         uncertain: IndeterminateError | None = None
         last: KVError | None = None
-        attempt = 0
+        attempt = redirects = 0
         while True:
             now = self._clock()
             if attempt > 0 and deadline - now <= 0.005:
@@ -453,9 +471,12 @@ class AsyncClient:
                 self.topology.mark_ok(url)
                 return self._write_result(key, reply, body, rid)
             attempt += 1
+            if self._redirected(last, url) and redirects < 3:
+                redirects += 1  # a node named the leader: go there at once
+                continue
             if not await self._pause(attempt, deadline, floor):
                 break
-            if not (isinstance(last, NotLeader) and self.topology.leader_url is not None):
+            if not self._redirected(last, url):
                 await self.refresh()
         assert last is not None
         if uncertain is not None:
@@ -497,7 +518,7 @@ class AsyncClient:
             if at is None or self._clock() - at > self.latency_max_age_s:
                 await self.measure_latencies()
         last: KVError | None = None
-        attempt = 0
+        attempt = redirects = 0
         while True:
             now = self._clock()
             if attempt > 0 and deadline - now <= 0.005:
@@ -538,9 +559,12 @@ class AsyncClient:
                 self.topology.mark_ok(url)
                 return self._read_result(key, reply, want_siblings)
             attempt += 1
+            if self._redirected(last, url) and redirects < 3:
+                redirects += 1  # a node named the leader: go there at once
+                continue
             if not await self._pause(attempt, deadline, floor):
                 break
-            if not (isinstance(last, NotLeader) and self.topology.leader_url is not None):
+            if not self._redirected(last, url):
                 await self.refresh()
         assert last is not None
         raise Unavailable(f"GET {key}: gave up after {attempt} attempt(s) in {self.timeout:g}s; "
@@ -557,11 +581,21 @@ class AsyncClient:
             raise Conflict(f"{key}: {len(sibs)} concurrent versions (use get_siblings/resolve)",
                            siblings=sibs, context=ctx, key=key)
         version = h.get("KV-Version")
+        value = reply.body
+        ctype = (h.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype in MSGPACK_TYPES:
+            # Asked with Accept: msgpack, a node may wrap the value:
+            # {"key", "value", "version", "token", "node"}; a raw value is octet-stream.
+            env = reply.payload()
+            if not isinstance(env, dict) or not isinstance(env.get("value"), (bytes, bytearray)):
+                raise BadRequest(f"GET {key}: malformed msgpack answer from {reply.url}")
+            value = bytes(env["value"])
+            version = version or _opt_str(env.get("version"))
         if want_siblings:
-            return Siblings(key=key, siblings=(Sibling(reply.body, version),),
+            return Siblings(key=key, siblings=(Sibling(value, version),),
                             context=h.get("KV-Context") or version, token=h.get("KV-Token"),
                             node=h.get("KV-Node"))
-        return Result(key=key, value=reply.body, version=version, token=h.get("KV-Token"),
+        return Result(key=key, value=value, version=version, token=h.get("KV-Token"),
                       node=h.get("KV-Node"), leader=h.get("KV-Leader"), context=h.get("KV-Context"))
 
 

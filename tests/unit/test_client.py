@@ -120,6 +120,10 @@ async def test_metadata_is_decoded_by_content_type(msgpack_meta: bool) -> None:
     async with fake(msgpack_meta=msgpack_meta) as c, client_for(c) as kv:
         w = await kv.put("k", b"v")
         assert w.version == "1" and w.token == "1"
+        await kv.put("empty", b"")
+        r = await kv.get("k")
+        assert (r.value, r.version, r.node) == (b"v", "1", "n1")
+        assert (await kv.get("empty")).value == b""
         with pytest.raises(VersionMismatch) as ei:
             await kv.cas("k", "9", b"x")
         assert "version is 1" in ei.value.message
@@ -188,6 +192,24 @@ async def test_write_survives_a_leader_crash_and_election() -> None:
         await promoter
         assert r.node == "n3" and kv.leader == "n3"
         assert c.node("n3").data["after"][0] == b"2"
+
+
+async def test_retry_after_is_honoured_only_up_to_the_cap() -> None:
+    async with fake() as c, client_for(c, timeout=5.0, retry_after_cap_s=0.05) as kv:
+        await kv.refresh()
+        c.elect(None)                     # every node: 503 + Retry-After: 1
+        loop = asyncio.get_running_loop()
+
+        async def elect_soon() -> None:
+            await asyncio.sleep(0.2)
+            c.elect("n2")
+
+        t = asyncio.create_task(elect_soon())
+        start = loop.time()
+        await kv.put("k", b"v")
+        await t
+        assert loop.time() - start < 0.6   # not a 1 s wait per attempt
+        assert c.count(method="PUT") >= 3
 
 
 async def test_no_leader_until_the_deadline_raises_unavailable_not_indeterminate() -> None:

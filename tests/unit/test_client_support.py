@@ -134,6 +134,8 @@ class FakeCluster:
 
     def _error(self, request: web.Request, status: int, code: str, message: str,
                headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+        if status == 503:
+            headers = {"Retry-After": "1", **(headers or {})}   # what real nodes say
         return self._meta(request, status, {"error": code, "message": message, **extra}, headers)
 
     async def _health(self, node: FakeNode, request: web.Request) -> web.Response:
@@ -178,7 +180,7 @@ class FakeCluster:
         after = request.query.get("after") or request.headers.get("KV-After")
         if consistency == "leader" and self.mode == "single-leader" and node.id != self.leader_id:
             if self.leader_id is None:
-                return self._error(request, 503, "unavailable", "no leader", {**hdr, "Retry-After": "0"})
+                return self._error(request, 503, "unavailable", "no leader", hdr)
             node = self.node(self.leader_id)  # "forward" the read
             if not node.alive:
                 return self._error(request, 503, "unavailable", "leader unreachable", hdr)
@@ -201,6 +203,10 @@ class FakeCluster:
             return self._error(request, 404, "not_found", f"no such key: {key}", hdr)
         value, version = node.data[key]
         hdr["KV-Version"] = str(version)
+        if self.msgpack_meta and "application/msgpack" in request.headers.get("Accept", ""):
+            env = {"key": key, "value": value, "version": str(version), "token": hdr["KV-Token"], "node": node.id}
+            return web.Response(body=msgpack.packb(env, use_bin_type=True), headers=hdr,
+                                content_type="application/msgpack")
         return web.Response(body=value, headers=hdr, content_type="application/octet-stream")
 
     async def _write(self, node: FakeNode, request: web.Request, key: str, hdr: dict[str, str]) -> web.StreamResponse:
@@ -210,7 +216,7 @@ class FakeCluster:
             return self._error(request, 503, "unavailable", "scripted", hdr)
         if self.mode == "single-leader" and node.id != self.leader_id:
             if self.leader_id is None:
-                return self._error(request, 503, "unavailable", "no leader", {**hdr, "Retry-After": "0"})
+                return self._error(request, 503, "unavailable", "no leader", hdr)
             leader = self.node(self.leader_id)
             if not leader.alive:
                 return self._error(request, 503, "unavailable", "leader unreachable", hdr)
