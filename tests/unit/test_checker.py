@@ -24,7 +24,7 @@ from kvstore.chaos.checker import (
 from kvstore.chaos.expectations import expectations_for
 from kvstore.chaos.history import Call, Op, dumps_line, loads_lines, pair
 from kvstore.errors import BadRequest
-from tests.unit.checker_helpers import H, simulate_register
+from tests.unit.test_checker_sim import H, simulate_register
 
 
 def lin(ops: list[Op], **kw):  # type: ignore[no-untyped-def]
