@@ -629,6 +629,10 @@ class CheckInput:
     leader_samples: Sequence[tuple[float, str | None]] = ()
     rolled_back: frozenset[tuple[str, Any]] = frozenset()
     rollback_available: bool = True   # False when the rollback files could not be read
+    # After healing: did the cluster settle and answer every final read? None = unknown
+    # (e.g. a re-check of a history file), which the "recovered" check reports as such.
+    recovered: bool | None = None
+    recovery_detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -696,6 +700,12 @@ def check(inp: CheckInput, expect: Expectation, *, budget_steps: int = DEFAULT_S
         checks["lost_writes"]["note"] = ("rollback files not readable in this mode: only lost "
                                          "writes visible in the final reads are counted")
 
+    rec_holds: bool | str = "unknown" if inp.recovered is None else inp.recovered
+    rec_level = expect.get("recovered", "report")
+    if inp.recovered is None:
+        rec_level = "report"
+    checks["recovered"] = _verdict(rec_level, rec_holds, dict(inp.recovery_detail))
+
     windows = unavailability(calls, inp.events, inp.leader_samples)
     gaps = [w["gap_ms"] for w in windows]
     failovers = [w["failover_ms"] for w in windows if w.get("failover_ms") is not None]
@@ -707,7 +717,8 @@ def check(inp: CheckInput, expect: Expectation, *, budget_steps: int = DEFAULT_S
     for c in CHECKS:
         invariant(c in checks, f"check {c!r} missing from the verdicts")
 
-    anomalies = (len(lin.failures) + known["count"] + sessions["count"] + lost["count"])
+    # consistency anomalies; lost writes are counted on their own (lost_writes)
+    anomalies = len(lin.failures) + known["count"] + sessions["count"]
     valid = all(v["ok"] for v in checks.values())
     return CheckResult(valid=valid, checks=checks, counts=counts, lost_writes=lost["count"],
                        anomalies=anomalies, gaps_ms=gaps, windows=windows, linearizability=lin)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-CHECKS = ("linearizable", "lost_writes", "sessions", "values_known")
+CHECKS = ("linearizable", "lost_writes", "sessions", "values_known", "recovered")
 
 Level = str
 Expectation = Mapping[str, Level]
@@ -31,6 +31,7 @@ _STRONG: Expectation = {
     "lost_writes": "must",         # zero acknowledged writes lost
     "sessions": "must",            # read-your-writes + monotonic reads with KV-Token
     "values_known": "must",        # no read ever returns a value nobody wrote
+    "recovered": "must",           # once healed, the cluster serves again (every final read ok)
 }
 
 EXPECTATIONS: dict[tuple[str, str], Expectation] = {
@@ -42,6 +43,7 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "lost_writes": "in-rollback",       # ...but never silently (CONTRACT §5)
         "sessions": "unless-rolled-back",
         "values_known": "must",
+        "recovered": "must",
     },
     # ---- to be filled in when these modes land (keep the shape) ----------------------
     # multi-leader: async replication between leaders, conflicts resolved by lww/siblings.
@@ -52,6 +54,7 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "lost_writes": "report",
         "sessions": "report",
         "values_known": "must",
+        "recovered": "report",
     },
     # leaderless, w + r > n: a read after an acknowledged write sees it (no stale reads
     # after acked writes) -> a "stale_reads" check at level "must" belongs here.
@@ -60,6 +63,7 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "lost_writes": "report",
         "sessions": "report",
         "values_known": "must",
+        "recovered": "report",
     },
     # leaderless, w + r <= n: stale reads are expected and must be DETECTED ("expected").
     ("leaderless", "w+r<=n"): {
@@ -67,6 +71,7 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "lost_writes": "report",
         "sessions": "report",
         "values_known": "must",
+        "recovered": "report",
     },
 }
 

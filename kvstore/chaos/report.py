@@ -104,6 +104,11 @@ def _check_note(name: str, c: dict[str, Any]) -> str:
                 f"({c.get('in_rollback', 0)} in rollback files)")
     if name == "values_known":
         return f"  {c.get('count', 0)} reads of never-written values"
+    if name == "recovered":
+        if "keys" not in c:
+            return ""
+        return (f"  settled {c.get('settled')}, final reads "
+                f"{c['keys'] - c.get('unread', 0)}/{c['keys']}")
     if name == "availability":
         return f"  {c.get('events', 0)} events, max gap {c.get('max_gap_ms', 0) / 1000:.2f}s"
     return ""

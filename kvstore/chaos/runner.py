@@ -138,6 +138,10 @@ class ChaosRun:
             self.out.write(line + "\n")
         self.out.flush()
 
+    def _phase(self, text: str) -> None:
+        if self.opts.progress:
+            self.say(f"[{self.now():6.1f}s] chaos: {text}")
+
     def _status(self) -> str:
         ops = sum(self.counts.values())
         t = self.now()
@@ -341,16 +345,18 @@ class ChaosRun:
                     raise ChaosSetupError(f"could not seed key {key!r} before the run")
                 await asyncio.sleep(0.2)
 
-    async def _final_reads(self) -> dict[str, Any]:
+    async def _final_reads(self, budget_s: float = 15.0) -> dict[str, Any]:
+        """Read every key once with consistency=leader (retrying until `budget_s` is spent
+        for the whole phase): the cluster's final state, part of the history."""
         keys = self.workload.final_keys(self.sessions)
         sem = asyncio.Semaphore(max(1, min(16, self.opts.clients)))
         failed: list[str] = []
+        deadline = time.monotonic() + budget_s
 
         async def one(idx: int, key: str) -> None:
             async with sem:
                 s = Session(process=FINAL_PROCESS_BASE + 1000 * idx)
                 rng = random.Random(idx)
-                deadline = time.monotonic() + 10.0
                 while True:
                     t = await self.perform(s, PlannedOp("read", key), rng)
                     if t == "ok":
@@ -406,6 +412,7 @@ class ChaosRun:
             await asyncio.sleep(max(0.0, o.duration_s - (self.now() - start)))
             self.stopping = True
             run_end = self.now()
+            progress.cancel()
             await asyncio.gather(*clients)
             if not nem_task.done():
                 nem_task.cancel()
@@ -414,10 +421,12 @@ class ChaosRun:
             except asyncio.CancelledError:
                 pass
             await nem.heal_all()
+            self._phase(f"workload stopped at {run_end:.1f}s; faults healed, waiting for the cluster to settle")
             settled = await self.wait_ready(20.0, caught_up=True)
             if not settled:
                 self.notes.append("the cluster did not settle (leader + followers caught up) "
                                   "within 20s after healing")
+            self._phase(f"final reads of {len(self.workload.final_keys(self.sessions))} keys")
             final = await self._final_reads()
             if self.mode == "single-leader":
                 # let a rejoining old leader finish its rollback before reading the files
@@ -430,8 +439,6 @@ class ChaosRun:
                     await t
                 except asyncio.CancelledError:
                     pass
-        if self.tty and o.progress:
-            self.out.write("\r\x1b[K")
         if isinstance(self.target, DockerCluster):
             rolled, rb_ok, rb_files = await self.target.rollback_async()
         else:
@@ -448,9 +455,11 @@ class ChaosRun:
         expect = expectations_for(self.mode, self.acks, n=self.cfg.quorum_n, w=self.cfg.quorum_w,
                                   r=self.cfg.quorum_r, strict=(o.expect == "strict"))
         t_check = time.monotonic()
+        recovered = settled and final["unread"] == 0
         result = check(CheckInput(history=self.history, workload=o.workload, events=self.events,
                                   leader_samples=self.leader_samples, rolled_back=frozenset(rolled),
-                                  rollback_available=rb_ok),
+                                  rollback_available=rb_ok, recovered=recovered,
+                                  recovery_detail={"settled": settled, **final}),
                        expect, clock=time.monotonic, budget_s=o.check_budget_s)
         checker_s = time.monotonic() - t_check
         report_dir = Path(o.report_dir) if o.report_dir else (
