@@ -476,3 +476,16 @@ def test_bad_urls_and_options_are_rejected_up_front() -> None:
         AsyncClient("http://127.0.0.1:1", read_preference="fastest")
     kv = AsyncClient("http://127.0.0.1:1, http://127.0.0.1:2/")
     assert kv.seeds == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+
+async def test_the_docs_example_runs() -> None:
+    """docs/client.md's first Python example, against the fake cluster."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    async with fake() as c:
+        code = code.replace('["http://127.0.0.1:7001", "http://127.0.0.1:7002"]', repr(c.urls[:2]))
+        assert repr(c.urls[:2]) in code
+        await asyncio.to_thread(exec, compile(code, "docs/client.md", "exec"), {"print": lambda *a: None})
+        assert c.node("n1").data["cart"][0] == b"book" and c.node("n1").data["counter"][0] == b"1"
