@@ -31,7 +31,7 @@ import yaml
 from kvstore.chaos.checker import CheckInput, NemesisEvent, check
 from kvstore.chaos.expectations import expectations_for
 from kvstore.chaos.history import Op, dumps_line, pair
-from kvstore.chaos.http import NodeClient
+from kvstore.chaos.http import NodeClient, Outcome
 from kvstore.chaos.nemesis import ChaosTargetError, Nemesis, plan_schedule
 from kvstore.chaos.report import build_summary, render_html, text_summary
 from kvstore.chaos.targets import AttachedCluster, DockerCluster, LocalCluster
@@ -214,7 +214,8 @@ class ChaosRun:
             return self.leader_hint
         return rng.choice(nodes)
 
-    async def perform(self, s: Session, op: PlannedOp, rng: random.Random, *, node: str | None = None) -> str:
+    async def perform(self, s: Session, op: PlannedOp, rng: random.Random, *,
+                      node: str | None = None) -> Outcome:
         node = node or self._pick(op, rng)
         self._req += 1
         self.history.append(Op(s.process, "invoke", op.f, op.key, op.value, self.now(),
@@ -255,14 +256,15 @@ class ChaosRun:
             # the op may still take effect: this process stays "open" forever and the
             # worker continues as a new process
             s.process += self.opts.clients if s.process < SETUP_PROCESS_BASE else 1
-        return out.type
+        return out
 
     async def _client(self, idx: int) -> None:
         s = self.sessions[idx]
         rng = random.Random(self.seed * 1000 + idx)
         while not self.stopping:
             op = self.workload.next_op(s, rng)
-            if await self.perform(s, op, rng) != "ok" and not self.stopping:
+            out = await self.perform(s, op, rng)
+            if out.type != "ok" and out.status != 412 and not self.stopping:
                 await asyncio.sleep(FAIL_BACKOFF_S)
 
     # ---- phases ----------------------------------------------------------------------
@@ -338,8 +340,8 @@ class ChaosRun:
         for key, value in self.workload.initial_writes():
             deadline = time.monotonic() + 15.0
             while True:
-                t = await self.perform(s, PlannedOp("write", key, value, body=value), rng)
-                if t == "ok":
+                out = await self.perform(s, PlannedOp("write", key, value, body=value), rng)
+                if out.type == "ok":
                     break
                 if time.monotonic() > deadline:
                     raise ChaosSetupError(f"could not seed key {key!r} before the run")
@@ -358,8 +360,8 @@ class ChaosRun:
                 s = Session(process=FINAL_PROCESS_BASE + 1000 * idx)
                 rng = random.Random(idx)
                 while True:
-                    t = await self.perform(s, PlannedOp("read", key), rng)
-                    if t == "ok":
+                    out = await self.perform(s, PlannedOp("read", key), rng)
+                    if out.type == "ok":
                         return
                     if time.monotonic() > deadline:
                         failed.append(key)

@@ -1,0 +1,307 @@
+"""The `kvstore` command: argv -> config -> runtime.
+
+`node` and `cluster up` live here; client subcommands (get/put/delete/status/
+watch-status) are in kvstore.client.cli and `chaos` in kvstore.chaos.cli.
+Exit codes: 0 ok, 2 bad usage/config (one line, no traceback), 1 other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import NoReturn
+
+from kvstore.config import ClusterConfig, load_config
+from kvstore.errors import ConfigError, KVError
+
+CLIENT_COMMANDS = {"get", "put", "delete", "status", "watch-status", "ring"}
+VALUE_OPTS = {"--url", "--token", "--timeout"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"kvstore: {message} (see kvstore --help)\n")
+        sys.exit(2)
+
+
+class _NodeFilter(logging.Filter):
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node_id
+        return True
+
+
+def setup_logging(node_id: str, level: str | None = None) -> None:
+    lvl = (level or os.environ.get("KVSTORE_LOG_LEVEL") or "INFO").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_NodeFilter(node_id))
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s node=%(node)s %(name)s: %(message)s",
+                            "%Y-%m-%dT%H:%M:%S")
+    fmt.converter = time.gmtime
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _config_path(arg: str | None) -> str:
+    path = arg or os.environ.get("KVSTORE_CONFIG")
+    if not path:
+        raise ConfigError("--config: required (or set KVSTORE_CONFIG)")
+    return path
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ConfigError(f"--listen: expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# ---- kvstore node ----------------------------------------------------------------------
+def cmd_node(args: argparse.Namespace) -> int:
+    node_id = args.id or os.environ.get("KVSTORE_NODE_ID")
+    if not node_id:
+        raise ConfigError("--id: required (or set KVSTORE_NODE_ID)")
+    config = load_config(_config_path(args.config), data_dir=args.data_dir)
+    spec = config.node(node_id)
+    host, port = _parse_listen(args.listen) if args.listen else (spec.host, spec.port)
+    setup_logging(node_id, args.log_level)
+    warn = config.quorum_warning()
+    if warn:
+        logging.getLogger("kvstore").warning(warn)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # uvloop is Linux-only; the stdlib loop works everywhere
+        pass
+    return asyncio.run(_serve(config, node_id, host, port))
+
+
+async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> int:
+    from aiohttp import web
+
+    from kvstore.api.app import create_app
+    from kvstore.runtime.node import Node
+
+    log = logging.getLogger("kvstore")
+    mode = config.replication.mode
+    if mode == "single-leader":
+        node = Node(config, node_id)
+    else:
+        try:
+            from kvstore.runtime.factory import make_node  # multi-leader / leaderless runtimes
+        except ImportError:
+            raise ConfigError(f"replication.mode: {mode!r} is not available in this build yet") from None
+        node = make_node(config, node_id)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, node.open_storage)
+    except KVError as e:
+        log.critical("cannot start: %s", e.message)
+        print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
+        return 1
+    app = create_app(node)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        print(f"kvstore node {node_id}: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    log.info("listening on %s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (signal)")
+    await runner.cleanup()
+    return 0
+
+
+# ---- kvstore cluster up ----------------------------------------------------------------
+def _get_json(url: str, timeout: float = 1.0) -> dict | None:
+    import json
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.action != "up":
+        raise ConfigError(f"cluster: unknown action {args.action!r} (only 'up')")
+    config_path = _config_path(args.config)
+    config = load_config(config_path, data_dir=args.data_dir)
+    data_root = Path(config.storage.data_dir)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs: dict[str, Path] = {}
+    base = [sys.executable, "-m", "kvstore", "node", "--config", config_path]
+    if args.data_dir:
+        base += ["--data-dir", args.data_dir]
+    stopping = False
+
+    def stop_all(sig: int = signal.SIGTERM) -> None:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(sig)
+        deadline = time.monotonic() + 10
+        for p in procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for n in config.cluster.nodes:
+            d = data_root / n.id
+            d.mkdir(parents=True, exist_ok=True)
+            logs[n.id] = d / "node.log"
+            f = open(logs[n.id], "ab")
+            procs[n.id] = subprocess.Popen(base + ["--id", n.id], stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+            f.close()
+        deadline = time.monotonic() + 30
+        pending = {n.id: n.url for n in config.cluster.nodes}
+        while pending and not stopping:
+            for nid, url in list(pending.items()):
+                if procs[nid].poll() is not None:
+                    print(f"kvstore: node {nid} exited with code {procs[nid].returncode} while starting; "
+                          f"last lines of {logs[nid]}:\n{_tail(logs[nid])}", file=sys.stderr)
+                    stop_all()
+                    return 1
+                if _get_json(url + "/health", 0.5) is not None:
+                    del pending[nid]
+            if time.monotonic() > deadline:
+                print(f"kvstore: nodes {', '.join(pending)} did not answer /health within 30 s", file=sys.stderr)
+                stop_all()
+                return 1
+            time.sleep(0.1)
+        # give an election a moment so the roles printed are real
+        lead_deadline = time.monotonic() + 3 * config.failure_detector.timeout_ms / 1000.0 + 2
+        while not stopping and time.monotonic() < lead_deadline:
+            infos = [_get_json(n.url + "/cluster") for n in config.cluster.nodes]
+            if config.replication.mode != "single-leader" or any(i and i.get("role") == "leader" for i in infos):
+                break
+            time.sleep(0.1)
+        print(f"cluster {config.cluster.name!r} is up ({config.replication.mode}"
+              f"{', acks=' + config.acks if config.replication.mode == 'single-leader' else ''}); "
+              f"data in {data_root.resolve()}; Ctrl-C stops it", flush=True)
+        for n in config.cluster.nodes:
+            info = _get_json(n.url + "/cluster") or {}
+            role = info.get("role", "unknown")
+            print(f"{n.id}  {n.url}  {role}  pid={procs[n.id].pid}  log={logs[n.id]}", flush=True)
+        while not stopping:
+            for nid, p in procs.items():
+                if p.poll() is not None:
+                    print(f"kvstore: node {nid} exited unexpectedly (code {p.returncode}); stopping the "
+                          f"cluster. Last lines of {logs[nid]}:\n{_tail(logs[nid])}", file=sys.stderr)
+                    stop_all()
+                    return 1
+            time.sleep(0.2)
+        print("stopping the cluster...", flush=True)
+        stop_all()
+        return 0
+    finally:
+        if any(p.poll() is None for p in procs.values()):
+            stop_all()
+
+
+# ---- dispatch --------------------------------------------------------------------------
+def _subcommand(argv: list[str]) -> str | None:
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in VALUE_OPTS:
+            skip = True
+            continue
+        if a.startswith("-"):
+            continue
+        return a
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvstore", description="kvstore: a replicated key-value store")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    n = sub.add_parser("node", help="run one node in the foreground")
+    n.add_argument("--config")
+    n.add_argument("--id")
+    n.add_argument("--listen")
+    n.add_argument("--data-dir")
+    n.add_argument("--log-level")
+    c = sub.add_parser("cluster", help="cluster up: run every node of a config as local processes")
+    c.add_argument("action", choices=["up"])
+    c.add_argument("--config")
+    c.add_argument("--data-dir")
+    sub.add_parser("chaos", help="run a workload while injecting faults, then check the history",
+                   add_help=False)
+    for name in sorted(CLIENT_COMMANDS):
+        sub.add_parser(name, help=f"client: {name}", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = _subcommand(argv)
+    try:
+        if cmd in CLIENT_COMMANDS:
+            from kvstore.client.cli import main as client_main
+            return client_main(argv)
+        if cmd == "chaos":
+            from kvstore.chaos.cli import main as chaos_main
+            i = argv.index("chaos")
+            return chaos_main(argv[:i] + argv[i + 1:])
+        args = build_parser().parse_args(argv)
+        if args.command == "node":
+            return cmd_node(args)
+        if args.command == "cluster":
+            return cmd_cluster(args)
+        build_parser().print_help()
+        return 2
+    except ConfigError as e:
+        print(f"kvstore: {e.message}", file=sys.stderr)
+        return 2
+    except KVError as e:
+        print(f"kvstore: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

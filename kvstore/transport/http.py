@@ -1,0 +1,221 @@
+"""Node-to-node transport over HTTP (aiohttp), msgpack bodies.
+
+Owns: one keep-alive connection pool, one sender task per peer that coalesces every
+queued message into one POST /internal/raft (so many writes ride one request; order
+per peer is preserved because each sender has one request in flight), snapshots as
+their own POST /internal/snapshot, read-index requests, liveness probes, and the
+testing-only fault injection (drop / delay traffic to and from chosen peers).
+
+Delivery is best-effort, as the core expects: a failed POST is dropped and reported
+(`node.unreachable`) so the leader falls back to probing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgpack
+
+from kvstore.errors import NotLeader, Unavailable
+from kvstore.ids import NodeId
+from kvstore.protocol.codec import encode_batch
+from kvstore.protocol.messages import Envelope, Message, SnapshotRequest
+
+if TYPE_CHECKING:
+    from kvstore.runtime.node import Node
+
+log = logging.getLogger("kvstore.transport")
+
+MAX_QUEUE = 50_000
+CLUSTER_TOKEN_HEADER = "KV-Cluster-Token"
+MSGPACK = "application/msgpack"
+
+
+class HttpTransport:
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.urls = {p: u for p, u in node.peer_urls.items() if p != node.id}
+        self.session: aiohttp.ClientSession | None = None
+        self._queues: dict[NodeId, deque[Message]] = {p: deque() for p in self.urls}
+        self._events: dict[NodeId, asyncio.Event] = {p: asyncio.Event() for p in self.urls}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._probe_ok: dict[NodeId, float] = {}
+        self._fail_logged: dict[NodeId, float] = {}
+        self.drop: set[NodeId] = set()
+        self.delay_ms: dict[NodeId, int] = {}
+        token = node.config.security.cluster_token
+        self.headers = {"Content-Type": MSGPACK}
+        if token:
+            self.headers[CLUSTER_TOKEN_HEADER] = token
+        self.timeout = node.config.failure_detector.timeout_ms / 1000.0
+
+    async def start(self) -> None:
+        conn = aiohttp.TCPConnector(limit=0, limit_per_host=8, keepalive_timeout=60, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(connector=conn, headers={"User-Agent": f"kvstore-node/{self.node.id}"})
+        for p in self.urls:
+            t = asyncio.create_task(self._sender(p), name=f"send-{p}")
+            t.add_done_callback(self.node._task_done)
+            self._tasks.append(t)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        if self.session is not None:
+            await self.session.close()
+
+    # ---- faults (testing) ------------------------------------------------------------
+    def set_faults(self, drop: list[str], delay_ms: dict[str, int]) -> None:
+        self.drop = {NodeId(d) for d in drop}
+        self.delay_ms = {NodeId(k): int(v) for k, v in delay_ms.items()}
+        log.warning("fault injection: drop=%s delay_ms=%s", sorted(self.drop), self.delay_ms)
+
+    def fault_state(self) -> dict[str, Any]:
+        return {"drop": sorted(self.drop), "delay_ms": dict(self.delay_ms)}
+
+    def blocked(self, peer: str) -> bool:
+        return peer in self.drop
+
+    async def inbound_delay(self, peer: str) -> None:
+        d = self.delay_ms.get(NodeId(peer))
+        if d:
+            await asyncio.sleep(d / 1000.0)
+
+    # ---- sending -------------------------------------------------------------------
+    def send(self, envelopes: tuple[Envelope, ...] | list[Envelope]) -> None:
+        for env in envelopes:
+            q = self._queues.get(env.to)
+            if q is None:
+                continue
+            q.append(env.msg)
+            if len(q) > MAX_QUEUE:
+                q.popleft()   # a peer that is away for long: old messages are worthless
+        for env in envelopes:
+            ev = self._events.get(env.to)
+            if ev is not None:
+                ev.set()
+
+    async def _sender(self, peer: NodeId) -> None:
+        q = self._queues[peer]
+        ev = self._events[peer]
+        url = self.urls[peer] + "/internal/raft"
+        assert self.session is not None
+        backoff = 0.0
+        while True:
+            await ev.wait()
+            ev.clear()
+            while q:
+                msgs: list[Message] = []
+                snaps: list[SnapshotRequest] = []
+                while q:
+                    m = q.popleft()
+                    if isinstance(m, SnapshotRequest):
+                        snaps.append(m)
+                    else:
+                        msgs.append(m)
+                if peer in self.drop:
+                    continue
+                delay = self.delay_ms.get(peer)
+                if delay:
+                    await asyncio.sleep(delay / 1000.0)
+                ok = True
+                if msgs:
+                    ok = await self._post(peer, url, encode_batch(msgs))
+                for sm in snaps:
+                    ok = await self._send_snapshot(peer, sm) and ok
+                if not ok:
+                    self.node.unreachable(peer)
+                    backoff = min(0.2, max(0.01, backoff * 2))
+                    await asyncio.sleep(backoff)
+                else:
+                    backoff = 0.0
+
+    async def _post(self, peer: NodeId, url: str, body: bytes) -> bool:
+        assert self.session is not None
+        try:
+            async with self.session.post(url, data=body, headers=self.headers,
+                                         timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
+                if r.status != 204 and r.status != 200:
+                    text = await r.text()
+                    self._log_fail(peer, f"HTTP {r.status}: {text[:200]}")
+                    return False
+                return True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            self._log_fail(peer, f"{type(e).__name__}: {e}")
+            return False
+
+    def _log_fail(self, peer: NodeId, what: str) -> None:
+        now = time.monotonic()
+        if now - self._fail_logged.get(peer, 0.0) > 5.0:
+            self._fail_logged[peer] = now
+            log.info("cannot reach %s (%s); will keep retrying", peer, what)
+
+    async def _send_snapshot(self, peer: NodeId, m: SnapshotRequest) -> bool:
+        assert self.session is not None
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(None, self.node.snapshot_bytes, m.index)
+        except Unavailable as e:
+            log.warning("cannot send snapshot to %s: %s", peer, e.message)
+            return False
+        headers = dict(self.headers)
+        headers["Content-Type"] = "application/octet-stream"
+        params = {"term": str(m.term), "sender": m.sender, "index": str(m.index), "snap_term": str(m.snap_term)}
+        log.info("sending snapshot at index %d (%d bytes) to %s", m.index, len(data), peer)
+        try:
+            async with self.session.post(self.urls[peer] + "/internal/snapshot", data=data, params=params,
+                                         headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as r:
+                if r.status not in (200, 204):
+                    self._log_fail(peer, f"snapshot HTTP {r.status}")
+                    return False
+                return True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            self._log_fail(peer, f"snapshot {type(e).__name__}: {e}")
+            return False
+
+    # ---- requests ------------------------------------------------------------------
+    async def request_read_index(self, leader: NodeId, timeout: float) -> int:
+        assert self.session is not None
+        if leader in self.drop:
+            raise Unavailable(f"leader {leader} unreachable (fault injection)")
+        url = self.urls.get(leader)
+        if url is None:
+            raise NotLeader(leader_id=None)
+        try:
+            async with self.session.post(url + "/internal/read_index", data=b"", headers=self.headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.read()
+                if r.status != 200:
+                    raise Unavailable(f"leader {leader} refused the read index (HTTP {r.status})")
+                obj = msgpack.unpackb(body, raw=False)
+                return int(obj["index"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
+            raise Unavailable(f"cannot get a read index from leader {leader}: {type(e).__name__}") from None
+
+    async def probe_peers(self) -> None:
+        assert self.session is not None
+
+        async def one(peer: NodeId, url: str) -> None:
+            if peer in self.drop:
+                return
+            try:
+                async with self.session.get(url + "/health",  # type: ignore[union-attr]
+                                            timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
+                    if r.status == 200:
+                        self._probe_ok[peer] = time.monotonic()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+
+        await asyncio.gather(*(one(p, u) for p, u in self.urls.items()))
+
+    def last_probe_ok(self, peer: NodeId) -> float:
+        return self._probe_ok.get(peer, 0.0)
