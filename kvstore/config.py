@@ -105,6 +105,7 @@ class StorageSection(_Strict):
     fsync_interval_ms: int = Field(default=100, ge=1)
     segment_bytes_max: int = Field(default=64 * 1024 * 1024, ge=4096)
     snapshot_every_entries: int = Field(default=200_000, ge=10)
+    keep_log_entries: int = Field(default=20_000, ge=0)  # kept after a snapshot for lagging followers
 
 
 class SecuritySection(_Strict):

@@ -118,6 +118,7 @@ class Node:
             heartbeat_ticks=max(1, fd.heartbeat_interval_ms // self.tick_ms),
             election_ticks=max(2, fd.timeout_ms // self.tick_ms),
             jitter_ticks=max(1, (fd.timeout_ms // 4) // self.tick_ms),
+            keep_tail_entries=config.storage.keep_log_entries,
         )
         self.peer_urls = {NodeId(n.id): n.url for n in config.cluster.nodes}
         self.state = KVState()
