@@ -16,6 +16,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,8 @@ class AsyncClient:
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at: float | None = None
         self._closed = False
+        # What the client had to do: attempts, retries by cause, redirects, refreshes.
+        self.stats: Counter[str] = Counter()
 
     # ---- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> AsyncClient:
@@ -325,6 +328,7 @@ class AsyncClient:
                     sent_token: str | None = None) -> _Reply:
         """One attempt. Returns 2xx and 300 answers; raises the mapped KVError for the rest
         (and for transport failures)."""
+        self.stats["requests"] += 1
         hdrs = self._headers()
         if headers:
             hdrs.update(headers)
@@ -374,6 +378,7 @@ class AsyncClient:
         for url, _ in views:
             self.topology.mark_ok(url)
         self._refreshed_at = self._clock()
+        self.stats["refreshes"] += 1
 
     async def _ensure_topology(self) -> None:
         if self._refreshed_at is None:
@@ -454,6 +459,7 @@ class AsyncClient:
                 if not self.retry_indeterminate:
                     raise
                 uncertain = e
+                self.stats["write_retries_indeterminate"] += 1
                 log.debug("write %s %s (id %s) indeterminate, retrying: %s", method, key, rid, e.message)
             except NotLeader as e:
                 last = e
@@ -466,13 +472,16 @@ class AsyncClient:
                     self.topology.forget_leader(url)
                 else:
                     floor = self._retry_after(e)
+                self.stats["write_retries_unavailable"] += 1
                 log.debug("write %s %s (id %s) unavailable, retrying: %s", method, key, rid, e.message)
             else:
                 self.topology.mark_ok(url)
                 return self._write_result(key, reply, body, rid)
             attempt += 1
+            self.stats["write_retries"] += 1
             if self._redirected(last, url) and redirects < 3:
                 redirects += 1  # a node named the leader: go there at once
+                self.stats["redirects"] += 1
                 continue
             if not await self._pause(attempt, deadline, floor):
                 break
@@ -559,8 +568,10 @@ class AsyncClient:
                 self.topology.mark_ok(url)
                 return self._read_result(key, reply, want_siblings)
             attempt += 1
+            self.stats["read_retries"] += 1
             if self._redirected(last, url) and redirects < 3:
                 redirects += 1  # a node named the leader: go there at once
+                self.stats["redirects"] += 1
                 continue
             if not await self._pause(attempt, deadline, floor):
                 break

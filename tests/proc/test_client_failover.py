@@ -147,7 +147,10 @@ async def test_2000_ops_through_a_leader_crash_and_restart(cluster: ProcCluster)
                              *(writer(w) for w in range(4)))
     finally:
         await kv.close()
+    print(f"client stats: {dict(kv.stats)}")
+    assert kv.stats["write_retries"] > 0, "the crash should have made the client retry writes"
 
+    print(f"outcomes: {dict(outcomes)}; increments acked {inc_acked}; leaders {leaders_seen}")
     assert not unexpected, unexpected
     assert sum(outcomes.values()) == total_calls, outcomes
     assert not bad_reads, bad_reads[:10]
