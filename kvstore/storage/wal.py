@@ -146,9 +146,12 @@ class WAL:
                     _, term, index, edata = rec_obj
                     e = Entry(Term(term), LogIndex(index), edata)
                     if entries and index <= entries[-1].index:
-                        keep = index - entries[0].index
-                        if keep < 0:
-                            raise CorruptionError(f"WAL {path} offset {off}: entry {index} precedes the log start")
+                        # keep < 0: the replaced suffix began before the oldest surviving segment
+                        # (a divergent suffix spanning segments, then compaction deleted the segment
+                        # holding the start of the live log while later segments still hold only
+                        # dead entries). Every recovered entry is replaced; the caller checks that
+                        # the log still joins its snapshot (Node.open_storage).
+                        keep = max(0, index - entries[0].index)
                         del entries[keep:]
                     if entries:
                         expected = entries[-1].index + 1
