@@ -610,9 +610,24 @@ def unavailability(calls: Sequence[Call], events: Sequence[NemesisEvent],
         old = leader_at(leader_samples, e.time - 1e-9)
         w["leader_before"] = old
         if old is not None and (old in e.nodes or e.fault == "switchover"):
-            fo = next((ts for ts, ld in leader_samples
-                       if ts >= e.time and ld is not None and ld != old), None)
-            w["failover_ms"] = round((fo - e.time) * 1000.0, 1) if fo is not None else None
+            # failover: another node observed leading before the next fault; if the old
+            # leader comes back (after a moment with no leader) first, there was none
+            w["failover_ms"] = None
+            lost = False
+            for ts, ld in leader_samples:
+                if ts < e.time:
+                    continue
+                if ts >= region_end:
+                    break
+                if ld is None:
+                    lost = True
+                elif ld != old:
+                    w["failover_ms"] = round((ts - e.time) * 1000.0, 1)
+                    w["new_leader"] = ld
+                    break
+                elif lost:
+                    w["leader_returned_ms"] = round((ts - e.time) * 1000.0, 1)
+                    break
         out.append(w)
     return out
 

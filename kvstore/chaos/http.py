@@ -48,12 +48,40 @@ def key_path(key: str) -> str:
     return "/kv/" + quote(key, safe="")
 
 
+async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: Any, _params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, dict):
+        ctx.trace_request_ctx["sent"] = ctx.trace_request_ctx.get("sent", 0) + 1
+
+
+def _make_session(*, limit: int = 0) -> aiohttp.ClientSession:
+    """An aiohttp session fit for recording a history.
+
+    aiohttp silently re-sends an idempotent request (PUT, DELETE, GET) once when a
+    connection breaks (RFC 9112 §9.3.1.1). If the first attempt reached a node that then
+    died, the retry's "connection refused" would look like a definite failure although
+    the write may have been applied. So: the retry is switched off where this aiohttp
+    allows it, and a trace hook counts how often the request headers went out — a
+    connection error after anything was sent is indeterminate (info), never fail."""
+    tc = aiohttp.TraceConfig()
+    tc.on_request_headers_sent.append(_on_headers_sent)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
+                                    trace_configs=[tc])
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
+
+
 class NodeClient:
-    """Requests to the cluster's nodes over one aiohttp session."""
+    """Requests to the cluster's nodes over one aiohttp session. Create it with
+    `await NodeClient.open(...)` (which builds the session the history needs) and
+    `await client.close()`. Given any other session, connection errors are classified
+    conservatively (info)."""
 
     def __init__(self, session: aiohttp.ClientSession, *, timeout_s: float,
-                 client_token: str | None = None, cluster_token: str | None = None) -> None:
+                 client_token: str | None = None, cluster_token: str | None = None,
+                 _traced: bool = False) -> None:
         self.session = session
+        self.traced = _traced
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.client_headers = {"Authorization": f"Bearer {client_token}"} if client_token else {}
         self.cluster_headers = {"KV-Cluster-Token": cluster_token} if cluster_token else {}
@@ -74,20 +102,33 @@ class NodeClient:
                 data = op.body.encode("utf-8")
             if op.if_match is not None:
                 headers["If-Match"] = op.if_match
+        trace: dict[str, int] = {"sent": 0}
         try:
             async with self.session.request(method, url + key_path(op.key), params=params,
-                                            data=data, headers=headers,
-                                            timeout=self.timeout) as resp:
+                                            data=data, headers=headers, timeout=self.timeout,
+                                            trace_request_ctx=trace) as resp:
                 body = await resp.read()
                 return self._classify(op, resp, body)
         except aiohttp.ClientConnectorError as e:
-            return Outcome("fail", error=f"connect: {e.os_error or e}"[:120])
+            # refused before anything was sent: definitely not applied
+            if self.traced and trace["sent"] == 0:
+                return Outcome("fail", error=f"connect: {e.os_error or e}"[:120])
+            return Outcome("info", error=f"connect after a send: {e.os_error or e}"[:120])
         except (asyncio.TimeoutError, TimeoutError):
             return Outcome("info", error="timeout")
         except aiohttp.ServerDisconnectedError:
             return Outcome("info", error="server disconnected")
         except (aiohttp.ClientOSError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as e:
             return Outcome("info", error=f"{type(e).__name__}: {e}"[:120])
+
+    @classmethod
+    async def open(cls, *, timeout_s: float, client_token: str | None = None,
+                   cluster_token: str | None = None) -> "NodeClient":
+        return cls(_make_session(), timeout_s=timeout_s, client_token=client_token,
+                   cluster_token=cluster_token, _traced=True)
+
+    async def close(self) -> None:
+        await self.session.close()
 
     def _classify(self, op: PlannedOp, resp: aiohttp.ClientResponse, body: bytes) -> Outcome:
         st = resp.status

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
 import yaml
 
 from kvstore.chaos.checker import CheckInput, NemesisEvent, check
@@ -110,7 +109,8 @@ class ChaosRun:
         self.history: list[Op] = []
         self.events: list[NemesisEvent] = []
         self.leader_samples: list[tuple[float, str | None]] = []
-        self.leader_hint: str | None = None
+        self.leader_hint: str | None = None      # where clients send strong ops
+        self.observed_leader: str | None = None  # what GET /cluster says right now
         self.avoid_until: dict[str, float] = {}
         self.t0 = time.monotonic()
         self.stopping = False
@@ -175,16 +175,10 @@ class ChaosRun:
             return None
         claims = [(int(i.get("term") or 0), str(i.get("node_id"))) for i in infos
                   if i and i.get("role") == "leader"]
-        if claims:
-            return max(claims)[1]
-        votes: dict[str, int] = {}
-        for i in infos:
-            if i and i.get("leader_id"):
-                votes[str(i["leader_id"])] = votes.get(str(i["leader_id"]), 0) + 1
-        for ld, n in votes.items():
-            if n * 2 > len(self.node_ids):
-                return ld
-        return None
+        # only a node that answers and says it leads counts (followers keep naming a dead
+        # leader until their failure detector fires); the highest term wins over a
+        # deposed leader that has not noticed yet
+        return max(claims)[1] if claims else None
 
     async def observe_leader(self) -> tuple[str | None, list[dict[str, Any] | None]]:
         infos = await asyncio.gather(*(self.client.cluster(self.urls[n], 0.5) for n in self.node_ids))
@@ -194,6 +188,7 @@ class ChaosRun:
         last: object = object()
         while True:
             leader, _ = await self.observe_leader()
+            self.observed_leader = leader
             if leader != last:
                 self.leader_samples.append((self.now(), leader))
                 last = leader
@@ -314,6 +309,7 @@ class ChaosRun:
                 leader, infos = await self.observe_leader()
                 if leader is not None:
                     self.leader_hint = leader
+                    self.observed_leader = leader
                     if not caught_up:
                         return True
                     info = infos[self.node_ids.index(leader)]
@@ -374,18 +370,16 @@ class ChaosRun:
     async def run(self) -> dict[str, Any]:
         """The whole run; returns the summary (also written to the report dir)."""
         o = self.opts
-        timeout = aiohttp.ClientTimeout(total=o.op_timeout_s)
-        conn = aiohttp.TCPConnector(limit=max(64, o.clients * 4), force_close=False)
-        async with aiohttp.ClientSession(timeout=timeout, connector=conn) as http:
-            self.client = NodeClient(http, timeout_s=o.op_timeout_s,
-                                     client_token=self.cfg.security.client_token,
-                                     cluster_token=self.cfg.security.cluster_token)
-            try:
-                await self._setup_target()
-                return await self._run_with_target()
-            finally:
-                if isinstance(getattr(self, "target", None), LocalCluster):
-                    await self.target.stop_all()
+        self.client = await NodeClient.open(timeout_s=o.op_timeout_s,
+                                            client_token=self.cfg.security.client_token,
+                                            cluster_token=self.cfg.security.cluster_token)
+        try:
+            await self._setup_target()
+            return await self._run_with_target()
+        finally:
+            if isinstance(getattr(self, "target", None), LocalCluster):
+                await self.target.stop_all()
+            await self.client.close()
 
     async def _run_with_target(self) -> dict[str, Any]:
         o = self.opts
@@ -404,7 +398,7 @@ class ChaosRun:
                                   interval_s=self.interval_s, fault_s=self.fault_s,
                                   warmup_s=min(2.0, o.duration_s / 4), target=o.nemesis_target)
             nem = Nemesis(self.target, sched, rng=random.Random(self.seed + 1), now=self.now,
-                          leader=lambda: self.leader_hint, on_event=self.on_event)
+                          leader=lambda: self.observed_leader, on_event=self.on_event)
             self.say(f"chaos: {self.mode}{'/' + self.acks if self.acks else ''}, workload "
                      f"{o.workload}, {o.clients} clients, {o.duration_s:g}s, nemesis "
                      f"{','.join(o.nemesis) or 'none'} ({len(sched)} faults), seed {self.seed}")

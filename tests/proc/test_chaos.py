@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from kvstore.chaos.checker import check_linearizable
@@ -134,8 +133,8 @@ async def test_local_reads_from_a_paused_follower_are_reported_non_linearizable(
     urls = {n["id"]: n["url"] for n in raw["cluster"]["nodes"]}
     data = tmp_path / "data"
     data.mkdir()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        client = NodeClient(http, timeout_s=10.0)
+    client = await NodeClient.open(timeout_s=10.0)
+    try:
         cluster = LocalCluster(node_ids=ids, urls=urls, config_path=cfg, data_dir=data,
                                log_dir=tmp_path / "logs", client=client)
         await cluster.start_all()
@@ -193,6 +192,8 @@ async def test_local_reads_from_a_paused_follower_are_reported_non_linearizable(
             await asyncio.gather(w, r)
         finally:
             await cluster.stop_all()
+    finally:
+        await client.close()
     history.sort(key=lambda o: o.time)
     calls = pair(history)
     writes_ok = sum(1 for c in calls if c.f == "write" and c.status == "ok")
