@@ -160,6 +160,7 @@ class SingleLeaderCore:
         self.pre_voting = False
         self.progress: dict[NodeId, Progress] = {}
         self.transfer_to: NodeId | None = None
+        self.transfer_sent = False
         self.transfer_deadline = 0
         self.read_round = 0
         self.pending_reads: list[_PendingRead] = []
@@ -339,6 +340,7 @@ class SingleLeaderCore:
             raise NotLeader(leader_id=self.leader_id)
         invariant(to in self.peers, f"unknown switchover target {to}")
         self.transfer_to = to
+        self.transfer_sent = False
         self.transfer_deadline = self.tick_now + self.cfg.election_ticks
         self._maybe_send_timeout_now()
 
@@ -348,7 +350,9 @@ class SingleLeaderCore:
             return
         pr = self.progress[to]
         if pr.match == self.last_index and self.stable == self.last_index:
-            self._send_late(to, TimeoutNow(self.term, self.id))
+            if not self.transfer_sent:   # once: advance() runs after every Ready
+                self.transfer_sent = True
+                self._send_late(to, TimeoutNow(self.term, self.id))
         else:
             self._send_append(to)
 

@@ -315,6 +315,8 @@ class Node:
                     prev_role, prev_leader, _ = self._seen
                     self._seen = seen
                     self._on_role_change(prev_role, prev_leader)
+                if not rd.entries:
+                    await asyncio.sleep(0)   # let handlers run between Readies that did no I/O
             self._maybe_snapshot()
 
     def _on_role_change(self, prev_role: str, prev_leader: NodeId | None) -> None:
