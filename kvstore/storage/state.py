@@ -125,6 +125,11 @@ class KVState:
         self.dedup: OrderedDict[str, tuple[int, Result]] = OrderedDict()
         # undo records: (index, key, previous (value, ver) or None, rid or None)
         self._undo: list[tuple[int, str | None, tuple[bytes, int] | None, str | None]] = []
+        # request ids evicted from the full dedup table by entries that may be undone or sit
+        # after a snapshot point: (index of the evicting entry, rid, its dedup row). Without
+        # them, undo_to/snapshot_view lost the evicted rid and a retry of that request would
+        # apply twice on this replica only (replicas diverge).
+        self._evicted: list[tuple[int, str, tuple[int, Result]]] = []
 
     # ---- reads --------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, int] | None:
@@ -201,7 +206,9 @@ class KVState:
         if rid is not None:
             self.dedup[rid] = (e.index, res)
             if len(self.dedup) > DEDUP_MAX:
-                self.dedup.popitem(last=False)
+                old_rid, old_row = self.dedup.popitem(last=False)
+                if record_undo:
+                    self._evicted.append((e.index, old_rid, old_row))
         return res
 
     # ---- undo (async-mode rollback) ------------------------------------------------
@@ -221,6 +228,11 @@ class KVState:
                 if seen is not None and seen[0] == idx:
                     del self.dedup[rid]
             undone += 1
+        while self._evicted and self._evicted[-1][0] >= index:
+            _, rid, row = self._evicted.pop()
+            if row[0] < index:   # put the evicted rid back where it was (oldest first)
+                self.dedup[rid] = row
+                self.dedup.move_to_end(rid, last=False)
         if self.applied_index >= index:
             self.applied_index = LogIndex(index - 1)
             self.applied_term = term_before
@@ -242,6 +254,11 @@ class KVState:
         while lo < len(u) and u[lo][0] <= upto:
             lo += 1
         del u[:lo]
+        ev = self._evicted
+        lo = 0
+        while lo < len(ev) and ev[lo][0] <= upto:
+            lo += 1
+        del ev[:lo]
 
     @property
     def undo_depth(self) -> int:
@@ -264,6 +281,12 @@ class KVState:
                     data[key] = prev
             if rid is not None and rid in dedup and dedup[rid][0] == idx:
                 del dedup[rid]
+        for idx, rid, row in reversed(self._evicted):
+            if idx <= at:
+                break
+            if row[0] <= at:
+                dedup[rid] = row
+                dedup.move_to_end(rid, last=False)
         invariant(at >= self.applied_index or self.can_undo_to(LogIndex(at + 1)),
                   f"cannot build a snapshot at {at}: applied {self.applied_index} without undo records")
         dl = [[rid, idx, [r.ok, r.version, list(r.versions)]] for rid, (idx, r) in dedup.items()]
@@ -274,3 +297,4 @@ class KVState:
         self.applied_index, self.applied_term = index, term
         self.dedup = OrderedDict((rid, (idx, Result(r[0], r[1], tuple(r[2])))) for rid, idx, r in dedup)
         self._undo.clear()
+        self._evicted.clear()
