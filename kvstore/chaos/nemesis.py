@@ -3,8 +3,8 @@
 Owns:
 - `plan_schedule` (pure): after a warm-up, one fault per `interval_s`, active for
   `fault_s`, then healed; the fault kind and its target kind (leader / random node /
-  minority / follower) are drawn from a random.Random seeded by --seed;
-- `Nemesis.run` (async): resolves targets against the leader of the moment, performs each
+  minority / follower) are drawn from a Random seeded by --seed;
+- `Nemesis.run` (async, but with the clock and sleep injected): resolves targets against the leader of the moment, performs each
   fault through a `Target` (local processes, docker, or an attached cluster), records
   start / end / instant events, and heals everything at the end.
 
@@ -19,13 +19,14 @@ Faults:
 
 from __future__ import annotations
 
-import asyncio
-import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
 
 from kvstore.chaos.checker import NemesisEvent
 from kvstore.errors import KVError
+
+if TYPE_CHECKING:
+    from random import Random
 
 FAULTS = ("kill", "pause", "partition", "restart", "switchover")
 TARGET_KINDS = ("leader", "random", "minority", "follower")
@@ -48,7 +49,7 @@ class PlannedFault:
     duration_s: float    # 0 for instant faults
 
 
-def plan_schedule(rng: random.Random, faults: Sequence[str], *, duration_s: float,
+def plan_schedule(rng: Random, faults: Sequence[str], *, duration_s: float,
                   interval_s: float, fault_s: float, warmup_s: float = 2.0,
                   target: str | None = None) -> list[PlannedFault]:
     """Faults one after another, never overlapping; each healed before the next starts.
@@ -91,7 +92,7 @@ class Target(Protocol):
 
 
 def resolve_targets(kind: str, node_ids: Sequence[str], leader: str | None,
-                    rng: random.Random) -> list[str]:
+                    rng: Random) -> list[str]:
     """Turn a target kind into node ids, given the leader of the moment."""
     ids = list(node_ids)
     followers = [n for n in ids if n != leader]
@@ -109,9 +110,9 @@ EventSink = Callable[[NemesisEvent], None]
 
 
 class Nemesis:
-    def __init__(self, target: Target, schedule: Sequence[PlannedFault], *, rng: random.Random,
+    def __init__(self, target: Target, schedule: Sequence[PlannedFault], *, rng: Random,
                  now: Callable[[], float], leader: Callable[[], str | None],
-                 on_event: EventSink, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 on_event: EventSink, sleep: Callable[[float], Awaitable[None]]) -> None:
         self.target = target
         self.schedule = list(schedule)
         self.rng = rng

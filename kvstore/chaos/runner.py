@@ -398,7 +398,8 @@ class ChaosRun:
                                   interval_s=self.interval_s, fault_s=self.fault_s,
                                   warmup_s=min(2.0, o.duration_s / 4), target=o.nemesis_target)
             nem = Nemesis(self.target, sched, rng=random.Random(self.seed + 1), now=self.now,
-                          leader=lambda: self.observed_leader, on_event=self.on_event)
+                          leader=lambda: self.observed_leader, on_event=self.on_event,
+                          sleep=asyncio.sleep)
             self.say(f"chaos: {self.mode}{'/' + self.acks if self.acks else ''}, workload "
                      f"{o.workload}, {o.clients} clients, {o.duration_s:g}s, nemesis "
                      f"{','.join(o.nemesis) or 'none'} ({len(sched)} faults), seed {self.seed}")

@@ -15,15 +15,17 @@ Every process is a session: it sends its latest KV-Token as `after=` on reads, a
 fraction of its reads go to a follower with consistency=local (marked "local" in the
 history: checked for read-your-writes / monotonic reads, not linearizability).
 
-Imports: the standard library only; randomness comes from a random.Random passed in.
+Imports: the standard library only; randomness comes from a Random passed in.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from random import Random
 
 WORKLOADS = ("register", "append", "unique-writes")
 
@@ -82,20 +84,20 @@ class Workload:
         """(key, value) pairs to write before the run starts."""
         return []
 
-    def next_op(self, s: Session, rng: random.Random) -> PlannedOp:
+    def next_op(self, s: Session, rng: Random) -> PlannedOp:
         raise NotImplementedError
 
     def final_keys(self, sessions: list[Session]) -> list[str]:
         return list(self.keys)
 
-    def _read(self, key: str, rng: random.Random) -> PlannedOp:
+    def _read(self, key: str, rng: Random) -> PlannedOp:
         return PlannedOp("read", key, None, local=rng.random() < self.local_read_fraction)
 
 
 class RegisterWorkload(Workload):
     name = "register"
 
-    def next_op(self, s: Session, rng: random.Random) -> PlannedOp:
+    def next_op(self, s: Session, rng: Random) -> PlannedOp:
         key = rng.choice(self.keys)
         r = rng.random()
         if r < 0.5:
@@ -119,7 +121,7 @@ class AppendWorkload(Workload):
     def initial_writes(self) -> list[tuple[str, str]]:
         return [(k, "[]") for k in self.keys]
 
-    def next_op(self, s: Session, rng: random.Random) -> PlannedOp:
+    def next_op(self, s: Session, rng: Random) -> PlannedOp:
         key = rng.choice(self.keys)
         seen = s.seen.get(key)
         if seen is None or rng.random() < 0.3:
@@ -138,7 +140,7 @@ class AppendWorkload(Workload):
 class UniqueWritesWorkload(Workload):
     name = "unique-writes"
 
-    def next_op(self, s: Session, rng: random.Random) -> PlannedOp:
+    def next_op(self, s: Session, rng: Random) -> PlannedOp:
         if s.written_keys and rng.random() < 0.2:
             return self._read(rng.choice(s.written_keys[-20:]), rng)
         v = s.next_value()

@@ -182,3 +182,85 @@ def test_recheck_of_a_written_history(tmp_path, capsys) -> None:  # type: ignore
     (tmp_path / "summary.json").write_text(json.dumps({"mode": "single-leader", "acks": "sync"}))
     assert chaos_main(["--recheck", str(tmp_path)]) == 1
     assert "INVALID" in capsys.readouterr().out
+
+
+# ---- the nemesis executor, with a fake target and a fake clock ---------------------------
+
+class _FakeTarget:
+    node_ids = ["n1", "n2", "n3"]
+    supports = frozenset({"kill", "restart", "pause", "partition", "switchover"})
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def kill(self, node: str) -> None:
+        self.calls.append(("kill", node))
+
+    async def start(self, node: str) -> None:
+        self.calls.append(("start", node))
+
+    async def restart(self, node: str) -> None:
+        self.calls.append(("restart", node))
+
+    async def pause(self, node: str) -> None:
+        self.calls.append(("pause", node))
+
+    async def resume(self, node: str) -> None:
+        self.calls.append(("resume", node))
+
+    async def partition(self, isolated):  # type: ignore[no-untyped-def]
+        self.calls.append(("partition", tuple(isolated)))
+
+    async def heal_network(self) -> None:
+        self.calls.append(("heal", None))
+
+    async def switchover(self, leader: str, to: str) -> None:
+        self.calls.append(("switchover", (leader, to)))
+
+
+async def test_nemesis_injects_heals_and_records_events() -> None:
+    from kvstore.chaos.nemesis import Nemesis, PlannedFault
+
+    clock = [0.0]
+
+    async def sleep(d: float) -> None:
+        clock[0] += d
+
+    t = _FakeTarget()
+    events: list[NemesisEvent] = []
+    sched = [PlannedFault(1.0, "kill", "leader", 2.0), PlannedFault(4.0, "pause", "leader", 1.0),
+             PlannedFault(6.0, "partition", "leader", 1.0), PlannedFault(8.0, "switchover", "follower", 0.0)]
+    nem = Nemesis(t, sched, rng=random.Random(1), now=lambda: clock[0], leader=lambda: "n2",
+                  on_event=events.append, sleep=sleep)
+    await nem.run()
+    assert t.calls[:6] == [("kill", "n2"), ("start", "n2"), ("pause", "n2"), ("resume", "n2"),
+                           ("partition", ("n2",)), ("heal", None)]
+    assert t.calls[6][0] == "switchover" and t.calls[6][1][0] == "n2"
+    kinds = [(e.kind, e.fault, e.time) for e in events]
+    assert kinds[:2] == [("start", "kill", 1.0), ("end", "kill", 3.0)]
+    assert ("instant", "switchover", 8.0) in kinds
+
+
+async def test_nemesis_heals_everything_when_cancelled_mid_fault() -> None:
+    import asyncio
+
+    from kvstore.chaos.nemesis import Nemesis, PlannedFault
+
+    t = _FakeTarget()
+    events: list[NemesisEvent] = []
+    gate = asyncio.Event()
+
+    async def sleep(d: float) -> None:
+        if d > 0:
+            await gate.wait()  # never set: the fault is "in progress" when cancelled
+
+    nem = Nemesis(t, [PlannedFault(0.0, "pause", "leader", 5.0)], rng=random.Random(1),
+                  now=lambda: 0.0, leader=lambda: "n1", on_event=events.append, sleep=sleep)
+    task = asyncio.create_task(nem.run())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ("resume", "n1") in t.calls
+    assert [e.kind for e in events] == ["start", "end"]
