@@ -141,6 +141,11 @@ class Nemesis:
     async def _one(self, pf: PlannedFault) -> None:
         leader = self.leader()
         if pf.fault == "switchover":
+            for _ in range(30):  # a switchover needs a leader: wait up to ~3 s for one
+                if leader is not None:
+                    break
+                await self.sleep(0.1)
+                leader = self.leader()
             if leader is None:
                 self._event("instant", "switchover", [], "skipped: no leader known")
                 return
