@@ -354,6 +354,46 @@ async def internal_raft(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+WS_SET = web.AppKey("ws_set", set)
+
+
+async def internal_stream(request: web.Request) -> web.StreamResponse:
+    """A peer's persistent stream of message frames (see transport/http.py)."""
+    node = request.app[NODE]
+    _check_cluster_auth(request, node)
+    sender = request.query.get("sender", "")
+    if sender not in node.peer_urls or sender == node.id:
+        raise BadRequest("stream needs ?sender=<member id>")
+    ws = web.WebSocketResponse(max_msg_size=0, compress=False, autoping=True)
+    await ws.prepare(request)
+    request.app[WS_SET].add(ws)
+    try:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                if node.transport is None or node.transport.blocked(sender):
+                    continue   # fault injection: dropped
+                try:
+                    msgs = decode_batch(msg.data)
+                except BadRequest as e:
+                    log.warning("bad frame from %s: %s; closing its stream", sender, e.message)
+                    break
+                if any(m.sender != sender for m in msgs):
+                    log.warning("frame from %s carries messages of another sender; closing", sender)
+                    break
+                await node.transport.inbound_delay(sender)
+                node.receive(msgs)
+            elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+                break
+    finally:
+        request.app[WS_SET].discard(ws)
+    return ws
+
+
+async def _close_streams(app: web.Application) -> None:
+    for ws in list(app[WS_SET]):
+        await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutdown")
+
+
 async def internal_snapshot(request: web.Request) -> web.Response:
     node = request.app[NODE]
     _check_cluster_auth(request, node)
@@ -380,12 +420,15 @@ def create_app(node: Node, *, manage_node: bool = True) -> web.Application:
     max_body = node.config.limits.max_value_bytes + 1024 * 1024
     app = web.Application(middlewares=[error_middleware], client_max_size=max(max_body, 64 * 1024 * 1024))
     app[NODE] = node
+    app[WS_SET] = set()
+    app.on_shutdown.append(_close_streams)
     app.router.add_get("/health", health)
     app.router.add_get("/cluster", cluster)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/switchover", switchover)
     app.router.add_route("*", "/admin/faults", faults)
     app.router.add_post("/internal/raft", internal_raft)
+    app.router.add_get("/internal/stream", internal_stream)
     app.router.add_post("/internal/snapshot", internal_snapshot)
     app.router.add_post("/internal/read_index", internal_read_index)
     app.router.add_post("/kv/_batch", kv_batch)

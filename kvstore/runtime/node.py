@@ -824,6 +824,8 @@ class Node:
             "kv_snapshots_total": "snapshots written",
             "kv_leader_elections_won_total": "elections this node won",
             "kv_forwarded_total": "requests forwarded to the leader",
+            "kv_transport_frames_total": "node-to-node stream frames sent",
+            "kv_transport_messages_total": "replication messages sent",
         }
         for name, help_ in known.items():
             g(name, self.metrics.counters.get(name, 0.0), help_, "counter", nid)

@@ -1,10 +1,11 @@
 """Node-to-node transport over HTTP (aiohttp), msgpack bodies.
 
-Owns: one keep-alive connection pool, one sender task per peer that coalesces every
-queued message into one POST /internal/raft (so many writes ride one request; order
-per peer is preserved because each sender has one request in flight), snapshots as
-their own POST /internal/snapshot, read-index requests, liveness probes, and the
-testing-only fault injection (drop / delay traffic to and from chosen peers).
+Owns: one persistent stream per peer (a WebSocket on /internal/stream carrying
+msgpack frames; each frame coalesces every message queued for that peer, so many
+writes ride one frame, and frames are pipelined in order over one TCP connection),
+snapshots as their own POST /internal/snapshot, read-index requests, liveness
+probes, and the testing-only fault injection (drop / delay traffic to and from peers).
+POST /internal/raft accepts the same frames one per request (tools, debugging).
 
 Delivery is best-effort, as the core expects: a failed POST is dropped and reported
 (`node.unreachable`) so the leader falls back to probing.
@@ -50,8 +51,11 @@ class HttpTransport:
         self.delay_ms: dict[NodeId, int] = {}
         token = node.config.security.cluster_token
         self.headers = {"Content-Type": MSGPACK}
+        self.ws_headers: dict[str, str] = {}
         if token:
             self.headers[CLUSTER_TOKEN_HEADER] = token
+            self.ws_headers[CLUSTER_TOKEN_HEADER] = token
+        self._drains: set[asyncio.Task[None]] = set()
         self.timeout = node.config.failure_detector.timeout_ms / 1000.0
 
     async def start(self) -> None:
@@ -63,9 +67,9 @@ class HttpTransport:
             self._tasks.append(t)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._drains]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._drains]:
             try:
                 await t
             except asyncio.CancelledError:
@@ -104,40 +108,85 @@ class HttpTransport:
             if ev is not None:
                 ev.set()
 
+    async def _connect(self, peer: NodeId) -> aiohttp.ClientWebSocketResponse | None:
+        """Open the persistent stream to `peer` (a WebSocket on /internal/stream)."""
+        assert self.session is not None
+        try:
+            ws = await self.session.ws_connect(
+                self.urls[peer] + "/internal/stream", headers=self.ws_headers,
+                timeout=aiohttp.ClientWSTimeout(ws_close=1.0), heartbeat=max(0.5, self.timeout),
+                max_msg_size=0, compress=0, autoclose=True, autoping=True,
+                params={"sender": self.node.id})
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            self._log_fail(peer, f"{type(e).__name__}: {e}")
+            return None
+        # Drain control frames (pongs, close) so the heartbeat notices a dead peer.
+        t = asyncio.create_task(self._drain(ws), name=f"drain-{peer}")
+        self._drains.add(t)
+        t.add_done_callback(self._drains.discard)
+        log.info("connected to %s", peer)
+        return ws
+
+    @staticmethod
+    async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for _ in ws:
+                pass
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+
     async def _sender(self, peer: NodeId) -> None:
+        """One persistent stream per peer; every queued message rides the next frame.
+        Frames are pipelined (no per-frame answer): TCP keeps them in order."""
         q = self._queues[peer]
         ev = self._events[peer]
-        url = self.urls[peer] + "/internal/raft"
-        assert self.session is not None
+        ws: aiohttp.ClientWebSocketResponse | None = None
         backoff = 0.0
-        while True:
-            await ev.wait()
-            ev.clear()
-            while q:
-                msgs: list[Message] = []
-                snaps: list[SnapshotRequest] = []
+        try:
+            while True:
+                await ev.wait()
+                ev.clear()
                 while q:
-                    m = q.popleft()
-                    if isinstance(m, SnapshotRequest):
-                        snaps.append(m)
+                    msgs: list[Message] = []
+                    snaps: list[SnapshotRequest] = []
+                    while q:
+                        m = q.popleft()
+                        if isinstance(m, SnapshotRequest):
+                            snaps.append(m)
+                        else:
+                            msgs.append(m)
+                    if peer in self.drop:
+                        continue
+                    delay = self.delay_ms.get(peer)
+                    if delay:
+                        await asyncio.sleep(delay / 1000.0)
+                    ok = True
+                    if msgs:
+                        if ws is None or ws.closed:
+                            ws = await self._connect(peer)
+                        if ws is None:
+                            ok = False
+                        else:
+                            self.node.metrics.inc("kv_transport_frames_total")
+                            self.node.metrics.inc("kv_transport_messages_total", len(msgs))
+                            try:
+                                await asyncio.wait_for(ws.send_bytes(encode_batch(msgs)), self.timeout)
+                            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError) as e:
+                                self._log_fail(peer, f"stream: {type(e).__name__}: {e}")
+                                await ws.close()
+                                ws = None
+                                ok = False
+                    for sm in snaps:
+                        ok = await self._send_snapshot(peer, sm) and ok
+                    if not ok:
+                        self.node.unreachable(peer)
+                        backoff = min(0.2, max(0.01, backoff * 2))
+                        await asyncio.sleep(backoff)
                     else:
-                        msgs.append(m)
-                if peer in self.drop:
-                    continue
-                delay = self.delay_ms.get(peer)
-                if delay:
-                    await asyncio.sleep(delay / 1000.0)
-                ok = True
-                if msgs:
-                    ok = await self._post(peer, url, encode_batch(msgs))
-                for sm in snaps:
-                    ok = await self._send_snapshot(peer, sm) and ok
-                if not ok:
-                    self.node.unreachable(peer)
-                    backoff = min(0.2, max(0.01, backoff * 2))
-                    await asyncio.sleep(backoff)
-                else:
-                    backoff = 0.0
+                        backoff = 0.0
+        finally:
+            if ws is not None and not ws.closed:
+                await ws.close()
 
     async def _post(self, peer: NodeId, url: str, body: bytes) -> bool:
         assert self.session is not None
