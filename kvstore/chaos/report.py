@@ -207,7 +207,7 @@ def _timeline_svg(calls: Sequence[Call], events: Sequence[NemesisEvent],
                   leader_samples: Sequence[tuple[float, str | None]], t_end: float) -> str:
     W, left, right = 1060, 60, 20
     plot_w = W - left - right
-    n_buckets = max(1, min(300, int(t_end / 0.1)))
+    n_buckets = max(1, min(240, int(t_end / 0.2)))
     bw = t_end / n_buckets
 
     def x(t: float) -> float:
@@ -233,7 +233,7 @@ def _timeline_svg(calls: Sequence[Call], events: Sequence[NemesisEvent],
     p99 = [_pct(v, 0.99) for v in lat]
 
     # panel geometry: (top, height)
-    P_T, P_L, P_M, P_LD = (20, 110), (160, 90), (280, 36), (340, 22)
+    P_T, P_L, P_M, P_LD = (20, 110), (160, 90), (278, 44), (340, 22)
     H = P_LD[0] + P_LD[1] + 30
     parts: list[str] = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
                         f'viewBox="0 0 {W} {H}">']
@@ -273,12 +273,12 @@ def _timeline_svg(calls: Sequence[Call], events: Sequence[NemesisEvent],
     parts.append(poly(p99, P_L[0], P_L[1], lmax, "#f28e2b"))
     parts.append(poly(p50, P_L[0], P_L[1], lmax, "#59a14f"))
     # ok / fail / info marks
-    parts.append(f'<text x="4" y="{P_M[0] + 10}">ok</text><text x="4" y="{P_M[0] + 22}">fail</text>'
-                 f'<text x="4" y="{P_M[0] + 34}">info</text>')
+    parts.append(f'<text x="4" y="{P_M[0] + 11}">ok</text><text x="4" y="{P_M[0] + 25}">fail</text>'
+                 f'<text x="4" y="{P_M[0] + 39}">info</text>')
     for row, (counts, colour) in enumerate(((ok_n, "#59a14f"), (fail_n, "#e15759"), (info_n, "#f28e2b"))):
         for i, n in enumerate(counts):
             if n:
-                parts.append(f'<rect x="{x(i * bw):.1f}" y="{P_M[0] + 2 + row * 12}" '
+                parts.append(f'<rect x="{x(i * bw):.1f}" y="{P_M[0] + 2 + row * 14}" '
                              f'width="{max(1.0, plot_w / n_buckets - 0.3):.1f}" height="9" fill="{colour}">'
                              f'<title>{n} {("ok", "fail", "info")[row]} at {i * bw:.1f}s</title></rect>')
     # leader band
@@ -298,8 +298,8 @@ def _timeline_svg(calls: Sequence[Call], events: Sequence[NemesisEvent],
                      f'height="{P_LD[1]}" fill="{fill}"><title>{html.escape(str(ld))} '
                      f'{t0:.2f}s - {t1:.2f}s</title></rect>')
         if x(t1) - x(t0) > 24:
-            parts.append(f'<text x="{x(t0) + 3:.1f}" y="{P_LD[0] + 15}" fill="#fff">'
-                         f'{html.escape(ld or "none")}</text>')
+            parts.append(f'<text x="{x(t0) + 3:.1f}" y="{P_LD[0] + 15}" '
+                         f'fill="{"#fff" if ld else "#888"}">{html.escape(ld or "none")}</text>')
     # time axis
     step = _nice_step(t_end)
     t = 0.0
@@ -316,7 +316,8 @@ def _axis(left: int, panel: tuple[int, int], plot_w: int, top_label: str, title:
     return (f'<rect x="{left}" y="{top}" width="{plot_w}" height="{height}" fill="none" stroke="#ccc"/>'
             f'<text x="4" y="{top + 10}">{html.escape(top_label)}</text>'
             f'<text x="4" y="{top + height}">0</text>'
-            f'<text x="{left + 4}" y="{top + 12}" fill="#666">{html.escape(title)}</text>')
+            f'<text x="{left + plot_w - 4}" y="{top + 12}" fill="#666" text-anchor="end">'
+            f'{html.escape(title)}</text>')
 
 
 def _nice_step(t_end: float) -> float:
