@@ -465,6 +465,7 @@ class AsyncClient:
                 last = e
                 self.topology.set_leader(e.leader_id)
                 floor = self._retry_after(e)
+                log.debug("write %s %s (id %s) not leader, retrying: %s", method, key, rid, e.message)
             except Unavailable as e:
                 last = e
                 if e.details.get("status") is None:
@@ -569,6 +570,7 @@ class AsyncClient:
                 return self._read_result(key, reply, want_siblings)
             attempt += 1
             self.stats["read_retries"] += 1
+            log.debug("read %s from %s failed, retrying: %s", key, url, last.message)
             if self._redirected(last, url) and redirects < 3:
                 redirects += 1  # a node named the leader: go there at once
                 self.stats["redirects"] += 1
