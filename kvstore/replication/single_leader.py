@@ -259,8 +259,17 @@ class SingleLeaderCore:
         self.election_deadline = self._new_election_deadline()
         self.votes = {self.id: True}
         self.pre_voting = pre_vote
+        # We suspect our leader: our own lease on it is over, or two followers that
+        # both suspect a dead leader would refuse each other's (pre-)votes forever.
+        self.leader_id = None
         if pre_vote:
             self.role = "follower"   # a pre-candidate is still a follower: it changes nothing
+            # ...except that it no longer follows anyone: `elapsed` was just reset, so keeping
+            # leader_id would put us back "in lease" and make us refuse every other node's
+            # (pre-)vote for a whole timeout. With a large election quorum (semi-sync, n=5:
+            # 4 of 5) those refusal windows almost never all close at once: no leader, ever,
+            # after the old one stepped down (etcd's becomePreCandidate clears `lead` too).
+            self.leader_id = None
             term = Term(self.term + 1)
         else:
             self.become_candidate()
@@ -538,6 +547,9 @@ class SingleLeaderCore:
         elif refused > self.n - self.qe:
             if m.pre_vote:
                 self.pre_voting = False
+                # Voters still inside their lease say no; it expires within the jitter
+                # window, so retry soon rather than after a whole timeout.
+                self.election_deadline = self.elapsed + self.rng.randint(1, max(1, self.cfg.jitter_ticks))
             else:
                 self.become_follower(self.term, None)
 
