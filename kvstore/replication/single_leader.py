@@ -259,9 +259,6 @@ class SingleLeaderCore:
         self.election_deadline = self._new_election_deadline()
         self.votes = {self.id: True}
         self.pre_voting = pre_vote
-        # We suspect our leader: our own lease on it is over, or two followers that
-        # both suspect a dead leader would refuse each other's (pre-)votes forever.
-        self.leader_id = None
         if pre_vote:
             self.role = "follower"   # a pre-candidate is still a follower: it changes nothing
             # ...except that it no longer follows anyone: `elapsed` was just reset, so keeping
