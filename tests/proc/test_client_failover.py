@@ -33,6 +33,16 @@ def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
         c.close()
 
 
+@pytest.fixture
+def fast_cluster(tmp_path: Path) -> Iterator[ProcCluster]:
+    """No fsync: these tests are about sessions and routing, not durability."""
+    c = ProcCluster(tmp_path, fsync="never")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 async def test_2000_ops_through_a_leader_crash_and_restart(cluster: ProcCluster) -> None:
     """Every op succeeds or raises a typed KVError; no acknowledged write is missing
     afterwards; a write that raised Unavailable was not applied; CAS increments retried
@@ -188,7 +198,8 @@ async def test_2000_ops_through_a_leader_crash_and_restart(cluster: ProcCluster)
     assert inc_acked > 50, outcomes
 
 
-async def test_session_reads_from_followers_see_its_own_writes_1000_times(cluster: ProcCluster) -> None:
+async def test_session_reads_from_followers_see_its_own_writes_1000_times(fast_cluster: ProcCluster) -> None:
+    cluster = fast_cluster
     leader = await asyncio.to_thread(cluster.start_all)
     async with AsyncClient(cluster.urls, timeout=10.0) as kv:
         s = kv.session(read_preference="any")
@@ -202,7 +213,9 @@ async def test_session_reads_from_followers_see_its_own_writes_1000_times(cluste
         assert sum(served[n] for n in followers) >= 300, served
 
 
-async def test_sticky_session_sticks_to_one_follower_and_moves_only_when_it_dies(cluster: ProcCluster) -> None:
+async def test_sticky_session_sticks_to_one_follower_and_moves_only_when_it_dies(
+        fast_cluster: ProcCluster) -> None:
+    cluster = fast_cluster
     leader = await asyncio.to_thread(cluster.start_all)
     async with AsyncClient(cluster.urls, timeout=10.0) as kv:
         s = kv.session(read_preference="sticky")

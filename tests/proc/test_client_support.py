@@ -44,7 +44,7 @@ def http_json(url: str, timeout: float = 1.0) -> Any:
 
 class ProcCluster:
     def __init__(self, tmp: Path, n: int = 3, *, extra_yaml: str = "", timeout_ms: int = 500,
-                 heartbeat_ms: int = 50) -> None:
+                 heartbeat_ms: int = 50, fsync: str = "always") -> None:
         self.tmp = tmp
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.ports = dict(zip(self.ids, free_ports(n)))
@@ -56,7 +56,7 @@ class ProcCluster:
         self.config.write_text(
             f"cluster:\n  name: clienttest\n  nodes:\n{nodes}\n"
             f"failure_detector:\n  heartbeat_interval_ms: {heartbeat_ms}\n  timeout_ms: {timeout_ms}\n"
-            f"storage:\n  fsync: always\n{extra_yaml}"
+            f"storage:\n  fsync: {fsync}\n{extra_yaml}"
         )
 
     def url(self, node_id: str) -> str:
