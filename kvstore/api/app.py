@@ -8,10 +8,12 @@ api/errors.py; nothing a client sends can kill the node.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 from urllib.parse import unquote_to_bytes
 
 import aiohttp
@@ -30,6 +32,48 @@ from kvstore.transport.http import CLUSTER_TOKEN_HEADER
 log = logging.getLogger("kvstore.api")
 
 NODE = web.AppKey("node", Node)
+
+
+@dataclass(slots=True)
+class ReadOpts:
+    """What a GET asked for (query parameters or KV- headers), validated."""
+
+    consistency: str | None
+    after: str | None
+    r: int | None
+
+
+@dataclass(slots=True)
+class WriteOpts:
+    acks: str | None
+    if_match: str | None     # raw If-Match value (quotes stripped)
+    context: str | None      # KV-Context from a 300 answer
+    rid: str | None
+
+
+@dataclass(slots=True)
+class KVResult:
+    """A strategy's answer for the generic (multi-leader / leaderless) API path.
+    `siblings` with more than one entry renders as 300; value None (and no siblings) as 404."""
+
+    key: str
+    value: bytes | None = None
+    version: str | None = None
+    token: str = ""
+    siblings: list[tuple[bytes | None, str]] | None = None
+    context: str | None = None
+    extra_headers: dict[str, str] | None = None
+
+
+class GenericNode(Protocol):
+    """What a multi-leader or leaderless runtime offers the API (single-leader uses Node)."""
+
+    generic: bool   # True
+
+    async def kv_get(self, key: str, opts: ReadOpts) -> KVResult: ...
+    async def kv_put(self, key: str, value: bytes, opts: WriteOpts) -> KVResult: ...
+    async def kv_delete(self, key: str, opts: WriteOpts) -> KVResult: ...
+    def add_routes(self, app: web.Application) -> None: ...
 FORWARDED = "KV-Forwarded-By"
 ACKS = ("async", "semi-sync", "sync")
 _CTRL = {chr(c) for c in range(0x20)} | {"\x7f"}
@@ -172,9 +216,70 @@ def _write_answer(request: web.Request, node: Node, key: str, version: str, toke
     return body_response(request, {"key": key, "version": version, "token": token}, 200, headers)
 
 
+def _read_opts(request: web.Request) -> ReadOpts:
+    consistency = opt(request, "consistency") or None
+    r = opt(request, "r")
+    if r is not None and (not r.isdigit() or int(r) < 1):
+        raise BadRequest(f"r must be a positive integer (got {r!r})")
+    return ReadOpts(consistency, opt(request, "after") or None, int(r) if r is not None else None)
+
+
+def _write_opts(request: web.Request) -> WriteOpts:
+    im = request.headers.get("If-Match")
+    return WriteOpts(_acks(request), im.strip().strip('"') if im is not None else None,
+                     request.headers.get("KV-Context") or None, _rid(request))
+
+
+def _render_write(request: web.Request, node: Any, res: KVResult) -> web.Response:
+    headers = {"KV-Node": node.id, "KV-Token": res.token}
+    if res.version:
+        headers["KV-Version"] = res.version
+    if res.context:
+        headers["KV-Context"] = res.context
+    if res.extra_headers:
+        headers.update(res.extra_headers)
+    return body_response(request, {"key": res.key, "version": res.version, "token": res.token}, 200, headers)
+
+
+async def generic_dispatch(request: web.Request, node: Any) -> web.Response:
+    key = parse_key(request, node.config.limits.max_key_bytes)
+    if request.method == "GET":
+        res: KVResult = await node.kv_get(key, _read_opts(request))
+        headers = {"KV-Node": node.id, "KV-Token": res.token}
+        if res.context:
+            headers["KV-Context"] = res.context
+        if res.extra_headers:
+            headers.update(res.extra_headers)
+        if res.siblings is not None and len(res.siblings) > 1:
+            sib = [{"value_b64": base64.b64encode(v).decode() if v is not None else None, "version": ver,
+                    "deleted": v is None} for v, ver in res.siblings]
+            return body_response(request, {"siblings": sib, "context": res.context}, 300, headers)
+        if res.value is None:
+            return body_response(request, {"error": "not_found", "message": f"key {key!r} not found",
+                                           "key": key}, 404, headers)
+        if res.version:
+            headers["KV-Version"] = res.version
+        if wants_msgpack(request):
+            return web.Response(body=msgpack.packb({"key": key, "value": res.value, "version": res.version,
+                                                    "token": res.token, "node": node.id}, use_bin_type=True),
+                                content_type=MSGPACK, headers=headers)
+        return web.Response(body=res.value, headers=headers, content_type="application/octet-stream")
+    if request.method == "PUT":
+        lim = node.config.limits.max_value_bytes
+        if request.content_length is not None and request.content_length > lim:
+            raise TooLarge(f"value is {request.content_length} bytes; max_value_bytes is {lim}")
+        value = await request.read()
+        if len(value) > lim:
+            raise TooLarge(f"value is {len(value)} bytes; max_value_bytes is {lim}")
+        return _render_write(request, node, await node.kv_put(key, value, _write_opts(request)))
+    return _render_write(request, node, await node.kv_delete(key, _write_opts(request)))
+
+
 async def kv_put(request: web.Request) -> web.Response:
     node = request.app[NODE]
     _check_client_auth(request, node)
+    if getattr(node, "generic", False):
+        return await generic_dispatch(request, node)
     key = parse_key(request, node.config.limits.max_key_bytes)
     lim = node.config.limits.max_value_bytes
     if request.content_length is not None and request.content_length > lim:
@@ -192,6 +297,8 @@ async def kv_put(request: web.Request) -> web.Response:
 async def kv_delete(request: web.Request) -> web.Response:
     node = request.app[NODE]
     _check_client_auth(request, node)
+    if getattr(node, "generic", False):
+        return await generic_dispatch(request, node)
     key = parse_key(request, node.config.limits.max_key_bytes)
     acks, if_match, rid = _acks(request), _if_match(request), _rid(request)
     if not node.is_leader:
@@ -203,6 +310,8 @@ async def kv_delete(request: web.Request) -> web.Response:
 async def kv_get(request: web.Request) -> web.Response:
     node = request.app[NODE]
     _check_client_auth(request, node)
+    if getattr(node, "generic", False):
+        return await generic_dispatch(request, node)
     key = parse_key(request, node.config.limits.max_key_bytes)
     consistency = opt(request, "consistency")
     if consistency is None or consistency == "":
@@ -416,7 +525,7 @@ async def internal_read_index(request: web.Request) -> web.Response:
     return web.Response(body=msgpack.packb({"index": index}), content_type=MSGPACK)
 
 
-def create_app(node: Node, *, manage_node: bool = True) -> web.Application:
+def create_app(node: Any, *, manage_node: bool = True) -> web.Application:
     max_body = node.config.limits.max_value_bytes + 1024 * 1024
     app = web.Application(middlewares=[error_middleware], client_max_size=max(max_body, 64 * 1024 * 1024))
     app[NODE] = node
@@ -425,16 +534,19 @@ def create_app(node: Node, *, manage_node: bool = True) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/cluster", cluster)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/admin/switchover", switchover)
     app.router.add_route("*", "/admin/faults", faults)
-    app.router.add_post("/internal/raft", internal_raft)
-    app.router.add_get("/internal/stream", internal_stream)
-    app.router.add_post("/internal/snapshot", internal_snapshot)
-    app.router.add_post("/internal/read_index", internal_read_index)
-    app.router.add_post("/kv/_batch", kv_batch)
+    if not getattr(node, "generic", False):
+        app.router.add_post("/admin/switchover", switchover)
+        app.router.add_post("/internal/raft", internal_raft)
+        app.router.add_get("/internal/stream", internal_stream)
+        app.router.add_post("/internal/snapshot", internal_snapshot)
+        app.router.add_post("/internal/read_index", internal_read_index)
+        app.router.add_post("/kv/_batch", kv_batch)
     app.router.add_put("/kv/{key:.*}", kv_put)
     app.router.add_get("/kv/{key:.*}", kv_get)
     app.router.add_delete("/kv/{key:.*}", kv_delete)
+    if getattr(node, "generic", False):
+        node.add_routes(app)   # the strategy's own /internal/* endpoints
 
     if manage_node:
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
