@@ -323,9 +323,9 @@ async def kv_get(request: web.Request) -> web.Response:
         raise BadRequest(f"r must be a positive integer (got {r!r})")
     after = opt(request, "after")
     if after:
-        idx = parse_token(after)
-        if node.state.applied_index < idx:
-            await node.wait_applied(idx, node.config.failure_detector.timeout_ms / 1000.0)
+        idx, term = parse_token(after)
+        if not node.has_position(idx, term):
+            await node.wait_applied(idx, node.config.failure_detector.timeout_ms / 1000.0, term)
     if consistency == "leader":
         await node.linearizable_read_barrier()
     node.metrics.inc("kv_reads_total")

@@ -88,13 +88,13 @@ def position_token(term: int, index: int) -> str:
     return f"{term}.{index}"
 
 
-def parse_token(token: str) -> int:
-    """Index of a KV-Token ("TERM.INDEX"; a bare INDEX is accepted). Raises BadRequest."""
+def parse_token(token: str) -> tuple[int, int | None]:
+    """(index, term) of a KV-Token "TERM.INDEX" (a bare INDEX has no term). Raises BadRequest."""
     t = token.strip().strip('"')
-    _, _, idx = t.rpartition(".")
-    if not idx.isdigit():
+    term_s, sep, idx = t.rpartition(".")
+    if not idx.isdigit() or (sep and not term_s.isdigit()):
         raise BadRequest(f"invalid token {token!r}: pass back a KV-Token value unchanged")
-    return int(idx)
+    return int(idx), (int(term_s) if sep else None)
 
 
 class Node:
@@ -630,20 +630,41 @@ class Node:
     def token(self) -> str:
         return position_token(self.state.applied_term, self.state.applied_index)
 
-    async def wait_applied(self, index: int, timeout: float) -> None:
-        if self.state.applied_index >= index:
+    def has_position(self, index: int, term: int | None) -> bool:
+        """True once this node has applied `index` AND holds the same entry there (the
+        token's term): a node with a divergent entry at that index (an old leader about
+        to roll back, async mode) must not count it as the client's write."""
+        if self.state.applied_index < index:
+            return False
+        if term is None or index == 0:
+            return True
+        assert self.core is not None
+        t = self.core.term_at(index)
+        return t is None or t == term   # None: compacted away, so it was safe (matched)
+
+    async def wait_applied(self, index: int, timeout: float, term: int | None = None) -> None:
+        if self.has_position(index, term):
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._apply_waiters.append((index, fut))
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise Unavailable(f"this node has not applied position {index} within {int(timeout * 1000)} ms "
-                              f"(applied {self.state.applied_index}); try again or read from the leader",
-                              applied=self.state.applied_index) from None
-        finally:
-            if not fut.done():
-                fut.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._apply_waiters.append((index, fut))
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(fut, max(0.0, left))
+            except asyncio.TimeoutError:
+                raise Unavailable(f"this node has not applied position {term}.{index} within "
+                                  f"{int(timeout * 1000)} ms (applied {self.state.applied_index}); "
+                                  f"try again or read from the leader", applied=self.state.applied_index) from None
+            finally:
+                if not fut.done():
+                    fut.cancel()
+            if self.has_position(index, term):
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                raise Unavailable(f"this node holds a different entry at {index} than the token's "
+                                  f"(term {term}); it is rolling back — retry or read from the leader")
+            await asyncio.sleep(self.tick_ms / 1000.0)
 
     async def read_index_local(self) -> int:
         """Leader side of a linearizable read: a heartbeat round confirms we still lead."""
