@@ -45,7 +45,7 @@ from .wire import (
 
 log = logging.getLogger("kvstore.client")
 
-MergeFn = Callable[[list[bytes]], bytes | str]
+MergeFn = Callable[[list[bytes]], "bytes | str | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,16 +190,19 @@ class AsyncClient:
         return await self._write("PUT", key, as_bytes(value), if_match=expected_version,
                                  context=None, acks=acks, request_id=request_id, sess=None)
 
-    async def delete(self, key: str, *, if_match: str | None = None, acks: str | None = None,
-                     request_id: str | None = None) -> Result:
-        return await self._write("DELETE", key, None, if_match=if_match, context=None, acks=acks,
+    async def delete(self, key: str, *, if_match: str | None = None, context: str | None = None,
+                     acks: str | None = None, request_id: str | None = None) -> Result:
+        """Delete key (absent is fine). With context (from get_siblings), the delete
+        supersedes exactly those siblings."""
+        return await self._write("DELETE", key, None, if_match=if_match, context=context, acks=acks,
                                  request_id=request_id, sess=None)
 
     async def resolve(self, key: str, merge_fn: MergeFn) -> Result:
-        """Read every sibling of key, merge their values with merge_fn(list[bytes]) and
-        write the merge with KV-Context so it supersedes them. With no conflict (one
-        sibling), nothing is written and the read is returned as a Result."""
-        return await _resolve(self.get_siblings, self.put, key, merge_fn)
+        """Read every sibling of key, merge their live values with merge_fn(list[bytes])
+        and write the merge with KV-Context so it supersedes them (merge_fn returning None
+        deletes the key instead; deleted siblings are not passed to it). With no conflict
+        (one sibling), nothing is written and the read is returned as a Result."""
+        return await _resolve(self.get_siblings, self.put, self.delete, key, merge_fn)
 
     async def status(self) -> dict[str, Any]:
         """GET /cluster of the leader (or of the first node that answers)."""
@@ -657,23 +660,26 @@ class Session:
         return await self.client._write("PUT", key, as_bytes(value), if_match=expected_version,
                                         context=None, acks=acks, request_id=request_id, sess=self)
 
-    async def delete(self, key: str, *, if_match: str | None = None, acks: str | None = None,
-                     request_id: str | None = None) -> Result:
-        return await self.client._write("DELETE", key, None, if_match=if_match, context=None,
+    async def delete(self, key: str, *, if_match: str | None = None, context: str | None = None,
+                     acks: str | None = None, request_id: str | None = None) -> Result:
+        return await self.client._write("DELETE", key, None, if_match=if_match, context=context,
                                         acks=acks, request_id=request_id, sess=self)
 
     async def resolve(self, key: str, merge_fn: MergeFn) -> Result:
-        return await _resolve(self.get_siblings, self.put, key, merge_fn)
+        return await _resolve(self.get_siblings, self.put, self.delete, key, merge_fn)
 
 
 async def _resolve(get_siblings: Callable[[str], Awaitable[Siblings]],
-                   put: Callable[..., Awaitable[Result]], key: str, merge_fn: MergeFn) -> Result:
+                   put: Callable[..., Awaitable[Result]], delete: Callable[..., Awaitable[Result]],
+                   key: str, merge_fn: MergeFn) -> Result:
     sibs = await get_siblings(key)
     if not sibs.conflicted:
         only = sibs.siblings[0]
         return Result(key=key, value=only.value, version=only.version, token=sibs.token,
                       node=sibs.node, context=sibs.context)
     merged = merge_fn(sibs.values)
+    if merged is None:
+        return await delete(key, context=sibs.context)
     return await put(key, as_bytes(merged), context=sibs.context)
 
 

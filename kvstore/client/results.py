@@ -35,8 +35,14 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class Sibling:
-    value: bytes
+    """One concurrent version; value None is a concurrent delete (a tombstone)."""
+
+    value: bytes | None
     version: str | None
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +59,12 @@ class Siblings:
 
     @property
     def values(self) -> list[bytes]:
-        return [s.value for s in self.siblings]
+        """The live values (concurrent deletes left out)."""
+        return [s.value for s in self.siblings if s.value is not None]
+
+    @property
+    def has_delete(self) -> bool:
+        return any(s.value is None for s in self.siblings)
 
     @property
     def conflicted(self) -> bool:

@@ -87,14 +87,16 @@ def decode_body(content_type: str | None, body: bytes) -> Any:
 
 
 def parse_siblings(payload: Any) -> tuple[tuple[Sibling, ...], str | None]:
-    """The 300 answer: {"siblings": [{"value_b64", "version"}...], "context"}. A msgpack
-    answer may carry raw bytes in "value" instead of "value_b64"."""
+    """The 300 answer: {"siblings": [{"value_b64", "version", "deleted"?}...], "context"}.
+    A msgpack answer may carry raw bytes in "value" instead of "value_b64"; a concurrent
+    delete has value_b64 null (and "deleted": true) and becomes a Sibling with value None."""
     if not isinstance(payload, dict) or not isinstance(payload.get("siblings"), list):
         raise BadRequest("malformed 300 answer: no 'siblings' list")
     sibs: list[Sibling] = []
     for item in payload["siblings"]:
         if not isinstance(item, dict):
             raise BadRequest("malformed 300 answer: a sibling is not an object")
+        value: bytes | None
         if isinstance(item.get("value"), (bytes, bytearray)):
             value = bytes(item["value"])
         elif isinstance(item.get("value_b64"), str):
@@ -102,6 +104,8 @@ def parse_siblings(payload: Any) -> tuple[tuple[Sibling, ...], str | None]:
                 value = base64.b64decode(item["value_b64"], validate=True)
             except ValueError as e:
                 raise BadRequest("malformed 300 answer: bad value_b64") from e
+        elif item.get("deleted") is True or ("value_b64" in item and item["value_b64"] is None):
+            value = None  # a concurrent delete
         else:
             raise BadRequest("malformed 300 answer: a sibling has no value")
         version = item.get("version")

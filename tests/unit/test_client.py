@@ -424,6 +424,27 @@ async def test_siblings_get_raises_conflict_and_resolve_supersedes_them() -> Non
         assert r2.value == b"a+b" and c.count(method="PUT") == before
 
 
+async def test_concurrent_delete_sibling_is_left_out_of_the_merge_and_none_deletes() -> None:
+    async with fake(mode="leaderless", msgpack_meta=True) as c, client_for(c) as kv:
+        await kv.put("cart", b"a")
+        c.siblings["cart"] = [(b"a", "n1:1"), (None, "n2:2"), (b"c", "n3:1")]
+        sibs = await kv.get_siblings("cart")
+        assert sibs.has_delete and sibs.values == [b"a", b"c"]
+        assert [s.deleted for s in sibs.siblings] == [False, True, False]
+        seen: list[list[bytes]] = []
+
+        def drop_all(values: list[bytes]) -> None:
+            seen.append(values)
+            return None
+
+        r = await kv.resolve("cart", drop_all)
+        assert seen == [[b"a", b"c"]] and r.value is None
+        method, headers = [(m, h) for (_, m, _, h) in c.requests][-1]
+        assert method == "DELETE" and headers["KV-Context"] == "ctx-n1:1,n2:2,n3:1"
+        with pytest.raises(NotFound):
+            await kv.get("cart")
+
+
 async def test_leaderless_reads_send_no_consistency_by_default() -> None:
     async with fake(mode="leaderless") as c, client_for(c, read_preference="any") as kv:
         await kv.put("k", b"v")

@@ -61,7 +61,7 @@ class FakeCluster:
         self.seen_ids: dict[str, tuple[int, dict[str, Any]]] = {}
         self.applied_ids: Counter[str] = Counter()
         self.requests: list[tuple[str, str, str, dict[str, str]]] = []   # node, method, path, headers
-        self.siblings: dict[str, list[tuple[bytes, str]]] = {}
+        self.siblings: dict[str, list[tuple[bytes | None, str]]] = {}
         self.after_wait_s = 1.0
 
     # ---- lifecycle ----
@@ -197,7 +197,8 @@ class FakeCluster:
         if key in self.siblings:
             sibs = self.siblings[key]
             return self._meta(request, 300, {
-                "siblings": [{"value_b64": base64.b64encode(v).decode(), "version": ver} for v, ver in sibs],
+                "siblings": [{"value_b64": base64.b64encode(v).decode() if v is not None else None,
+                              "version": ver, "deleted": v is None} for v, ver in sibs],
                 "context": "ctx-" + ",".join(ver for _, ver in sibs)}, hdr)
         if key not in node.data:
             return self._error(request, 404, "not_found", f"no such key: {key}", hdr)
