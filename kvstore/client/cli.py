@@ -236,7 +236,16 @@ async def _run(args: Args, stdin: Any, out: TextIO) -> int:
         await client.status()
         key = args.positionals[0]
         if args.command == "get":
-            res = await client.get(key, consistency=args.consistency)
+            try:
+                res = await client.get(key, consistency=args.consistency)
+            except Conflict as e:
+                if not args.json:
+                    raise Conflict(f"{key} has {len(e.siblings)} concurrent versions (siblings); "
+                                   "--json shows them all") from e
+                sibs = [{"version": sb.version, "deleted": sb.value is None, **_value_json(sb.value)}
+                        for sb in e.siblings]
+                out.write(json.dumps({"key": key, "siblings": sibs, "context": e.context}) + "\n")
+                return 0
             if args.json:
                 out.write(json.dumps(_result_json(res, with_value=True)) + "\n")
             else:

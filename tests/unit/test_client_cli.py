@@ -96,6 +96,22 @@ async def test_delete_then_get_is_not_found_exit_1(cluster: FakeCluster) -> None
     assert r.err.count("\n") == 1 and "not found" in r.err
 
 
+async def test_get_of_siblings_errors_plainly_and_lists_them_with_json() -> None:
+    c = FakeCluster(mode="multi-leader")
+    await c.start()
+    try:
+        c.siblings["k"] = [(b"a", "v1"), (None, "v2")]
+        r = await cli(["get", "k", "--url", c.urls[0]])
+        assert r.code == 1 and r.err.count("\n") == 1 and "2 concurrent versions" in r.err
+        r = await cli(["get", "k", "--json", "--url", c.urls[0]])
+        assert r.code == 0
+        d = json.loads(r.out)
+        assert d["context"] == "ctx-v1,v2"
+        assert [(x["value"], x["deleted"]) for x in d["siblings"]] == [("a", False), (None, True)]
+    finally:
+        await c.close()
+
+
 async def test_token_from_option_and_env() -> None:
     c = FakeCluster(token="t0k")
     await c.start()
