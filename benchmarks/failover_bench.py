@@ -82,11 +82,18 @@ async def run_mode(acks: str, kills: int, procs: Procs, tmp: Path) -> dict:
             ps[idx].kill()
             ps[idx].wait()
             t_kill = time.monotonic()
-            while state["gap_open"] and time.monotonic() - t_kill < 15:
+            n_gaps = len(gaps)
+            if acks == "sync":
+                # sync needs every node: writes resume only once the killed node is back,
+                # so restart it at once, as a supervisor (systemd, docker restart) would.
+                ps[idx] = _restart(procs, cfg, idx, tmp)
+            while state["gap_open"] and time.monotonic() - t_kill < 20:
                 await asyncio.sleep(0.05)
-            print(f"  {acks}: kill {k + 1}: gap {gaps[-1] if gaps else float('nan'):.2f} s", flush=True)
-            # restart the killed node and let it rejoin before the next kill
-            ps[idx] = _restart(procs, cfg, idx, tmp)
+            gap = gaps[-1] if len(gaps) > n_gaps else float("nan")
+            print(f"  {acks}: kill {k + 1}: gap {gap:.2f} s", flush=True)
+            if acks != "sync":
+                # restart the killed node and let it rejoin before the next kill
+                ps[idx] = _restart(procs, cfg, idx, tmp)
             await asyncio.get_running_loop().run_in_executor(None, wait_health, urls[idx])
             await asyncio.sleep(2.0)
         stop.set()
