@@ -292,8 +292,10 @@ class KVState:
         dl = [[rid, idx, [r.ok, r.version, list(r.versions)]] for rid, (idx, r) in dedup.items()]
         return data, dl
 
-    def load(self, index: LogIndex, term: Term, items: Iterator[tuple[str, bytes, int]], dedup: list) -> None:
-        self.data = {k: (v, ver) for k, v, ver in items}
+    def load(self, index: LogIndex, term: Term,
+             items: Iterator[tuple[str, bytes, int]] | dict[str, tuple[bytes, int]], dedup: list) -> None:
+        """Replace the state with a snapshot's (a dict is adopted as is, no copy)."""
+        self.data = items if isinstance(items, dict) else {k: (v, ver) for k, v, ver in items}
         self.applied_index, self.applied_term = index, term
         self.dedup = OrderedDict((rid, (idx, Result(r[0], r[1], tuple(r[2])))) for rid, idx, r in dedup)
         self._undo.clear()
