@@ -305,6 +305,9 @@ class Node:
                 if rd.outbox:
                     self.transport.send(rd.outbox)
                 if rd.rollback_from is not None:
+                    invariant(self.state.can_undo_to(rd.rollback_from),
+                              f"must roll back from {rd.rollback_from} but entries applied before it "
+                              f"have no undo records (safe index was wrong)")
                     undone = self.state.undo_to(rd.rollback_from, core.term_at(rd.rollback_from - 1) or Term(0))
                     log.warning("rolled back %d applied entries from index %d", undone, rd.rollback_from)
                 if rd.committed:
