@@ -602,9 +602,13 @@ class SingleLeaderCore:
         if self.role != "follower" or self.leader_id != m.sender:
             self.become_follower(self.term, m.sender)
         self.elapsed = 0
-        if m.index <= self.commit or (self.term_at(m.index) == m.snap_term and m.index <= self.last_index):
-            # We already have it: treat as a heartbeat.
-            match = m.index if self.term_at(m.index) == m.snap_term else self.commit
+        if m.index <= self.safe or (self.term_at(m.index) == m.snap_term and m.index <= self.last_index):
+            # We already have it: treat as a heartbeat. Only what is known to be the leader's
+            # may be reported as matching: the snapshot entry itself, or our safe prefix (in
+            # every later leader's log). Not `commit`: with async acks a deposed leader's
+            # commit covers its own unreplicated entries; answering match=commit made the
+            # leader skip them for good (it never probes below match) and count them safe.
+            match = m.index if self.term_at(m.index) == m.snap_term else self.safe
             self._send_late(m.sender, AppendResponse(self.term, self.id, True, LogIndex(match), LogIndex(0), 0))
             return
         # Replace everything with the leader's snapshot.
