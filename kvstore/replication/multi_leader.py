@@ -1,0 +1,360 @@
+"""Multi-leader replication core: every node takes writes, each node replicates its OWN
+writes to every other node (all-to-all) as a numbered per-origin log, and a receiver
+merges what it gets with the per-key dotted version vector sets of versions.py.
+
+Owns:
+- the replica state: key -> `DVVSet` (siblings + causal context), per-origin applied
+  positions (origin -> highest sequence number of that origin's log merged here), this
+  node's own log (the records it still may have to send) and what each peer has
+  durably acknowledged of it;
+- local writes (`local_write`): a PUT/DELETE coordinated here becomes record `seq` of
+  this node's log, carrying the key's WHOLE container after the write (never a lone
+  sibling: a lone sibling's context would have gaps, see versions.py);
+- remote writes (`receive`): records of another origin's log, taken strictly in
+  sequence order (duplicates skipped, gaps refused), merged with `sync`. Incoming
+  descends local -> replaced; local descends incoming -> ignored; concurrent -> a
+  conflict, resolved by the policy: `siblings` keeps every concurrent version, `lww`
+  keeps the one with the greatest (HLC timestamp, dot) and reports the discarded ones;
+- the wire/WAL encoding of records (msgpack, versioned, validated on decode).
+
+The caller (runtime/multi_leader.py) persists what these methods return before it
+acknowledges anything: a local write before answering the client, a received batch
+before answering the origin (so the origin's per-peer position is exact). A node
+sends only records it has synced (`entries_for(..., upto=synced)`), so no peer ever
+holds a dot its origin could lose and reissue.
+
+Why a write without KV-Context supersedes what this node has of the key: in multi-
+leader mode every node is a full replica and a leader; writes to ONE leader are
+ordered on it as in a single-leader store. Conflicts are writes to two leaders that
+had not seen each other. A write WITH a context supersedes exactly what the context
+covers (a sibling written concurrently with the resolve survives).
+
+May import: the standard library, msgpack, kvstore.ids, kvstore.errors,
+kvstore.replication.versions. Pure: no I/O, no asyncio, no time, no global random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+from kvstore.errors import BadRequest, invariant
+from kvstore.ids import NodeId
+from kvstore.replication.versions import (
+    DVVSet,
+    HybridClock,
+    Sibling,
+    VersionVector,
+    lww_collapse,
+    max_timestamp,
+    resolve_lww,
+    sync,
+    update,
+)
+
+__all__ = [
+    "Policy",
+    "LogRecord",
+    "WriteOutcome",
+    "ConflictEvent",
+    "ReceiveOutcome",
+    "MultiLeaderCore",
+    "encode_local_record",
+    "encode_remote_record",
+    "decode_record",
+    "records_to_wire",
+    "records_from_wire",
+]
+
+Policy = Literal["lww", "siblings"]
+_RECORD_VERSION = 1
+MAX_BATCH_RECORDS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """Entry `seq` of `origin`'s log: the key's whole container after origin's write."""
+
+    origin: NodeId
+    seq: int
+    key: str
+    container: DVVSet
+
+    def to_plain(self) -> list[Any]:
+        return [self.seq, self.key, self.container.to_plain()]
+
+    @classmethod
+    def from_plain(cls, origin: NodeId, obj: object) -> LogRecord:
+        if not isinstance(obj, (list, tuple)) or len(obj) != 3:
+            raise BadRequest("record: expected [seq, key, container]")
+        seq, key, c = obj
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise BadRequest(f"record: bad sequence number {seq!r:.40}")
+        if not isinstance(key, str) or not key:
+            raise BadRequest("record: key must be a non-empty string")
+        return cls(origin, seq, key, DVVSet.from_plain(c))
+
+    def approx_bytes(self) -> int:
+        return 64 + len(self.key) + sum(len(s.value or b"") + 48 for s in self.container.siblings)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """A local write: the record to persist (and later send) and what to answer."""
+
+    record: LogRecord
+    sibling: Sibling             # the new version (tombstone for a delete)
+    superseded: tuple[Sibling, ...]   # local versions this write replaced
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictEvent:
+    """Concurrent versions of `key` met on this node (from `origin`'s record `seq`).
+    `kept` are the versions left after resolution; `discarded` the ones the policy
+    dropped (always empty under `siblings`)."""
+
+    key: str
+    origin: NodeId
+    seq: int
+    resolution: Policy
+    local: tuple[Sibling, ...]
+    incoming: tuple[Sibling, ...]
+    kept: tuple[Sibling, ...]
+    discarded: tuple[Sibling, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveOutcome:
+    """What a received batch did: the records to persist (new ones, in order; empty when
+    everything was a duplicate), the origin's position after them, conflicts seen, and
+    `gap` = the first record did not follow the position (sender must rewind)."""
+
+    origin: NodeId
+    new: tuple[LogRecord, ...]
+    applied: int
+    conflicts: tuple[ConflictEvent, ...]
+    gap: bool = False
+
+
+@dataclass(slots=True)
+class _PeerProgress:
+    acked: int | None = None      # highest seq of OUR log the peer has durably (None: unknown)
+    conflicts_seen: int = 0       # conflicts this node found in records from this peer
+
+
+@dataclass(slots=True)
+class MultiLeaderCore:
+    """One node's multi-leader replica. Not thread-safe; the runtime calls it from one loop."""
+
+    node_id: NodeId
+    peers: tuple[NodeId, ...]
+    policy: Policy
+    clock: HybridClock
+    store: dict[str, DVVSet] = field(default_factory=dict)
+    applied: dict[NodeId, int] = field(default_factory=dict)
+    log: list[LogRecord] = field(default_factory=list)   # own records, log[i].seq == log_base + i + 1
+    log_base: int = 0
+    progress: dict[NodeId, _PeerProgress] = field(default_factory=dict)
+    lww_discarded: int = 0
+    sibling_conflicts: int = 0
+
+    def __post_init__(self) -> None:
+        invariant(self.node_id not in self.peers, "a node is not its own peer")
+        invariant(self.policy in ("lww", "siblings"), f"unknown conflict policy {self.policy!r}")
+        for p in self.peers:
+            self.progress.setdefault(p, _PeerProgress())
+            self.applied.setdefault(p, 0)
+        self.applied.setdefault(self.node_id, 0)
+
+    # ---- queries -----------------------------------------------------------------------
+    @property
+    def last_seq(self) -> int:
+        return self.log_base + len(self.log)
+
+    def get(self, key: str) -> DVVSet:
+        return self.store.get(key, DVVSet.empty())
+
+    def positions(self) -> VersionVector:
+        """Per-origin positions merged here (own: last seq) — the KV-Token of this node."""
+        return VersionVector.of({**self.applied, self.node_id: self.last_seq})
+
+    def has_positions(self, token: VersionVector) -> bool:
+        """True when this node has merged at least `token` from every origin it names."""
+        mine = self.positions()
+        return mine.descends(token)
+
+    def lag_entries(self, peer: NodeId) -> int | None:
+        acked = self.progress[peer].acked
+        return None if acked is None else max(0, self.last_seq - acked)
+
+    def sibling_keys(self) -> int:
+        return sum(1 for c in self.store.values() if len(c.siblings) > 1)
+
+    # ---- local writes ------------------------------------------------------------------
+    def local_write(self, key: str, value: bytes | None, client_context: VersionVector | None) -> WriteOutcome:
+        """PUT (value) or DELETE (None) coordinated here. Without a client context the write
+        supersedes every version this node holds; with one (siblings) exactly those the
+        context covers. Under lww a local write always supersedes the local versions."""
+        current = self.get(key)
+        if client_context is None or self.policy == "lww":
+            ctx = current.context if client_context is None else current.context.merge(client_context)
+        else:
+            ctx = client_context
+        ts = self.clock.now()
+        new = update(current, ctx, self.node_id, value, ts)
+        superseded = tuple(s for s in current.siblings if ctx.covers(s.dot))
+        counter = new.context.get(self.node_id)
+        sib = next(s for s in new.siblings if s.dot.node == self.node_id and s.dot.counter == counter)
+        self.store[key] = new
+        rec = LogRecord(self.node_id, self.last_seq + 1, key, new)
+        self.log.append(rec)
+        return WriteOutcome(rec, sib, superseded)
+
+    # ---- remote writes -----------------------------------------------------------------
+    def receive(self, origin: NodeId, records: Iterable[LogRecord]) -> ReceiveOutcome:
+        """Merge a batch of `origin`'s log. Records at or below the position are
+        duplicates (skipped); a record past position + 1 is a gap (nothing after it is
+        taken, the outcome says so and where we are)."""
+        invariant(origin != self.node_id, "received our own log")
+        invariant(origin in self.applied, f"record from non-member {origin!r}")
+        pos = self.applied[origin]
+        new: list[LogRecord] = []
+        conflicts: list[ConflictEvent] = []
+        gap = False
+        for rec in records:
+            invariant(rec.origin == origin, "record of another origin in a batch")
+            if rec.seq <= pos:
+                continue
+            if rec.seq != pos + 1:
+                gap = True
+                break
+            ev = self._merge(rec, count=True)
+            if ev is not None:
+                conflicts.append(ev)
+            pos = rec.seq
+            new.append(rec)
+        self.applied[origin] = pos
+        return ReceiveOutcome(origin, tuple(new), pos, tuple(conflicts), gap)
+
+    def _merge(self, rec: LogRecord, *, count: bool) -> ConflictEvent | None:
+        ts = max_timestamp(rec.container)
+        if ts is not None and ts.node_id != self.node_id:
+            # causally later local writes must get larger timestamps than anything seen
+            self.clock.update(ts)
+        local = self.get(rec.key)
+        merged = sync(local, rec.container)
+        if merged == local:
+            return None                       # local descends incoming: ignore
+        if merged == rec.container:
+            self.store[rec.key] = merged      # incoming descends local: replace
+            return None
+        # concurrent
+        ev: ConflictEvent | None = None
+        if self.policy == "lww":
+            winner, losers = resolve_lww(merged)
+            result = lww_collapse(merged)
+            if losers:
+                ev = ConflictEvent(rec.key, rec.origin, rec.seq, "lww", local.siblings, rec.container.siblings,
+                                   result.siblings, tuple(losers))
+                if count:
+                    self.lww_discarded += len(losers)
+            merged = result
+        elif len(merged.siblings) > 1:
+            ev = ConflictEvent(rec.key, rec.origin, rec.seq, "siblings", local.siblings, rec.container.siblings,
+                               merged.siblings, ())
+            if count:
+                self.sibling_conflicts += 1
+        if ev is not None and count and rec.origin in self.progress:
+            self.progress[rec.origin].conflicts_seen += 1
+        self.store[rec.key] = merged
+        return ev
+
+    # ---- sending -------------------------------------------------------------------------
+    def entries_for(self, peer: NodeId, upto: int, max_records: int = 512,
+                    max_bytes: int = 4 * 1024 * 1024) -> list[LogRecord]:
+        """Our records after what `peer` acknowledged, up to `upto` (the synced seq)."""
+        acked = self.progress[peer].acked
+        if acked is None:
+            return []
+        start = max(acked, self.log_base) + 1
+        out: list[LogRecord] = []
+        size = 0
+        for seq in range(start, min(upto, self.last_seq) + 1):
+            rec = self.log[seq - self.log_base - 1]
+            size += rec.approx_bytes()
+            if out and (len(out) >= max_records or size > max_bytes):
+                break
+            out.append(rec)
+        return out
+
+    def on_ack(self, peer: NodeId, position: int) -> None:
+        """`peer` says it durably holds our log up to `position` (it may be lower than
+        what we sent: it rewound after losing data, or refused a gap)."""
+        invariant(peer in self.progress, f"ack from non-member {peer!r}")
+        self.progress[peer].acked = min(position, self.last_seq)
+
+    # ---- recovery ------------------------------------------------------------------------
+    def replay(self, record_kind: str, origin: NodeId, records: list[LogRecord]) -> None:
+        """Rebuild state from the WAL, in WAL order (no events counted, no clock reads
+        beyond `update`: the clock's high-water mark is restored from timestamps)."""
+        if record_kind == "L":
+            for rec in records:
+                invariant(rec.seq == self.last_seq + 1, f"own log gap at {rec.seq} (have {self.last_seq})")
+                ts = max_timestamp(rec.container)
+                if ts is not None:
+                    self.clock.update(ts)
+                self.store[rec.key] = sync(self.get(rec.key), rec.container)
+                if self.policy == "lww":
+                    self.store[rec.key] = lww_collapse(self.store[rec.key])
+                self.log.append(rec)
+        else:
+            pos = self.applied.get(origin)
+            invariant(pos is not None, f"WAL holds records of non-member {origin!r}")
+            for rec in records:
+                if rec.seq <= self.applied[origin]:
+                    continue
+                invariant(rec.seq == self.applied[origin] + 1, f"WAL gap in {origin}'s log at {rec.seq}")
+                self._merge(rec, count=False)
+                self.applied[origin] = rec.seq
+
+
+# ---- encodings -----------------------------------------------------------------------------
+def encode_local_record(rec: LogRecord, rid: str | None) -> bytes:
+    """WAL payload of one local write."""
+    return msgpack.packb([_RECORD_VERSION, "L", rec.origin, [rec.to_plain()], rid], use_bin_type=True)
+
+
+def encode_remote_record(origin: NodeId, recs: Iterable[LogRecord]) -> bytes:
+    """WAL payload of one received batch (origin's records, consecutive)."""
+    return msgpack.packb([_RECORD_VERSION, "R", origin, [r.to_plain() for r in recs], None], use_bin_type=True)
+
+
+def decode_record(data: bytes) -> tuple[str, NodeId, list[LogRecord], str | None]:
+    """(kind "L"|"R", origin, records, request id). Raises BadRequest on a bad payload."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception:
+        raise BadRequest("multi-leader record: not msgpack") from None
+    if not isinstance(obj, list) or len(obj) != 5 or obj[0] != _RECORD_VERSION or obj[1] not in ("L", "R"):
+        raise BadRequest("multi-leader record: unknown shape or version")
+    _, kind, origin, recs, rid = obj
+    if not isinstance(origin, str) or not isinstance(recs, list) or (rid is not None and not isinstance(rid, str)):
+        raise BadRequest("multi-leader record: bad fields")
+    return kind, NodeId(origin), [LogRecord.from_plain(NodeId(origin), r) for r in recs], rid
+
+
+def records_to_wire(recs: Iterable[LogRecord]) -> list[Any]:
+    return [r.to_plain() for r in recs]
+
+
+def records_from_wire(origin: NodeId, obj: object) -> list[LogRecord]:
+    if not isinstance(obj, list) or len(obj) > MAX_BATCH_RECORDS:
+        raise BadRequest("replicate: records must be a list")
+    recs = [LogRecord.from_plain(origin, r) for r in obj]
+    for a, b in zip(recs, recs[1:]):
+        if b.seq != a.seq + 1:
+            raise BadRequest("replicate: records must be consecutive")
+    return recs

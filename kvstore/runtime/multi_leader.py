@@ -1,0 +1,631 @@
+"""The I/O shell of multi-leader mode: joins the event loop, the wall clock (through the
+HLC), the WAL, PeerRPC and the pure core in kvstore/replication/multi_leader.py.
+
+Owns: the persist loop (group commit: every record that arrives while one fdatasync
+runs rides the next), one sender task per peer (pushes our synced log records, in
+order, and learns the peer's durable position from each answer; an empty call is the
+heartbeat), the /internal/ml/replicate handler, client operations for the generic API
+path (kv_get / kv_put / kv_delete), /cluster, /metrics.
+
+Durability contract (fsync: always): a local write is acknowledged only after its WAL
+record is fdatasynced; a received batch is fdatasynced before the answer that reports
+the new position, so an origin's per-peer position never runs ahead of the peer's
+disk. Only synced local records are ever sent. On restart the WAL is replayed into
+the core: store, own log, per-origin positions and the HLC's high-water mark.
+
+WAL records (Entry.data, term 0, contiguous indexes): see multi_leader.encode_*_record.
+Not done yet: WAL compaction / snapshots (the WAL and the in-memory own log grow with
+every write), tombstone GC, regions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kvstore.api.app import KVResult, ReadOpts, WriteOpts
+from kvstore.config import ClusterConfig
+from kvstore.errors import BadRequest, KVError, Timeout, Unavailable, invariant
+from kvstore.ids import LogIndex, NodeId, Term
+from kvstore.protocol.messages import Entry
+from kvstore.replication.multi_leader import (
+    ConflictEvent,
+    MultiLeaderCore,
+    Policy,
+    decode_record,
+    encode_local_record,
+    encode_remote_record,
+    records_from_wire,
+    records_to_wire,
+)
+from kvstore.replication.versions import (
+    DVVSet,
+    HybridClock,
+    Sibling,
+    VersionVector,
+    decode_vv,
+    encode_dot,
+    encode_hlc,
+    encode_vv,
+)
+from kvstore.runtime.node import Metrics
+from kvstore.storage.wal import WAL
+from kvstore.transport.rpc import PeerRPC, rpc_handler
+
+log = logging.getLogger("kvstore.multi_leader")
+
+SKEW_ENV = "KVSTORE_TEST_CLOCK_SKEW_MS"
+RID_CACHE_MAX = 100_000
+REPLICATE_PATH = "ml/replicate"
+
+
+def _sib_str(s: Sibling) -> str:
+    val = "<deleted>" if s.value is None else repr(s.value[:40])
+    return f"{encode_dot(s.dot)}@{encode_hlc(s.timestamp)}={val}"
+
+
+class MultiLeaderNode:
+    """A multi-leader node for the generic API path (api/app.py)."""
+
+    generic = True
+
+    def __init__(self, config: ClusterConfig, node_id: str, data_dir: Path | None = None) -> None:
+        self.config = config
+        self.spec = config.node(node_id)
+        self.id = NodeId(node_id)
+        self.data_dir = data_dir if data_dir is not None else config.data_dir_for(node_id)
+        self.metrics = Metrics()
+        self.peer_urls = {NodeId(n.id): n.url for n in config.cluster.nodes}
+        self.peers = tuple(p for p in self.peer_urls if p != self.id)
+        self.policy: Policy = config.replication.conflict
+        self.skew_ms = 0
+        if config.testing.faults:
+            raw = os.environ.get(SKEW_ENV, "").strip()
+            if raw:
+                try:
+                    self.skew_ms = int(raw)
+                except ValueError:
+                    raise BadRequest(f"{SKEW_ENV} must be an integer number of ms, got {raw!r}") from None
+        fd = config.failure_detector
+        self.heartbeat_s = fd.heartbeat_interval_ms / 1000.0
+        self.timeout_s = fd.timeout_ms / 1000.0
+        self.transport = PeerRPC(self.id, self.peer_urls, config.security.cluster_token,
+                                 timeout_s=max(2.0, 2 * self.timeout_s))
+        self.core: MultiLeaderCore | None = None
+        self.wal: WAL | None = None
+        # persistence (group commit)
+        self._queue: list[tuple[int, bytes, str, NodeId, int]] = []   # (index, data, kind, origin, seq)
+        self._next_index = 1
+        self._synced_index = 0
+        self._synced_seq = 0                      # own log: highest durable seq (sendable)
+        self._durable_applied: dict[NodeId, int] = {}
+        self._durable_waits: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._dirty: asyncio.Event | None = None
+        self._last_sync = 0.0
+        # replication
+        self._send_wake: dict[NodeId, asyncio.Event] = {}
+        self._positions_changed: asyncio.Event | None = None
+        self._acks_changed: asyncio.Event | None = None
+        self._write_times: deque[tuple[int, float]] = deque(maxlen=1_000_000)
+        self._peer_contact: dict[NodeId, float] = {}
+        self._peer_positions: dict[NodeId, dict[str, int]] = {}
+        self._rids: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+        self.started_at = time.monotonic()
+
+    # ---- clock ----------------------------------------------------------------------------
+    def _physical_ms(self) -> int:
+        return time.time_ns() // 1_000_000 + self.skew_ms
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def open_storage(self) -> None:
+        """Replay the WAL into a fresh core. Raises CorruptionError/StorageError."""
+        t0 = time.monotonic()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.wal, rec = WAL.open(self.data_dir / "wal", self.config.storage.segment_bytes_max)
+        clock = HybridClock(self.id, self._physical_ms)
+        core = MultiLeaderCore(self.id, self.peers, self.policy, clock)
+        for e in rec.entries:
+            try:
+                kind, origin, recs, rid = decode_record(e.data)
+            except BadRequest as err:
+                invariant(False, f"WAL entry {e.index} is not a multi-leader record ({err.message}); "
+                                 f"was this data dir used by another replication mode?")
+                raise
+            core.replay(kind, origin, recs)
+            if rid is not None and recs:
+                self._remember_rid(rid, recs[0].key, self._version_of(recs[0].container, recs[0].origin))
+        self.core = core
+        if rec.entries:
+            self._next_index = rec.entries[-1].index + 1
+            self._synced_index = rec.entries[-1].index
+        self._synced_seq = core.last_seq
+        self._durable_applied = dict(core.applied)
+        if self.skew_ms:
+            log.warning("TEST HOOK: physical clock skewed by %+d ms (%s)", self.skew_ms, SKEW_ENV)
+        log.info("recovered: %d WAL records, own log %d, positions %s, %d keys in %.2fs", len(rec.entries),
+                 core.last_seq, encode_vv(core.positions()), len(core.store), time.monotonic() - t0)
+
+    @staticmethod
+    def _version_of(c: DVVSet, origin: NodeId) -> str:
+        mine = [s for s in c.siblings if s.dot.node == origin]
+        return encode_dot(max(mine, key=lambda s: s.dot).dot) if mine else ""
+
+    async def start(self) -> None:
+        if self.core is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.open_storage)
+        self._dirty = asyncio.Event()
+        self._positions_changed = asyncio.Event()
+        self._acks_changed = asyncio.Event()
+        await self.transport.start()
+        self._spawn(self._persist_loop(), "persist")
+        for p in self.peers:
+            self._send_wake[p] = asyncio.Event()
+            self._spawn(self._sender(p), f"sender-{p}")
+        if self.peers:
+            self._spawn(self._probe_loop(), "probe")
+        log.info("started: %s cluster=%s mode=multi-leader conflict=%s acks=%s fsync=%s", self.spec.url,
+                 self.config.cluster.name, self.policy, self._default_acks(), self.config.storage.fsync)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        t = asyncio.create_task(coro, name=name)
+        t.add_done_callback(self._task_done)
+        self._tasks.append(t)
+
+    def _task_done(self, t: asyncio.Task[Any]) -> None:
+        if t.cancelled() or self._stopping:
+            return
+        exc = t.exception()
+        if exc is not None:
+            # a background task died: a bug or a storage failure. Crash loudly (as node.py).
+            log.critical("fatal: task %s died: %r", t.get_name(), exc, exc_info=exc)
+            os._exit(70)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        await self.transport.stop()
+        if self.wal is not None:
+            try:
+                if self._queue:
+                    self._append_queue()
+                self.wal.sync()
+            finally:
+                self.wal.close()
+        while self._durable_waits:
+            _, f = self._durable_waits.popleft()
+            if not f.done():
+                f.set_exception(Unavailable("node is shutting down"))
+        log.info("stopped cleanly")
+
+    def add_routes(self, app: web.Application) -> None:
+        members = set(self.peers)
+        app.router.add_post("/internal/" + REPLICATE_PATH, rpc_handler(self.transport, members, self._on_replicate))
+
+    # ---- persistence ----------------------------------------------------------------------
+    def _enqueue(self, data: bytes, kind: str, origin: NodeId, seq: int) -> int:
+        idx = self._next_index
+        self._next_index += 1
+        self._queue.append((idx, data, kind, origin, seq))
+        assert self._dirty is not None
+        self._dirty.set()
+        return idx
+
+    async def _durable(self, idx: int) -> None:
+        if idx <= self._synced_index:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waits.append((idx, fut))
+        await fut
+
+    def _append_queue(self) -> list[tuple[int, bytes, str, NodeId, int]]:
+        batch, self._queue = self._queue, []
+        assert self.wal is not None
+        self.wal.append([Entry(Term(0), LogIndex(i), data) for i, data, _, _, _ in batch])
+        return batch
+
+    async def _persist_loop(self) -> None:
+        assert self._dirty is not None and self.wal is not None
+        loop = asyncio.get_running_loop()
+        fsync = self.config.storage.fsync
+        interval = self.config.storage.fsync_interval_ms / 1000.0
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if not self._queue:
+                continue
+            batch = self._append_queue()
+            if fsync == "always" or (fsync == "interval" and time.monotonic() - self._last_sync >= interval):
+                await loop.run_in_executor(None, self.wal.sync)
+                self._last_sync = time.monotonic()
+                self.metrics.inc("kv_wal_syncs_total")
+            self.metrics.inc("kv_wal_entries_total", len(batch))
+            self._synced_index = batch[-1][0]
+            own = False
+            for _, _, kind, origin, seq in batch:
+                if kind == "L":
+                    self._synced_seq = max(self._synced_seq, seq)
+                    own = True
+                else:
+                    self._durable_applied[origin] = max(self._durable_applied.get(origin, 0), seq)
+            while self._durable_waits and self._durable_waits[0][0] <= self._synced_index:
+                _, f = self._durable_waits.popleft()
+                if not f.done():
+                    f.set_result(None)
+            if own:
+                for ev in self._send_wake.values():
+                    ev.set()
+
+    # ---- replication: sending -------------------------------------------------------------
+    async def _sender(self, peer: NodeId) -> None:
+        core = self.core
+        assert core is not None
+        wake = self._send_wake[peer]
+        last_call = 0.0
+        backoff = self.heartbeat_s
+        while True:
+            wake.clear()
+            prog = core.progress[peer]
+            entries = core.entries_for(peer, self._synced_seq) if prog.acked is not None else []
+            due = prog.acked is None or bool(entries) or time.monotonic() - last_call >= self.heartbeat_s
+            if not due:
+                try:
+                    await asyncio.wait_for(wake.wait(), self.heartbeat_s)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            last_call = time.monotonic()
+            try:
+                ans = await self.transport.call(peer, REPLICATE_PATH, {
+                    "o": self.id, "r": records_to_wire(entries), "pos": dict(core.positions().entries)})
+            except KVError as e:
+                if prog.acked is not None or entries:
+                    log.debug("replicate to %s failed: %s", peer, e.message)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max(1.0, self.timeout_s))
+                continue
+            backoff = self.heartbeat_s
+            if not isinstance(ans, dict) or not isinstance(ans.get("applied"), int):
+                log.warning("bad replicate answer from %s: %r", peer, ans)
+                await asyncio.sleep(self.heartbeat_s)
+                continue
+            self._peer_contact[peer] = time.monotonic()
+            pos = ans["applied"]
+            if pos > core.last_seq:
+                log.warning("%s says it holds our log up to %d but it ends at %d (our data was lost?)",
+                            peer, pos, core.last_seq)
+            before = prog.acked
+            core.on_ack(peer, pos)
+            if isinstance(ans.get("pos"), dict):
+                self._peer_positions[peer] = {str(k): int(v) for k, v in ans["pos"].items() if isinstance(v, int)}
+            if entries:
+                self.metrics.inc("kv_replicated_entries_total", max(0, pos - (before or 0)))
+            if before != prog.acked:
+                assert self._acks_changed is not None
+                self._acks_changed.set()
+            if ans.get("gap"):
+                log.info("%s is at %d of our log (gap); resending from there", peer, pos)
+            self._trim_write_times()
+
+    def _trim_write_times(self) -> None:
+        core = self.core
+        assert core is not None
+        acked = [p.acked or 0 for p in core.progress.values()]
+        low = min(acked) if acked else core.last_seq
+        while self._write_times and self._write_times[0][0] <= low:
+            self._write_times.popleft()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await self.transport.probe_peers()
+            await asyncio.sleep(max(0.2, 3 * self.heartbeat_s))
+
+    # ---- replication: receiving -----------------------------------------------------------
+    async def _on_replicate(self, sender: str, obj: Any) -> Any:
+        core = self.core
+        assert core is not None
+        if not isinstance(obj, dict) or obj.get("o") != sender:
+            raise BadRequest("replicate: body must be {o: sender, r: records}")
+        origin = NodeId(sender)
+        recs = records_from_wire(origin, obj.get("r", []))
+        self._peer_contact[origin] = time.monotonic()
+        if isinstance(obj.get("pos"), dict):
+            self._peer_positions[origin] = {str(k): int(v) for k, v in obj["pos"].items() if isinstance(v, int)}
+        out = core.receive(origin, recs)
+        for ev in out.conflicts:
+            self._report_conflict(ev)
+        if out.new:
+            idx = self._enqueue(encode_remote_record(origin, out.new), "R", origin, out.applied)
+            assert self._positions_changed is not None
+            self._positions_changed.set()
+            self.metrics.inc("kv_received_entries_total", len(out.new))
+            await self._durable(idx)
+        return {"applied": self._durable_applied.get(origin, 0), "gap": out.gap,
+                "pos": dict(core.positions().entries)}
+
+    def _report_conflict(self, ev: ConflictEvent) -> None:
+        if ev.resolution == "lww":
+            self.metrics.inc('kv_conflicts_total{resolution="lww"}', len(ev.discarded))
+            log.info("conflict on key %r (record %s#%d), lww: kept %s; discarded %s (local was %s, incoming %s)",
+                     ev.key, ev.origin, ev.seq, ", ".join(map(_sib_str, ev.kept)),
+                     ", ".join(map(_sib_str, ev.discarded)), ", ".join(map(_sib_str, ev.local)),
+                     ", ".join(map(_sib_str, ev.incoming)))
+        else:
+            self.metrics.inc('kv_conflicts_total{resolution="siblings"}')
+            log.info("conflict on key %r (record %s#%d): keeping %d siblings: %s", ev.key, ev.origin, ev.seq,
+                     len(ev.kept), ", ".join(map(_sib_str, ev.kept)))
+
+    # ---- client operations ----------------------------------------------------------------
+    def _token(self) -> str:
+        assert self.core is not None
+        return encode_vv(self.core.positions())
+
+    def _default_acks(self) -> str:
+        return self.config.replication.acks or "async"
+
+    async def _wait_positions(self, token: VersionVector) -> None:
+        core = self.core
+        assert core is not None and self._positions_changed is not None
+        deadline = time.monotonic() + self.timeout_s
+        while not core.has_positions(token):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"this node has not received position {encode_vv(token)} within "
+                                  f"{int(self.timeout_s * 1000)} ms (it has {self._token()}); retry or read "
+                                  f"from the node that served the token", positions=self._token())
+            self._positions_changed.clear()
+            try:
+                await asyncio.wait_for(self._positions_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def kv_get(self, key: str, opts: ReadOpts) -> KVResult:
+        core = self.core
+        assert core is not None
+        if opts.consistency not in (None, "", "local", "leader"):
+            raise BadRequest(f"consistency must be local or leader (got {opts.consistency!r}); in "
+                             f"multi-leader mode every node answers from its own replica")
+        if opts.after:
+            await self._wait_positions(decode_vv(opts.after))
+        self.metrics.inc("kv_reads_total")
+        c = core.get(key)
+        token = self._token()
+        ctx = encode_vv(c.context) if len(c.context) else None
+        live = [s for s in c.siblings if s.value is not None]
+        if not live:
+            return KVResult(key, None, None, token, None, ctx)
+        if len(c.siblings) > 1:
+            self.metrics.inc("kv_sibling_reads_total")
+            return KVResult(key, None, None, token, [(s.value, encode_dot(s.dot)) for s in c.siblings], ctx)
+        s = c.siblings[0]
+        return KVResult(key, s.value, encode_dot(s.dot), token, None, ctx,
+                        {"KV-Timestamp": encode_hlc(s.timestamp)})
+
+    async def kv_put(self, key: str, value: bytes, opts: WriteOpts) -> KVResult:
+        return await self._write(key, value, opts)
+
+    async def kv_delete(self, key: str, opts: WriteOpts) -> KVResult:
+        return await self._write(key, None, opts)
+
+    def _needed_peers(self, acks: str) -> int:
+        if acks == "async" or not self.peers:
+            return 0
+        if acks == "sync":
+            return len(self.peers)
+        return max(1, min(self.config.replication.sync_followers, len(self.peers)))
+
+    async def _write(self, key: str, value: bytes | None, opts: WriteOpts) -> KVResult:
+        core = self.core
+        assert core is not None
+        if opts.if_match is not None:
+            raise BadRequest("If-Match (compare-and-set) needs one leader; in multi-leader mode send the "
+                             "KV-Context of your read instead")
+        ctx = decode_vv(opts.context) if opts.context else None
+        if opts.rid is not None and opts.rid in self._rids:
+            k, ver = self._rids[opts.rid]
+            if k == key:
+                self.metrics.inc("kv_deduplicated_writes_total")
+                return KVResult(key, None, ver, self._token(), None, encode_vv(core.get(key).context))
+        acks = opts.acks or self._default_acks()
+        needed = self._needed_peers(acks)
+        if needed:
+            up = sum(1 for p in self.peers if self.transport.is_up(p, self.timeout_s))
+            if up < needed:
+                self.metrics.inc("kv_writes_refused_total")
+                raise Unavailable(f"acks={acks}: {up} peer(s) reachable, {needed} needed", acks=1,
+                                  needed=needed + 1)
+        out = core.local_write(key, value, ctx)
+        seq = out.record.seq
+        idx = self._enqueue(encode_local_record(out.record, opts.rid), "L", self.id, seq)
+        self._write_times.append((seq, time.monotonic()))
+        assert self._positions_changed is not None
+        self._positions_changed.set()
+        self.metrics.inc("kv_writes_total")
+        if out.superseded and len(out.superseded) > 1:
+            self.metrics.inc("kv_siblings_resolved_total", len(out.superseded))
+        await self._durable(idx)
+        version = encode_dot(out.sibling.dot)
+        if opts.rid is not None:
+            self._remember_rid(opts.rid, key, version)
+        if needed:
+            await self._wait_acked(seq, needed, acks)
+        return KVResult(key, None, version, self._token(), None, encode_vv(out.record.container.context),
+                        {"KV-Timestamp": encode_hlc(out.sibling.timestamp)})
+
+    async def _wait_acked(self, seq: int, needed: int, acks: str) -> None:
+        core = self.core
+        assert core is not None and self._acks_changed is not None
+        deadline = time.monotonic() + self.config.replication.write_timeout_ms / 1000.0
+        while True:
+            got = sum(1 for p in core.progress.values() if (p.acked or 0) >= seq)
+            if got >= needed:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.metrics.inc("kv_write_timeouts_total")
+                raise Timeout(f"acks={acks}: {got} of {needed} peer(s) confirmed within "
+                              f"{self.config.replication.write_timeout_ms} ms; the write is durable here and "
+                              f"will replicate when they are reachable", acks=got + 1, needed=needed + 1)
+            self._acks_changed.clear()
+            try:
+                await asyncio.wait_for(self._acks_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _remember_rid(self, rid: str, key: str, version: str) -> None:
+        self._rids[rid] = (key, version)
+        self._rids.move_to_end(rid)
+        while len(self._rids) > RID_CACHE_MAX:
+            self._rids.popitem(last=False)
+
+    # ---- observation ----------------------------------------------------------------------
+    def _peer_state(self, peer: NodeId) -> str:
+        if self.transport.blocked(peer):
+            return "down"
+        seen = max(self._peer_contact.get(peer, 0.0), self.transport.last_contact(peer))
+        if not seen:
+            return "down"
+        age = time.monotonic() - seen
+        if age < self.timeout_s:
+            return "up"
+        if age < 3 * self.timeout_s:
+            return "suspect"
+        return "down"
+
+    def _lag_ms(self, peer: NodeId) -> int | None:
+        core = self.core
+        assert core is not None
+        acked = core.progress[peer].acked
+        if acked is None:
+            return None
+        if acked >= core.last_seq:
+            return 0
+        for seq, t in self._write_times:
+            if seq > acked:
+                return int((time.monotonic() - t) * 1000)
+        return 0
+
+    def cluster_info(self) -> dict[str, Any]:
+        core = self.core
+        assert core is not None
+        now = time.monotonic()
+        nodes = []
+        for spec in self.config.cluster.nodes:
+            nid = NodeId(spec.id)
+            row: dict[str, Any] = {"id": nid, "url": spec.url, "role": "leader", "region": spec.region}
+            if nid == self.id:
+                row.update(state="up", lag_entries=0, lag_ms=0, log_last=core.last_seq)
+            else:
+                prog = core.progress[nid]
+                contact = self._peer_contact.get(nid, 0.0)
+                row.update(
+                    state=self._peer_state(nid),
+                    lag_entries=core.lag_entries(nid),     # our writes the peer does not have yet
+                    lag_ms=self._lag_ms(nid),              # age of the oldest of them
+                    acked=prog.acked,
+                    received=core.applied.get(nid, 0),     # how much of ITS log we merged
+                    last_contact_ms_ago=int((now - contact) * 1000) if contact else None,
+                    conflicts_seen=prog.conflicts_seen,
+                )
+            nodes.append(row)
+        return {
+            "node_id": self.id,
+            "cluster": self.config.cluster.name,
+            "mode": "multi-leader",
+            "conflict": self.policy,
+            "acks": self._default_acks(),
+            "role": "leader",
+            "term": 0,
+            "leader_id": None,
+            "leader_url": None,
+            "applied": sum(c for _, c in core.positions()),
+            "commit": sum(c for _, c in core.positions()),
+            "positions": dict(core.positions().entries),
+            "token": self._token(),
+            "keys": len(core.store),
+            "sibling_keys": core.sibling_keys() if self.policy == "siblings" else 0,
+            "conflicts": {"lww_discarded": core.lww_discarded, "siblings": core.sibling_conflicts},
+            "nodes": nodes,
+        }
+
+    def metrics_text(self) -> str:
+        core = self.core
+        assert core is not None
+        lines: list[str] = []
+        nid = f'node="{self.id}"'
+
+        def g(name: str, value: float, help_: str, typ: str = "gauge") -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {typ}")
+            lines.append(f"{name}{{{nid}}} {value}")
+
+        g("kv_is_leader", 1, "1: every node leads in multi-leader mode")
+        g("kv_applied_index", sum(c for _, c in core.positions()), "sum of per-origin positions merged here")
+        g("kv_log_last_seq", core.last_seq, "records in this node's own replication log")
+        g("kv_keys", len(core.store), "keys held (tombstones included)")
+        g("kv_sibling_keys", core.sibling_keys(), "keys with concurrent versions")
+        g("kv_wal_bytes", self.wal.disk_bytes() if self.wal else 0, "WAL bytes on disk")
+        g("kv_wal_segments", self.wal.segment_count if self.wal else 0, "WAL segment files")
+        g("kv_hlc_physical_ms", core.clock.last().physical_ms, "the HLC's latest physical component")
+        known = {
+            "kv_writes_total": "writes coordinated by this node",
+            "kv_reads_total": "reads served",
+            "kv_sibling_reads_total": "reads answered 300 (siblings)",
+            "kv_siblings_resolved_total": "siblings superseded by a write carrying their context",
+            "kv_wal_syncs_total": "WAL fdatasync calls",
+            "kv_wal_entries_total": "records written to the WAL",
+            "kv_replicated_entries_total": "own records peers confirmed",
+            "kv_received_entries_total": "peer records merged",
+            "kv_write_timeouts_total": "writes answered 504 (acks not met in time)",
+            "kv_writes_refused_total": "writes refused with 503 (acks cannot be met)",
+            "kv_deduplicated_writes_total": "retried writes answered from the KV-Request-Id cache",
+        }
+        for name, help_ in known.items():
+            g(name, self.metrics.counters.get(name, 0.0), help_, "counter")
+        lines.append("# HELP kv_conflicts_total concurrent writes met: lww = versions discarded, "
+                     "siblings = conflicts kept as siblings")
+        lines.append("# TYPE kv_conflicts_total counter")
+        for res in ("lww", "siblings"):
+            v = self.metrics.counters.get(f'kv_conflicts_total{{resolution="{res}"}}', 0.0)
+            lines.append(f'kv_conflicts_total{{{nid},resolution="{res}"}} {v}')
+        lines.append("# HELP kv_replication_lag_entries own records a peer does not have yet")
+        lines.append("# TYPE kv_replication_lag_entries gauge")
+        for p in self.peers:
+            le = core.lag_entries(p)
+            if le is not None:
+                lines.append(f'kv_replication_lag_entries{{{nid},peer="{p}"}} {le}')
+        lines.append("# HELP kv_replication_lag_seconds age of the oldest own record a peer lacks")
+        lines.append("# TYPE kv_replication_lag_seconds gauge")
+        for p in self.peers:
+            lm = self._lag_ms(p)
+            if lm is not None:
+                lines.append(f'kv_replication_lag_seconds{{{nid},peer="{p}"}} {lm / 1000.0}')
+        lines.append("# HELP kv_peer_conflicts_total conflicts found in records from a peer")
+        lines.append("# TYPE kv_peer_conflicts_total counter")
+        for p in self.peers:
+            lines.append(f'kv_peer_conflicts_total{{{nid},peer="{p}"}} {core.progress[p].conflicts_seen}')
+        lines.append("# HELP kv_peer_up 1 if the peer is up as this node sees it")
+        lines.append("# TYPE kv_peer_up gauge")
+        for p in self.peers:
+            lines.append(f'kv_peer_up{{{nid},peer="{p}"}} {1 if self._peer_state(p) == "up" else 0}')
+        return "\n".join(lines) + "\n"
+
+    def fault_state(self) -> dict[str, Any]:
+        return self.transport.fault_state()
+
+
+__all__ = ["MultiLeaderNode"]
