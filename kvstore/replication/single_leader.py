@@ -414,8 +414,13 @@ class SingleLeaderCore:
             if heartbeat:
                 self._emit_append(to, pr, LogIndex(min(pr.match, self.last_index)), [])
             return
-        if pr.next < self.log_start:
+        if pr.next < self.log_start or self.term_at(pr.next - 1) is None:
             # The entries it needs are compacted: send a snapshot, then the log after it.
+            # Also when only the term of the entry before `next` is gone: after compact()
+            # keeps a tail, log_start - 1 < snap_index and its term is unknown, so no
+            # append from log_start can be built (_emit_append fell back to an empty one
+            # at the snapshot point, the follower answered "next = log_start" again: a
+            # loop that lasted until the leader compacted again, forever if idle).
             pr.snapshot_pending_until = self.tick_now + 4 * cfg.election_ticks
             self._early.append(Envelope(to, SnapshotRequest(self.term, self.id, self.snap_index, self.snap_term)))
             return
