@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import re
 import logging
 import uuid
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class GenericNode(Protocol):
 FORWARDED = "KV-Forwarded-By"
 ACKS = ("async", "semi-sync", "sync")
 _CTRL = {chr(c) for c in range(0x20)} | {"\x7f"}
+_BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def parse_key(request: web.Request, max_key_bytes: int) -> str:
@@ -87,6 +89,8 @@ def parse_key(request: web.Request, max_key_bytes: int) -> str:
     if not raw.startswith("/kv/"):
         raise BadRequest("keys live under /kv/")
     encoded = raw[4:]
+    if _BAD_PCT.search(encoded):
+        raise BadRequest("bad percent-encoding in key (a % must be followed by two hex digits)")
     b = unquote_to_bytes(encoded)
     if not b:
         raise BadRequest("empty key: use /kv/<key>")

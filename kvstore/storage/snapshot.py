@@ -165,7 +165,14 @@ def latest_snapshot(directory: Path) -> Path | None:
 
 
 def prune_snapshots(directory: Path, keep: int = 2) -> None:
+    """Delete all but the newest `keep` snapshots. Leaves *.tmp alone: one may be being
+    written right now (see remove_partial_snapshots, for start-up)."""
     for p in list_snapshots(directory)[:-keep]:
         p.unlink(missing_ok=True)
-    for p in directory.glob("*.tmp"):
-        p.unlink(missing_ok=True)
+
+
+def remove_partial_snapshots(directory: Path) -> None:
+    """At start-up only: temp files of snapshots a crash interrupted."""
+    if directory.exists():
+        for p in directory.glob("*.tmp"):
+            p.unlink(missing_ok=True)

@@ -191,30 +191,45 @@ class WAL:
         return None
 
     @classmethod
-    def _valid_record_after(cls, data: bytes, bad_off: int) -> bool:
-        """True if some intact record starts after a bad one: real corruption, not a torn tail."""
+    def _chain_to_eof(cls, data: bytes, off: int) -> bool:
+        """True if intact, decodable records run from `off` exactly to the end of the file."""
         n = len(data)
-        # Where the bad record claims to end, if its header is readable.
-        candidates: list[int] = []
+        if off >= n:
+            return False
+        while off < n:
+            if cls._check_record(data, off) is not None:
+                return False
+            length, _ = _HDR.unpack_from(data, off)
+            try:
+                obj = msgpack.unpackb(data[off + 8: off + 8 + length], raw=False)
+            except Exception:
+                return False
+            if not (isinstance(obj, list) and obj and obj[0] in (0, 1)):
+                return False
+            off += 8 + length
+        return True
+
+    @classmethod
+    def _valid_record_after(cls, data: bytes, bad_off: int) -> bool:
+        """True if a bad record is followed by intact records: real corruption, not a torn tail.
+
+        A crash tears only the END of the log, so "intact records after it" must mean a
+        chain of valid records reaching exactly the end of the file. A lone frame-shaped
+        run of bytes inside a torn record (a client value that embeds a WAL frame) does
+        not chain to EOF, so it cannot make a torn tail look like corruption."""
+        n = len(data)
         if bad_off + 8 <= n:
             length, _ = _HDR.unpack_from(data, bad_off)
             end = bad_off + 8 + length
-            if length <= _MAX_RECORD and end < n:
-                candidates.append(end)
-        for c in candidates:
-            if cls._check_record(data, c) is None:
+            if length <= _MAX_RECORD and end < n and cls._chain_to_eof(data, end):
                 return True
-        # Scan for any plausible frame further on (bounded; tails are small).
-        limit = min(n, bad_off + 8 + 4 * 1024 * 1024)
-        for c in range(bad_off + 1, max(bad_off + 1, limit - 8)):
+        # The length field itself may be damaged: look for a chain starting further on.
+        limit = min(n - 8, bad_off + 8 + 4 * 1024 * 1024)
+        for c in range(bad_off + 1, max(bad_off + 1, limit)):
             length, crc = _HDR.unpack_from(data, c)
-            if 0 < length <= n - c - 8 and zlib.crc32(data[c + 8: c + 8 + length]) == crc:
-                try:
-                    obj = msgpack.unpackb(data[c + 8: c + 8 + length], raw=False)
-                except Exception:
-                    continue
-                if isinstance(obj, list) and obj and obj[0] in (0, 1):
-                    return True
+            if 0 < length <= n - c - 8 and zlib.crc32(data[c + 8: c + 8 + length]) == crc \
+                    and cls._chain_to_eof(data, c):
+                return True
         return False
 
     # ---- writing -------------------------------------------------------------------

@@ -294,9 +294,6 @@ def test_bad_config_exits_2_with_one_line(bad_config_runs: dict[str, tuple[int, 
 # ---- malformed requests --------------------------------------------------------------------
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-BAD_PERCENT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="known issue (reported): kvstore/api/app.py parse_key accepts invalid "
-    "percent-encoding (unquote_to_bytes leaves '%zz' as is)")
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +359,6 @@ async def test_malformed_requests_get_json_errors_and_never_kill_the_node(guarde
     assert node.proc is not None and node.proc.poll() is None
 
 
-@BAD_PERCENT_XFAIL
 @pytest.mark.parametrize("method,path,headers,body,status", BAD_PERCENT)
 async def test_bad_percent_encoding_is_rejected(guarded_node: NodeProc, method: str, path: str,
                                                 headers: dict[str, str], body: bytes | None, status: int) -> None:

@@ -430,8 +430,6 @@ def test_compaction_after_a_truncation_spanning_segments_still_recovers(tmp_path
     assert [i for i, _ in live] == list(range(live[0][0], 31))
 
 
-@pytest.mark.xfail(strict=True, reason="known issue (reported): the torn-tail scan takes a WAL frame "
-                   "embedded in a client's value for a valid record after the tear and refuses to start")
 def test_value_that_embeds_a_wal_frame_is_still_a_torn_tail(tmp_path: Path) -> None:
     """A client may store bytes that happen to be WAL frames (a backup of a WAL segment, say).
     If the record holding such a value is torn by a crash, recovery must still cut the tail
