@@ -14,7 +14,9 @@ Owns:
   sequence order (duplicates skipped, gaps refused), merged with `sync`. Incoming
   descends local -> replaced; local descends incoming -> ignored; concurrent -> a
   conflict, resolved by the policy: `siblings` keeps every concurrent version, `lww`
-  keeps the one with the greatest (HLC timestamp, dot) and reports the discarded ones;
+  serves only the one with the greatest (HLC timestamp, dot) (`visible`) and reports the
+  discarded ones; the losers stay in the container (so merging stays a join and replicas
+  converge in any order) until the next local write of the key supersedes them;
 - the wire/WAL encoding of records (msgpack, versioned, validated on decode).
 
 The caller (runtime/multi_leader.py) persists what these methods return before it
@@ -48,7 +50,6 @@ from kvstore.replication.versions import (
     HybridClock,
     Sibling,
     VersionVector,
-    lww_collapse,
     max_timestamp,
     resolve_lww,
     sync,
@@ -177,6 +178,15 @@ class MultiLeaderCore:
     def get(self, key: str) -> DVVSet:
         return self.store.get(key, DVVSet.empty())
 
+    def visible(self, key: str) -> tuple[Sibling, ...]:
+        """The versions a read serves: every sibling (siblings), or the LWW winner (lww)."""
+        c = self.get(key)
+        if self.policy == "lww" and len(c.siblings) > 1:
+            winner, _ = resolve_lww(c)
+            assert winner is not None
+            return (winner,)
+        return c.siblings
+
     def positions(self) -> VersionVector:
         """Per-origin positions merged here (own: last seq) — the KV-Token of this node."""
         return VersionVector.of({**self.applied, self.node_id: self.last_seq})
@@ -191,6 +201,7 @@ class MultiLeaderCore:
         return None if acked is None else max(0, self.last_seq - acked)
 
     def sibling_keys(self) -> int:
+        """Keys holding concurrent versions (under lww: losers not yet superseded)."""
         return sum(1 for c in self.store.values() if len(c.siblings) > 1)
 
     # ---- local writes ------------------------------------------------------------------
@@ -254,14 +265,18 @@ class MultiLeaderCore:
         # concurrent
         ev: ConflictEvent | None = None
         if self.policy == "lww":
-            winner, losers = resolve_lww(merged)
-            result = lww_collapse(merged)
-            if losers:
+            # The store keeps the sync of both (a join: replicas converge whatever the
+            # order); reads serve the LWW winner and the next local write of the key
+            # supersedes the losers for good. Collapsing here instead is NOT order-
+            # independent: two replicas can each drop the other's survivor.
+            winner, _ = resolve_lww(merged)
+            before = {w for w in (resolve_lww(local)[0], resolve_lww(rec.container)[0]) if w is not None}
+            losers = tuple(sorted((s for s in before if s != winner), key=lambda s: s.dot))
+            if losers and winner is not None:
                 ev = ConflictEvent(rec.key, rec.origin, rec.seq, "lww", local.siblings, rec.container.siblings,
-                                   result.siblings, tuple(losers))
+                                   (winner,), losers)
                 if count:
                     self.lww_discarded += len(losers)
-            merged = result
         elif len(merged.siblings) > 1:
             ev = ConflictEvent(rec.key, rec.origin, rec.seq, "siblings", local.siblings, rec.container.siblings,
                                merged.siblings, ())
@@ -307,8 +322,6 @@ class MultiLeaderCore:
                 if ts is not None:
                     self.clock.update(ts)
                 self.store[rec.key] = sync(self.get(rec.key), rec.container)
-                if self.policy == "lww":
-                    self.store[rec.key] = lww_collapse(self.store[rec.key])
                 self.log.append(rec)
         else:
             pos = self.applied.get(origin)

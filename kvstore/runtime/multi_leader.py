@@ -405,13 +405,13 @@ class MultiLeaderNode:
         c = core.get(key)
         token = self._token()
         ctx = encode_vv(c.context) if len(c.context) else None
-        live = [s for s in c.siblings if s.value is not None]
-        if not live:
+        vis = core.visible(key)
+        if all(s.value is None for s in vis):
             return KVResult(key, None, None, token, None, ctx)
-        if len(c.siblings) > 1:
+        if len(vis) > 1:
             self.metrics.inc("kv_sibling_reads_total")
-            return KVResult(key, None, None, token, [(s.value, encode_dot(s.dot)) for s in c.siblings], ctx)
-        s = c.siblings[0]
+            return KVResult(key, None, None, token, [(s.value, encode_dot(s.dot)) for s in vis], ctx)
+        s = vis[0]
         return KVResult(key, s.value, encode_dot(s.dot), token, None, ctx,
                         {"KV-Timestamp": encode_hlc(s.timestamp)})
 

@@ -1,0 +1,324 @@
+"""Multi-leader core (kvstore/replication/multi_leader.py): per-origin logs, causal
+merge (replace / ignore / conflict), lww and siblings resolution, HLC vs skewed clocks,
+record encodings, recovery by replay, and convergence whatever the delivery order."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.errors import BadRequest, InvariantViolation
+from kvstore.ids import NodeId
+from kvstore.replication.multi_leader import (
+    LogRecord,
+    MultiLeaderCore,
+    decode_record,
+    encode_local_record,
+    encode_remote_record,
+    records_from_wire,
+    records_to_wire,
+)
+from kvstore.replication.versions import HybridClock, VersionVector, decode_vv, encode_dot
+
+N1, N2, N3 = NodeId("n1"), NodeId("n2"), NodeId("n3")
+IDS = (N1, N2, N3)
+BASE_MS = 1_700_000_000_000
+
+
+class FakePhysical:
+    def __init__(self, ms: int = BASE_MS) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def make(node: NodeId, policy: str = "siblings", ids: tuple[NodeId, ...] = IDS,
+         clock: FakePhysical | None = None) -> MultiLeaderCore:
+    phys = clock or FakePhysical()
+    return MultiLeaderCore(node, tuple(i for i in ids if i != node), policy,  # type: ignore[arg-type]
+                           HybridClock(node, phys))
+
+
+def ship(src: MultiLeaderCore, dst: MultiLeaderCore) -> None:
+    """Deliver all of src's own log to dst (duplicates are skipped by dst)."""
+    dst.receive(src.node_id, list(src.log))
+
+
+def live_values(c: MultiLeaderCore, key: str) -> list[bytes | None]:
+    return [s.value for s in c.visible(key)]
+
+
+# ---- causal merge ----------------------------------------------------------------------------
+def test_write_without_context_supersedes_what_the_node_holds() -> None:
+    a = make(N1)
+    a.local_write("k", b"1", None)
+    out = a.local_write("k", b"2", None)
+    assert live_values(a, "k") == [b"2"]
+    assert [s.value for s in out.superseded] == [b"1"]
+    assert out.record.seq == 2 and a.last_seq == 2
+
+
+def test_remote_write_that_descends_local_replaces_it() -> None:
+    a, b = make(N1), make(N2)
+    a.local_write("k", b"1", None)
+    ship(a, b)
+    b.local_write("k", b"2", None)          # b saw a's write: causally later
+    out = a.receive(N2, list(b.log))
+    assert out.conflicts == () and live_values(a, "k") == [b"2"]
+
+
+def test_remote_write_that_local_descends_is_ignored() -> None:
+    a, b = make(N1), make(N2)
+    a.local_write("k", b"1", None)
+    ship(a, b)
+    a.local_write("k", b"2", None)
+    before = a.get("k")
+    b.local_write("x", b"other", None)      # unrelated write so b has a record to send
+    ship(b, a)
+    # replaying a's first record (through b's view) changes nothing at a
+    stale = LogRecord(N2, 99, "k", b.get("k"))
+    assert a._merge(stale, count=True) is None   # noqa: SLF001 - the merge rule itself
+    assert a.get("k") == before
+
+
+def test_concurrent_writes_on_two_nodes_become_siblings() -> None:
+    a, b = make(N1), make(N2)
+    a.local_write("k", b"a", None)
+    b.local_write("k", b"b", None)
+    out = a.receive(N2, list(b.log))
+    assert len(out.conflicts) == 1 and out.conflicts[0].resolution == "siblings"
+    ship(a, b)
+    assert sorted(live_values(a, "k")) == [b"a", b"b"]  # type: ignore[type-var]
+    assert a.get("k") == b.get("k")
+    assert a.sibling_conflicts == 1 and a.progress[N2].conflicts_seen == 1
+
+
+def test_write_with_context_supersedes_exactly_the_siblings_it_saw() -> None:
+    a, b, c = make(N1), make(N2), make(N3)
+    a.local_write("k", b"a", None)
+    b.local_write("k", b"b", None)
+    ship(b, a)
+    ctx = a.get("k").context                  # the client read {a, b} at n1
+    c.local_write("k", b"c", None)            # concurrent with the resolve, unseen by it
+    a.local_write("k", b"merged", ctx)
+    for x in (a, b, c):
+        for y in (a, b, c):
+            if x is not y:
+                ship(x, y)
+    assert a.get("k") == b.get("k") == c.get("k")
+    assert sorted(live_values(a, "k")) == [b"c", b"merged"]  # type: ignore[type-var]
+
+
+def test_client_context_from_another_node_supersedes_versions_not_yet_received() -> None:
+    a, b = make(N1), make(N2)
+    b.local_write("k", b"b", None)
+    ctx = b.get("k").context                  # read at n2
+    a.local_write("k", b"resolved", ctx)      # written at n1, which has not seen n2's write
+    ship(b, a)
+    ship(a, b)
+    assert live_values(a, "k") == live_values(b, "k") == [b"resolved"]
+
+
+def test_delete_concurrent_with_update_is_a_conflict() -> None:
+    a, b = make(N1), make(N2)
+    a.local_write("k", b"v", None)
+    ship(a, b)
+    a.local_write("k", None, None)            # delete at n1
+    b.local_write("k", b"new", None)          # update at n2, concurrently
+    ship(a, b)
+    ship(b, a)
+    assert a.get("k") == b.get("k")
+    assert sorted(live_values(a, "k"), key=lambda v: v or b"") == [None, b"new"]
+    assert a.sibling_conflicts == 1 and b.sibling_conflicts == 1
+
+
+def test_lww_keeps_greater_timestamp_and_reports_what_it_discarded() -> None:
+    pa, pb = FakePhysical(BASE_MS), FakePhysical(BASE_MS + 10)
+    a, b = make(N1, "lww", clock=pa), make(N2, "lww", clock=pb)
+    a.local_write("k", b"early", None)
+    b.local_write("k", b"late", None)
+    out = a.receive(N2, list(b.log))
+    ship(a, b)
+    assert live_values(a, "k") == live_values(b, "k") == [b"late"]
+    (ev,) = out.conflicts
+    assert ev.resolution == "lww" and [s.value for s in ev.discarded] == [b"early"]
+    assert a.lww_discarded == 1
+    assert b.lww_discarded == 1   # each node counts what it discards: b drops a's "early" too
+    assert len(a.get("k").siblings) == 2  # the loser stays until a local write supersedes it
+    a.local_write("k", b"next", None)
+    assert len(a.get("k").siblings) == 1
+
+
+def test_lww_tie_on_physical_time_is_broken_by_node_id() -> None:
+    a, b = make(N1, "lww"), make(N2, "lww")
+    a.local_write("k", b"a", None)
+    b.local_write("k", b"b", None)           # same physical ms, same logical: n2 > n1
+    ship(a, b)
+    ship(b, a)
+    assert live_values(a, "k") == live_values(b, "k") == [b"b"]
+
+
+def test_lww_causally_later_write_wins_over_a_node_with_a_fast_clock() -> None:
+    fast = FakePhysical(BASE_MS + 5000)       # n2's clock runs 5 s ahead
+    a, b, c = make(N1, "lww"), make(N2, "lww", clock=fast), make(N3, "lww")
+    b.local_write("k", b"from-fast-node", None)
+    ship(b, a)
+    a.local_write("other", b"x", None)        # a's clock has absorbed b's timestamp
+    out = a.local_write("k", b"later", None)  # causally after b's write
+    assert out.sibling.timestamp > b.get("k").siblings[0].timestamp
+    for x in (a, b, c):
+        for y in (a, b, c):
+            if x is not y:
+                ship(x, y)
+    assert live_values(a, "k") == live_values(b, "k") == live_values(c, "k") == [b"later"]
+    # c received b's write after a's: still no conflict counted, a's write descends it
+    assert c.lww_discarded == 0
+
+
+def test_hlc_of_a_write_after_receiving_is_greater_than_everything_received() -> None:
+    fast = FakePhysical(BASE_MS + 5000)
+    a, b = make(N1, "siblings"), make(N2, "siblings", clock=fast)
+    b.local_write("k1", b"v", None)
+    ship(b, a)
+    out = a.local_write("k2", b"w", None)      # a different key: only the HLC carries order
+    assert out.sibling.timestamp.physical_ms == BASE_MS + 5000
+    assert out.sibling.timestamp > b.get("k1").siblings[0].timestamp
+
+
+# ---- logs and positions ----------------------------------------------------------------------
+def test_receive_skips_duplicates_and_stops_at_a_gap() -> None:
+    a, b = make(N1), make(N2)
+    for i in range(5):
+        a.local_write(f"k{i}", b"v", None)
+    out = b.receive(N1, a.log[:2])
+    assert out.applied == 2 and len(out.new) == 2
+    out = b.receive(N1, a.log[:3])                # 1, 2 duplicates; 3 new
+    assert out.applied == 3 and [r.seq for r in out.new] == [3]
+    out = b.receive(N1, a.log[4:])                # 5 without 4: gap
+    assert out.gap and out.applied == 3 and out.new == ()
+    assert b.applied[N1] == 3 and "k4" not in b.store
+
+
+def test_entries_for_sends_only_synced_records_after_the_peer_position() -> None:
+    a = make(N1)
+    for i in range(10):
+        a.local_write(f"k{i}", b"v", None)
+    assert a.entries_for(N2, upto=10) == []       # position unknown: probe first
+    a.on_ack(N2, 3)
+    assert [r.seq for r in a.entries_for(N2, upto=7)] == [4, 5, 6, 7]
+    assert [r.seq for r in a.entries_for(N2, upto=10, max_records=2)] == [4, 5]
+    a.on_ack(N2, 10)
+    assert a.entries_for(N2, upto=10) == [] and a.lag_entries(N2) == 0
+    a.on_ack(N2, 1)                                # the peer lost data: rewind
+    assert a.lag_entries(N2) == 9
+
+
+def test_positions_token_and_has_positions() -> None:
+    a, b = make(N1), make(N2)
+    a.local_write("k", b"v", None)
+    b.local_write("j", b"v", None)
+    ship(a, b)
+    tok = b.positions()
+    assert tok == VersionVector.of({N1: 1, N2: 1})
+    assert b.has_positions(tok) and not a.has_positions(tok)
+    ship(b, a)
+    assert a.has_positions(tok)
+
+
+def test_records_round_trip_and_replay_rebuilds_the_same_state() -> None:
+    a, b = make(N1), make(N2)
+    wal: list[bytes] = []
+    for i in range(4):
+        out = a.local_write(f"k{i % 2}", None if i == 3 else f"v{i}".encode(), None)
+        wal.append(encode_local_record(out.record, f"rid{i}"))
+    b.local_write("k0", b"b", None)
+    got = a.receive(N2, list(b.log))
+    wal.append(encode_remote_record(N2, got.new))
+    fresh = make(N1)
+    for data in wal:
+        kind, origin, recs, _rid = decode_record(data)
+        fresh.replay(kind, origin, recs)
+    assert fresh.store == a.store and fresh.applied == a.applied and fresh.last_seq == a.last_seq
+    assert fresh.clock.last() >= max(s.timestamp for c in a.store.values() for s in c.siblings)
+
+
+def test_wire_records_must_be_consecutive_and_well_formed() -> None:
+    a = make(N1)
+    a.local_write("k", b"v", None)
+    a.local_write("k", b"w", None)
+    wire = records_to_wire(a.log)
+    assert records_from_wire(N1, wire) == a.log
+    with pytest.raises(BadRequest):
+        records_from_wire(N1, [wire[1], wire[0]])
+    with pytest.raises(BadRequest):
+        records_from_wire(N1, [[1, "k", {"s": [], "c": "junk"}]])
+    with pytest.raises(BadRequest):
+        decode_record(b"\xc1garbage")
+    with pytest.raises(BadRequest):
+        decode_record(encode_local_record(a.log[0], None)[:-3])
+
+
+def test_a_node_never_receives_its_own_log() -> None:
+    a = make(N1)
+    a.local_write("k", b"v", None)
+    with pytest.raises(InvariantViolation):
+        a.receive(N1, list(a.log))
+
+
+def test_versions_are_dots_and_contexts_parse_back() -> None:
+    a = make(N1)
+    out = a.local_write("k", b"v", None)
+    assert encode_dot(out.sibling.dot) == "n1:1"
+    assert decode_vv("n1:1") == a.get("k").context
+
+
+# ---- convergence: any delivery order ----------------------------------------------------------
+def _random_run(policy: str, seed: int, ops: int = 40) -> list[MultiLeaderCore]:
+    rng = random.Random(seed)
+    clocks = {n: FakePhysical(BASE_MS + rng.randrange(-3000, 3000)) for n in IDS}
+    nodes = {n: make(n, policy, clock=clocks[n]) for n in IDS}
+    keys = ["a", "b", "c"]
+    for _ in range(ops):
+        n = rng.choice(IDS)
+        for c in clocks.values():
+            c.ms += rng.randrange(0, 3)
+        r = rng.random()
+        if r < 0.55:
+            nodes[n].local_write(rng.choice(keys), f"v{rng.randrange(1000)}".encode(), None)
+        elif r < 0.7:
+            nodes[n].local_write(rng.choice(keys), None, None)
+        elif r < 0.8:
+            k = rng.choice(keys)
+            # resolve with a context read on a random node
+            ctx = nodes[rng.choice(IDS)].get(k).context
+            nodes[n].local_write(k, b"resolved", ctx)
+        else:
+            # partial delivery: some prefix of some origin's log to some node
+            src, dst = rng.sample(IDS, 2)
+            upto = rng.randrange(0, nodes[src].last_seq + 1)
+            nodes[dst].receive(src, nodes[src].log[:upto])
+    # deliver everything, origins interleaved in random order, with re-deliveries
+    pending = [(s, d) for s in IDS for d in IDS if s != d]
+    for _ in range(3):
+        rng.shuffle(pending)
+        for s, d in pending:
+            nodes[d].receive(s, list(nodes[s].log))
+    return list(nodes.values())
+
+
+@pytest.mark.parametrize("policy", ["siblings", "lww"])
+@given(seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_replicas_converge_whatever_the_delivery_order(policy: str, seed: int) -> None:
+    nodes = _random_run(policy, seed)
+    first = nodes[0]
+    for other in nodes[1:]:
+        assert other.store == first.store, f"seed {seed}: replicas differ"
+    for other in nodes[1:]:
+        assert all(other.visible(k) == first.visible(k) for k in first.store)
+    if policy == "lww":
+        assert all(len(first.visible(k)) <= 1 for k in first.store)
