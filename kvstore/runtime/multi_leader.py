@@ -102,6 +102,10 @@ class MultiLeaderNode:
         self.wal: WAL | None = None
         # persistence (group commit)
         self._queue: list[tuple[int, bytes, str, NodeId, int]] = []   # (index, data, kind, origin, seq)
+        # key -> WAL index of its latest local write not yet synced: a read of the key waits
+        # for it, so no client ever sees (or takes a KV-Context covering) a version that a
+        # crash could lose and this node would then reissue under the same dot.
+        self._unsynced_keys: dict[str, int] = {}
         self._next_index = 1
         self._synced_index = 0
         self._synced_seq = 0                      # own log: highest durable seq (sendable)
@@ -262,6 +266,10 @@ class MultiLeaderNode:
                     own = True
                 else:
                     self._durable_applied[origin] = max(self._durable_applied.get(origin, 0), seq)
+            if self._unsynced_keys:
+                done = [k for k, i in self._unsynced_keys.items() if i <= self._synced_index]
+                for k in done:
+                    del self._unsynced_keys[k]
             while self._durable_waits and self._durable_waits[0][0] <= self._synced_index:
                 _, f = self._durable_waits.popleft()
                 if not f.done():
@@ -401,6 +409,9 @@ class MultiLeaderNode:
                              f"multi-leader mode every node answers from its own replica")
         if opts.after:
             await self._wait_positions(decode_vv(opts.after))
+        pending = self._unsynced_keys.get(key)
+        if pending is not None:
+            await self._durable(pending)
         self.metrics.inc("kv_reads_total")
         c = core.get(key)
         token = self._token()
@@ -451,6 +462,7 @@ class MultiLeaderNode:
         out = core.local_write(key, value, ctx)
         seq = out.record.seq
         idx = self._enqueue(encode_local_record(out.record, opts.rid), "L", self.id, seq)
+        self._unsynced_keys[key] = idx
         self._write_times.append((seq, time.monotonic()))
         assert self._positions_changed is not None
         self._positions_changed.set()
