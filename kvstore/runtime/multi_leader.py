@@ -174,8 +174,6 @@ class MultiLeaderNode:
         for p in self.peers:
             self._send_wake[p] = asyncio.Event()
             self._spawn(self._sender(p), f"sender-{p}")
-        if self.peers:
-            self._spawn(self._probe_loop(), "probe")
         log.info("started: %s cluster=%s mode=multi-leader conflict=%s acks=%s fsync=%s", self.spec.url,
                  self.config.cluster.name, self.policy, self._default_acks(), self.config.storage.fsync)
 
@@ -337,11 +335,6 @@ class MultiLeaderNode:
         while self._write_times and self._write_times[0][0] <= low:
             self._write_times.popleft()
 
-    async def _probe_loop(self) -> None:
-        while True:
-            await self.transport.probe_peers()
-            await asyncio.sleep(max(0.2, 3 * self.heartbeat_s))
-
     # ---- replication: receiving -----------------------------------------------------------
     async def _on_replicate(self, sender: str, obj: Any) -> Any:
         core = self.core
@@ -454,7 +447,7 @@ class MultiLeaderNode:
         acks = opts.acks or self._default_acks()
         needed = self._needed_peers(acks)
         if needed:
-            up = sum(1 for p in self.peers if self.transport.is_up(p, self.timeout_s))
+            up = sum(1 for p in self.peers if self._peer_state(p) == "up")
             if up < needed:
                 self.metrics.inc("kv_writes_refused_total")
                 raise Unavailable(f"acks={acks}: {up} peer(s) reachable, {needed} needed", acks=1,
@@ -506,9 +499,11 @@ class MultiLeaderNode:
 
     # ---- observation ----------------------------------------------------------------------
     def _peer_state(self, peer: NodeId) -> str:
+        """From replication traffic only (our heartbeats answered, or its calls reaching us):
+        /health answering is not enough, a partition may drop only /internal traffic."""
         if self.transport.blocked(peer):
             return "down"
-        seen = max(self._peer_contact.get(peer, 0.0), self.transport.last_contact(peer))
+        seen = self._peer_contact.get(peer, 0.0)
         if not seen:
             return "down"
         age = time.monotonic() - seen
