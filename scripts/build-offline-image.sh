@@ -36,7 +36,7 @@ for arg in "$@"; do
     case "$arg" in
         --rebuild-base) REBUILD_BASE=1 ;;
         --base-only) BASE_ONLY=1 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "build-offline-image: unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -143,7 +143,7 @@ build_wheels() {
     # kvstore itself is built from the source inside the image build; keep only its dependencies here.
     rm -f "$WHEEL_DIR"/kvstore-*.whl
     printf '%s\n' "$key" >"$stamp"
-    log "wheels built in $(elapsed "$t0") s: $(ls "$WHEEL_DIR"/*.whl | wc -l) files, $(du -sh "$WHEEL_DIR" | cut -f1)"
+    log "wheels built in $(elapsed "$t0") s: $(find "$WHEEL_DIR" -name '*.whl' | wc -l) files, $(du -sh "$WHEEL_DIR" | cut -f1)"
 }
 
 build_image() {
@@ -160,6 +160,7 @@ build_image() {
     # Only untagged images made by this script (by label); images used by a container are kept.
     docker image prune --force --filter label=org.kvstore.stage=build >/dev/null
     docker image prune --force --filter label=org.kvstore.stage=node >/dev/null
+    docker image prune --force --filter label=org.kvstore.base >/dev/null   # a base replaced by --rebuild-base
     log "image $IMAGE built in $(elapsed "$t0") s"
 }
 
