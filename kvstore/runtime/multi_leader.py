@@ -302,7 +302,8 @@ class MultiLeaderNode:
                 if prog.acked is not None or entries:
                     log.debug("replicate to %s failed: %s", peer, e.message)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, max(1.0, self.timeout_s))
+                # capped low: a healed link must resume within a fraction of timeout_ms
+                backoff = min(backoff * 2, max(self.heartbeat_s, min(0.25, self.timeout_s / 2)))
                 continue
             backoff = self.heartbeat_s
             if not isinstance(ans, dict) or not isinstance(ans.get("applied"), int):
