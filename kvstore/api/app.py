@@ -197,16 +197,20 @@ async def _forward(request: web.Request, node: Node, body: bytes) -> web.Respons
     session = node.transport.session
     assert session is not None
     timeout = node.config.replication.write_timeout_ms / 1000.0 + 2
+    # A dead leader's address may swallow SYNs (a killed container): give up connecting
+    # after one failure-detector timeout, which also surely means "not applied".
+    connect = node.config.failure_detector.timeout_ms / 1000.0
     try:
         async with session.request(request.method, url + request.raw_path, data=body, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                                   timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect,
+                                                                 connect=connect)) as r:
             data = await r.read()
             out_headers = {k: v for k, v in r.headers.items()
                            if k.lower() in ("kv-version", "kv-token", "kv-node", "retry-after", "kv-leader")}
             out_headers["KV-Leader"] = str(leader)
             return web.Response(body=data, status=r.status, headers=out_headers,
                                 content_type=r.content_type or "application/json")
-    except aiohttp.ClientConnectorError:
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
         raise NotLeader(f"leader {leader} is unreachable; retry shortly", leader_id=leader) from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise Timeout(f"lost contact with leader {leader} after sending the write ({type(e).__name__}); "
