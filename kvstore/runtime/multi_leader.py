@@ -469,8 +469,22 @@ class MultiLeaderNode:
             self._remember_rid(opts.rid, key, version)
         if needed:
             await self._wait_acked(seq, needed, acks)
-        return KVResult(key, None, version, self._token(), None, encode_vv(out.record.container.context),
-                        {"KV-Timestamp": encode_hlc(out.sibling.timestamp)})
+        return KVResult(key, None, version, self._write_token(opts), None,
+                        encode_vv(out.record.container.context), {"KV-Timestamp": encode_hlc(out.sibling.timestamp)})
+
+    def _write_token(self, opts: WriteOpts) -> str:
+        """This node's positions, merged with the session's token when the write carried
+        one (`after`, if the API passes it on writes): tokens are vectors, so a client that
+        keeps only the latest one it received must get one that covers its older ones."""
+        assert self.core is not None
+        pos = self.core.positions()
+        after = getattr(opts, "after", None)
+        if after:
+            try:
+                pos = pos.merge(decode_vv(after))
+            except BadRequest:
+                pass   # a token of another mode: ignore it, as reads would refuse it
+        return encode_vv(pos)
 
     async def _wait_acked(self, seq: int, needed: int, acks: str) -> None:
         core = self.core
