@@ -120,6 +120,8 @@ class Replica:
         self.hints: dict[NodeId, dict[str, Hint]] = {}
         self._digests: dict[str, bytes] = {}
         self._trees: dict[int, MerkleTree] = {}
+        self._keys_of: dict[int, set[str]] = {}   # partition -> keys held (anti-entropy listing)
+        self._empty = MerkleTree(MerkleShape(0, ring.range_bounds(0)[1], MERKLE_FANOUT, MERKLE_DEPTH))
 
     # ---- queries ---------------------------------------------------------------------
     def get(self, key: str) -> DVVSet:
@@ -153,6 +155,7 @@ class Replica:
             lo, hi = self.ring.range_bounds(p)
             tree = self._trees[p] = MerkleTree(MerkleShape(lo, hi, MERKLE_FANOUT, MERKLE_DEPTH))
         tree.replace(key, old, new)
+        self._keys_of.setdefault(p, set()).add(key)
         self._digests[key] = new
         self.store[key] = container
 
@@ -275,18 +278,24 @@ class Replica:
         return t
 
     def roots(self, partitions: Iterable[int]) -> dict[int, bytes]:
-        return {p: self.tree(p).root for p in partitions}
+        # an empty tree's hashes do not depend on its token range: share one
+        empty = self._empty.root
+        trees = self._trees
+        return {p: trees[p].root if p in trees else empty for p in partitions}
 
     def leaves(self, partition: int) -> tuple[bytes, ...]:
-        return self.tree(partition).level(MERKLE_DEPTH)
+        t = self._trees.get(partition, self._empty)
+        return t.level(MERKLE_DEPTH)
 
     def keys_in(self, partition: int, buckets: Iterable[int]) -> dict[str, DVVSet]:
         """Our containers for the keys of some leaves of a partition (the keys to
         exchange when those leaves differ)."""
         wanted = set(buckets)
-        tree = self.tree(partition)
-        return {k: c for k, c in self.store.items()
-                if self.ring.range_of(k) == partition and tree.bucket_of(k) in wanted}
+        tree = self._trees.get(partition)
+        if tree is None:
+            return {}
+        store = self.store
+        return {k: store[k] for k in self._keys_of.get(partition, ()) if tree.bucket_of(k) in wanted}
 
 
 # ---------------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ class LeaderlessNode:
             p, root = item
             if p not in mine:
                 continue
-            if self.replica.tree(p).root != root:
+            if self.replica.roots((p,))[p] != root:
                 out.append([p, list(self.replica.leaves(p))])
         return {"diff": out}
 
