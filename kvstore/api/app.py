@@ -362,11 +362,11 @@ async def kv_batch(request: web.Request) -> web.Response:
     if not node.is_leader:
         return await _forward(request, node, body)
     try:
-        if request.content_type == MSGPACK:
-            obj = msgpack.unpackb(body, raw=False)
-        else:
+        if request.content_type == "application/json":
             import json
             obj = json.loads(body)
+        else:
+            obj = msgpack.unpackb(body, raw=False)
     except Exception:
         raise BadRequest("batch body must be msgpack or JSON {\"ops\": [...]}") from None
     ops = obj.get("ops") if isinstance(obj, dict) else None

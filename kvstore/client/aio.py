@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgpack
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -195,6 +196,25 @@ class AsyncClient:
         """Delete key (absent is fine). With context (from get_siblings), the delete
         supersedes exactly those siblings."""
         return await self._write("DELETE", key, None, if_match=if_match, context=context, acks=acks,
+                                 request_id=request_id, sess=None)
+
+    async def batch(self, ops: Iterable[tuple[Any, ...]], *, acks: str | None = None,
+                    request_id: str | None = None) -> Result:
+        """Apply several writes as ONE log entry (POST /kv/_batch, single-leader mode):
+        ops are ("put", key, value) or ("delete", key). All or nothing; retried with one
+        request id like any write. The bulk-load path (Redis pipelining, etcd txn)."""
+        wire_ops: list[list[Any]] = []
+        for op in ops:
+            if op[0] == "put":
+                wire_ops.append(["put", op[1], as_bytes(op[2])])
+            elif op[0] == "delete":
+                wire_ops.append(["delete", op[1]])
+            else:
+                raise BadRequest(f"batch op must be put or delete, got {op[0]!r}")
+        if not wire_ops:
+            raise BadRequest("batch needs at least one op")
+        body = msgpack.packb({"ops": wire_ops}, use_bin_type=True)
+        return await self._write("POST", "_batch", body, if_match=None, context=None, acks=acks,
                                  request_id=request_id, sess=None)
 
     async def resolve(self, key: str, merge_fn: MergeFn) -> Result:

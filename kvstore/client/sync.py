@@ -83,6 +83,9 @@ class Client:
     def put(self, key: str, value: bytes | str, **kw: Any) -> Result:
         return self._call(self._aclient.put(key, value, **kw))
 
+    def batch(self, ops: Any, **kw: Any) -> Result:
+        return self._call(self._aclient.batch(ops, **kw))
+
     def cas(self, key: str, expected_version: str, value: bytes | str, **kw: Any) -> Result:
         return self._call(self._aclient.cas(key, expected_version, value, **kw))
 

@@ -233,3 +233,20 @@ def test_unacked_load_keeps_followers_consistent_prefix(make_cluster):
         await asyncio.gather(writer(), reader())
 
     asyncio.run(run())
+
+
+def test_batch_api_applies_all_ops_as_one_entry_everywhere(make_cluster):
+    from kvstore.client import Client
+    c = make_cluster(3)
+    with Client(list(c.urls.values())) as kv:
+        kv.put("gone", b"1")
+        before = c.info(c.leader())["last_index"]
+        r = kv.batch([("put", f"b{i}", f"v{i}".encode()) for i in range(500)] + [("delete", "gone")])
+        assert r.version
+        assert c.info(c.leader())["last_index"] == before + 1   # one log entry for 501 ops
+    for nid in c.ids:
+        wait_for(lambda: get_raw(c.urls[nid], "b499", "?consistency=local")[1] == b"v499", 10, f"{nid} batch")
+        assert get_raw(c.urls[nid], "gone", "?consistency=local")[0] == 404
+    st, body = http_json(c.urls[c.leader()] + "/kv/_batch", "POST", b'{"ops": [["frob", "x"]]}',
+                         headers={"Content-Type": "application/json"})
+    assert st == 400 and body["error"] == "bad_request"
