@@ -61,22 +61,33 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "values_known": "must",
         "recovered": "must",
     },
-    # leaderless, w + r > n: a read after an acknowledged write sees it (no stale reads
-    # after acked writes) -> a "stale_reads" check at level "must" belongs here.
+    # leaderless, w + r > n (kvstore/runtime/leaderless.py, docs/leaderless.md): a read
+    # that starts after a write was acknowledged sees it or a newer version, and acked
+    # writes are durable on W replicas. NOT promised: linearizability (a read concurrent
+    # with a write may see it, and a later read — before read repair lands — may not;
+    # Cassandra pays a blocking read repair for that, we repair in the background), and
+    # hence not monotonic reads either ("sessions"). The checker has no separate
+    # read-after-ack check; tests/sim/test_leaderless_sim.py and
+    # tests/proc/test_leaderless.py check it. Sloppy quorums weaken it while nodes
+    # disagree on who is down (docs/leaderless.md). values_known assumes conflict: lww
+    # (the chaos client records a 300 siblings answer as one value nobody wrote).
     ("leaderless", "w+r>n"): {
         "linearizable": "report",
-        "lost_writes": "report",
+        "lost_writes": "must",           # an acked write sits durably on W replicas
         "sessions": "report",
         "values_known": "must",
-        "recovered": "report",
+        "recovered": "must",            # all nodes back: every key is served again
     },
-    # leaderless, w + r <= n: stale reads are expected and must be DETECTED ("expected").
+    # leaderless, w + r <= n: stale reads are expected and must be DETECTED: a read
+    # right after an acked write, served by a replica the write has not reached yet,
+    # makes the history non-linearizable ("expected": the run stays valid, the
+    # verdict shows the staleness was seen).
     ("leaderless", "w+r<=n"): {
-        "linearizable": "report",
+        "linearizable": "expected",
         "lost_writes": "report",
         "sessions": "report",
         "values_known": "must",
-        "recovered": "report",
+        "recovered": "must",
     },
 }
 
