@@ -47,6 +47,7 @@ from kvstore.errors import BadRequest, invariant
 from kvstore.ids import NodeId
 from kvstore.replication.versions import (
     DVVSet,
+    HlcTimestamp,
     HybridClock,
     Sibling,
     VersionVector,
@@ -66,6 +67,10 @@ __all__ = [
     "encode_local_record",
     "encode_remote_record",
     "decode_record",
+    "encode_state_record",
+    "decode_state_record",
+    "snapshot_payloads",
+    "load_snapshot",
     "records_to_wire",
     "records_from_wire",
 ]
@@ -311,7 +316,51 @@ class MultiLeaderCore:
         invariant(peer in self.progress, f"ack from non-member {peer!r}")
         self.progress[peer].acked = min(position, self.last_seq)
 
+    def min_acked(self) -> int | None:
+        """The lowest position any peer confirmed (None while some peer's is unknown)."""
+        vals = [p.acked for p in self.progress.values()]
+        if any(v is None for v in vals):
+            return None
+        return min((v for v in vals if v is not None), default=self.last_seq)
+
+    def trim_log(self, upto: int) -> int:
+        """Forget own records <= upto (every peer has them, and a snapshot covers them).
+        A peer that later needs one of them gets a state transfer instead."""
+        upto = min(upto, self.last_seq)
+        n = upto - self.log_base
+        if n <= 0:
+            return 0
+        del self.log[:n]
+        self.log_base = upto
+        return n
+
+    def needs_state_transfer(self, peer: NodeId) -> bool:
+        acked = self.progress[peer].acked
+        return acked is not None and acked < self.log_base
+
+    # ---- state transfer ----------------------------------------------------------------------
+    def receive_state(self, origin: NodeId, items: Iterable[tuple[str, DVVSet]],
+                      upto: int | None) -> tuple[tuple[ConflictEvent, ...], int]:
+        """Merge a chunk of `origin`'s whole store (sent when we need records it no longer
+        keeps). The last chunk carries `upto`: the origin's log position its store covers,
+        which becomes our position. Returns (conflicts, position)."""
+        invariant(origin != self.node_id and origin in self.applied, f"state from {origin!r}")
+        conflicts = []
+        for key, c in items:
+            ev = self._merge(LogRecord(origin, max(1, upto or 1), key, c), count=True)
+            if ev is not None:
+                conflicts.append(ev)
+        if upto is not None and upto > self.applied[origin]:
+            self.applied[origin] = upto
+        return tuple(conflicts), self.applied[origin]
+
     # ---- recovery ------------------------------------------------------------------------
+    def replay_state(self, origin: NodeId, items: list[tuple[str, DVVSet]], upto: int | None) -> None:
+        for key, c in items:
+            self._merge(LogRecord(origin, 1, key, c), count=False)
+        if upto is not None and upto > self.applied.get(origin, 0):
+            self.applied[origin] = upto
+
     def replay(self, record_kind: str, origin: NodeId, records: list[LogRecord]) -> None:
         """Rebuild state from the WAL, in WAL order (no events counted, no clock reads
         beyond `update`: the clock's high-water mark is restored from timestamps)."""
@@ -357,6 +406,98 @@ def decode_record(data: bytes) -> tuple[str, NodeId, list[LogRecord], str | None
     if not isinstance(origin, str) or not isinstance(recs, list) or (rid is not None and not isinstance(rid, str)):
         raise BadRequest("multi-leader record: bad fields")
     return kind, NodeId(origin), [LogRecord.from_plain(NodeId(origin), r) for r in recs], rid
+
+
+def encode_state_record(origin: NodeId, items: Iterable[tuple[str, DVVSet]], upto: int | None) -> bytes:
+    """WAL payload of one received state-transfer chunk."""
+    return msgpack.packb([_RECORD_VERSION, "S", origin, items_to_wire(items), upto], use_bin_type=True)
+
+
+def decode_state_record(data: bytes) -> tuple[NodeId, list[tuple[str, DVVSet]], int | None] | None:
+    """(origin, items, upto) for an "S" record; None for any other kind."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception:
+        raise BadRequest("multi-leader record: not msgpack") from None
+    if not isinstance(obj, list) or len(obj) != 5 or obj[1] != "S":
+        return None
+    _, _, origin, items, upto = obj
+    if not isinstance(origin, str) or (upto is not None and not isinstance(upto, int)):
+        raise BadRequest("state record: bad fields")
+    return NodeId(origin), items_from_wire(items), upto
+
+
+def items_to_wire(items: Iterable[tuple[str, DVVSet]]) -> list[Any]:
+    return [[k, c.to_plain()] for k, c in items]
+
+
+def items_from_wire(obj: object) -> list[tuple[str, DVVSet]]:
+    if not isinstance(obj, list) or len(obj) > MAX_BATCH_RECORDS:
+        raise BadRequest("state: items must be a list")
+    out = []
+    for it in obj:
+        if not isinstance(it, (list, tuple)) or len(it) != 2 or not isinstance(it[0], str) or not it[0]:
+            raise BadRequest("state: items are [key, container]")
+        out.append((it[0], DVVSet.from_plain(it[1])))
+    return out
+
+
+SNAPSHOT_CHUNK = 2048
+
+
+def snapshot_payloads(node_id: NodeId, store: list[tuple[str, DVVSet]], log: list[LogRecord], log_base: int,
+                      applied: dict[NodeId, int], hlc: HlcTimestamp, wal_index: int) -> list[bytes]:
+    """A core's whole state as msgpack payloads (header, store chunks, own-log chunks) for
+    a snapshot covering WAL entries <= wal_index. Takes copies captured when the core held
+    nothing that was not durable (the runtime flushes its queue first); containers are
+    immutable, so this may run in a worker thread."""
+    out = [msgpack.packb({"v": _RECORD_VERSION, "node": node_id, "wal_index": wal_index,
+                          "last_seq": log_base + len(log), "log_base": log_base,
+                          "applied": dict(applied), "hlc": hlc.to_plain(),
+                          "keys": len(store), "log": len(log)}, use_bin_type=True)]
+    for i in range(0, len(store), SNAPSHOT_CHUNK):
+        out.append(msgpack.packb(["K", items_to_wire(store[i:i + SNAPSHOT_CHUNK])], use_bin_type=True))
+    for i in range(0, len(log), SNAPSHOT_CHUNK):
+        out.append(msgpack.packb(["L", records_to_wire(log[i:i + SNAPSHOT_CHUNK])], use_bin_type=True))
+    return out
+
+
+def load_snapshot(core: MultiLeaderCore, payloads: Iterable[bytes]) -> dict[str, Any]:
+    """Restore a fresh core from `snapshot_payloads` output; returns the header. Raises
+    BadRequest on a malformed snapshot."""
+    invariant(not core.store and not core.log and core.last_seq == 0, "load_snapshot needs a fresh core")
+    it = iter(payloads)
+    try:
+        head = msgpack.unpackb(next(it), raw=False)
+    except (StopIteration, Exception):
+        raise BadRequest("snapshot: missing or unreadable header") from None
+    if not isinstance(head, dict) or head.get("v") != _RECORD_VERSION or head.get("node") != core.node_id:
+        raise BadRequest(f"snapshot: not a multi-leader snapshot of {core.node_id}")
+    keys = log_n = 0
+    for raw in it:
+        try:
+            kind, body = msgpack.unpackb(raw, raw=False)
+        except Exception:
+            raise BadRequest("snapshot: unreadable chunk") from None
+        if kind == "K":
+            for k, c in items_from_wire(body):
+                core.store[k] = c
+                keys += 1
+        elif kind == "L":
+            recs = [LogRecord.from_plain(core.node_id, r) for r in body]
+            core.log.extend(recs)
+            log_n += len(recs)
+        else:
+            raise BadRequest(f"snapshot: unknown chunk kind {kind!r}")
+    if keys != head["keys"] or log_n != head["log"]:
+        raise BadRequest(f"snapshot: incomplete ({keys}/{head['keys']} keys, {log_n}/{head['log']} records)")
+    core.log_base = int(head["log_base"])
+    invariant(core.last_seq == head["last_seq"], "snapshot: own log does not end at last_seq")
+    for origin, pos in head["applied"].items():
+        if origin in core.applied or origin == core.node_id:
+            core.applied[NodeId(origin)] = int(pos)
+    core.clock.update(HlcTimestamp.from_plain(head["hlc"]))
+    return head
 
 
 def records_to_wire(recs: Iterable[LogRecord]) -> list[Any]:

@@ -23,16 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import time
+import zlib
 from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from aiohttp import web
 
 from kvstore.api.app import KVResult, ReadOpts, WriteOpts
 from kvstore.config import ClusterConfig
-from kvstore.errors import BadRequest, KVError, Timeout, Unavailable, invariant
+from kvstore.errors import BadRequest, CorruptionError, KVError, StorageError, Timeout, Unavailable, invariant
 from kvstore.ids import LogIndex, NodeId, Term
 from kvstore.protocol.messages import Entry
 from kvstore.replication.multi_leader import (
@@ -40,10 +43,15 @@ from kvstore.replication.multi_leader import (
     MultiLeaderCore,
     Policy,
     decode_record,
+    decode_state_record,
     encode_local_record,
     encode_remote_record,
+    encode_state_record,
+    items_from_wire,
+    load_snapshot,
     records_from_wire,
     records_to_wire,
+    snapshot_payloads,
 )
 from kvstore.replication.versions import (
     DVVSet,
@@ -56,7 +64,7 @@ from kvstore.replication.versions import (
     encode_vv,
 )
 from kvstore.runtime.node import Metrics
-from kvstore.storage.wal import WAL
+from kvstore.storage.wal import WAL, frame, fsync_dir
 from kvstore.transport.rpc import PeerRPC, rpc_handler
 
 log = logging.getLogger("kvstore.multi_leader")
@@ -64,6 +72,50 @@ log = logging.getLogger("kvstore.multi_leader")
 SKEW_ENV = "KVSTORE_TEST_CLOCK_SKEW_MS"
 RID_CACHE_MAX = 100_000
 REPLICATE_PATH = "ml/replicate"
+STATE_PATH = "ml/state"
+SNAP_DIR = "ml-snapshots"
+_FRAME_HDR = struct.Struct("<II")
+
+
+def _snap_name(wal_index: int) -> str:
+    return f"snap-{wal_index:020d}.mlsnap"
+
+
+def write_snapshot_file(directory: Path, wal_index: int, payloads: list[bytes]) -> Path:
+    """Durably write a snapshot: temp file, fsync, rename, fsync the directory — a crash
+    leaves the old snapshot or the new one, never half of one. Keeps the newest two."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _snap_name(wal_index)
+    tmp = directory / (path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for p in payloads:
+                f.write(frame(p))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except OSError as e:
+        raise StorageError(f"cannot write snapshot {path}: {e}") from e
+    for old in sorted(directory.glob("snap-*.mlsnap"))[:-2]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read_snapshot_file(path: Path) -> list[bytes]:
+    """The payloads of a snapshot file; CorruptionError if any frame is damaged."""
+    data = path.read_bytes()
+    out, off = [], 0
+    while off < len(data):
+        if off + 8 > len(data):
+            raise CorruptionError(f"snapshot {path}: truncated at {off}")
+        length, crc = _FRAME_HDR.unpack_from(data, off)
+        payload = data[off + 8: off + 8 + length]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            raise CorruptionError(f"snapshot {path}: damaged frame at {off}")
+        out.append(payload)
+        off += 8 + length
+    return out
 
 
 def _sib_str(s: Sibling) -> str:
@@ -124,6 +176,13 @@ class MultiLeaderNode:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self.started_at = time.monotonic()
+        # snapshots / compaction
+        self._gate: asyncio.Event | None = None        # closed while a snapshot flushes
+        self._since_snapshot = 0
+        self._snapshotting = False
+        self._snap_path: Path | None = None
+        self._snap_last_seq = 0                         # own seq the newest snapshot covers
+        self._compact_upto = 0
 
     # ---- clock ----------------------------------------------------------------------------
     def _physical_ms(self) -> int:
@@ -134,29 +193,50 @@ class MultiLeaderNode:
         """Replay the WAL into a fresh core. Raises CorruptionError/StorageError."""
         t0 = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.wal, rec = WAL.open(self.data_dir / "wal", self.config.storage.segment_bytes_max)
         clock = HybridClock(self.id, self._physical_ms)
         core = MultiLeaderCore(self.id, self.peers, self.policy, clock)
-        for e in rec.entries:
+        snap_index = 0
+        snaps = sorted((self.data_dir / SNAP_DIR).glob("snap-*.mlsnap"))
+        if snaps:
             try:
+                head = load_snapshot(core, read_snapshot_file(snaps[-1]))
+            except BadRequest as err:
+                raise CorruptionError(f"snapshot {snaps[-1]}: {err.message}") from None
+            snap_index = int(head["wal_index"])
+            self._snap_path, self._snap_last_seq = snaps[-1], int(head["last_seq"])
+        self.wal, rec = WAL.open(self.data_dir / "wal", self.config.storage.segment_bytes_max)
+        if rec.entries and rec.entries[0].index > snap_index + 1:
+            raise StorageError(f"WAL in {self.data_dir / 'wal'} starts at {rec.entries[0].index} but the "
+                               f"snapshot covers only up to {snap_index}: records are missing")
+        replayed = 0
+        for e in rec.entries:
+            if e.index <= snap_index:
+                continue
+            replayed += 1
+            try:
+                st = decode_state_record(e.data)
+                if st is not None:
+                    core.replay_state(*st)
+                    continue
                 kind, origin, recs, rid = decode_record(e.data)
             except BadRequest as err:
-                invariant(False, f"WAL entry {e.index} is not a multi-leader record ({err.message}); "
-                                 f"was this data dir used by another replication mode?")
-                raise
+                raise CorruptionError(f"WAL entry {e.index} is not a multi-leader record ({err.message}); "
+                                      f"was this data dir used by another replication mode?") from None
             core.replay(kind, origin, recs)
             if rid is not None and recs:
                 self._remember_rid(rid, recs[0].key, self._version_of(recs[0].container, recs[0].origin))
         self.core = core
-        if rec.entries:
-            self._next_index = rec.entries[-1].index + 1
-            self._synced_index = rec.entries[-1].index
+        last_index = max(snap_index, rec.entries[-1].index if rec.entries else 0)
+        self._next_index = last_index + 1
+        self._synced_index = last_index
+        self._since_snapshot = replayed
         self._synced_seq = core.last_seq
         self._durable_applied = dict(core.applied)
         if self.skew_ms:
             log.warning("TEST HOOK: physical clock skewed by %+d ms (%s)", self.skew_ms, SKEW_ENV)
-        log.info("recovered: %d WAL records, own log %d, positions %s, %d keys in %.2fs", len(rec.entries),
-                 core.last_seq, encode_vv(core.positions()), len(core.store), time.monotonic() - t0)
+        log.info("recovered: snapshot at WAL %d (%s) + %d WAL records, own log %d..%d, positions %s, %d keys "
+                 "in %.2fs", snap_index, self._snap_path.name if self._snap_path else "none", replayed,
+                 core.log_base, core.last_seq, encode_vv(core.positions()), len(core.store), time.monotonic() - t0)
 
     @staticmethod
     def _version_of(c: DVVSet, origin: NodeId) -> str:
@@ -169,6 +249,8 @@ class MultiLeaderNode:
         self._dirty = asyncio.Event()
         self._positions_changed = asyncio.Event()
         self._acks_changed = asyncio.Event()
+        self._gate = asyncio.Event()
+        self._gate.set()
         await self.transport.start()
         self._spawn(self._persist_loop(), "persist")
         for p in self.peers:
@@ -217,6 +299,7 @@ class MultiLeaderNode:
     def add_routes(self, app: web.Application) -> None:
         members = set(self.peers)
         app.router.add_post("/internal/" + REPLICATE_PATH, rpc_handler(self.transport, members, self._on_replicate))
+        app.router.add_post("/internal/" + STATE_PATH, rpc_handler(self.transport, members, self._on_state))
 
     # ---- persistence ----------------------------------------------------------------------
     def _enqueue(self, data: bytes, kind: str, origin: NodeId, seq: int) -> int:
@@ -242,39 +325,109 @@ class MultiLeaderNode:
 
     async def _persist_loop(self) -> None:
         assert self._dirty is not None and self.wal is not None
-        loop = asyncio.get_running_loop()
-        fsync = self.config.storage.fsync
-        interval = self.config.storage.fsync_interval_ms / 1000.0
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            if self._compact_upto:
+                removed = self.wal.compact(LogIndex(self._compact_upto))
+                if removed:
+                    log.info("removed %d WAL segment(s) covered by the snapshot at WAL %d", removed,
+                             self._compact_upto)
+                self._compact_upto = 0
             if not self._queue:
                 continue
-            batch = self._append_queue()
-            if fsync == "always" or (fsync == "interval" and time.monotonic() - self._last_sync >= interval):
-                await loop.run_in_executor(None, self.wal.sync)
-                self._last_sync = time.monotonic()
-                self.metrics.inc("kv_wal_syncs_total")
-            self.metrics.inc("kv_wal_entries_total", len(batch))
-            self._synced_index = batch[-1][0]
-            own = False
-            for _, _, kind, origin, seq in batch:
-                if kind == "L":
-                    self._synced_seq = max(self._synced_seq, seq)
-                    own = True
-                else:
-                    self._durable_applied[origin] = max(self._durable_applied.get(origin, 0), seq)
-            if self._unsynced_keys:
-                done = [k for k, i in self._unsynced_keys.items() if i <= self._synced_index]
-                for k in done:
-                    del self._unsynced_keys[k]
-            while self._durable_waits and self._durable_waits[0][0] <= self._synced_index:
-                _, f = self._durable_waits.popleft()
-                if not f.done():
-                    f.set_result(None)
-            if own:
-                for ev in self._send_wake.values():
-                    ev.set()
+            await self._flush()
+            if (self._since_snapshot >= self.config.storage.snapshot_every_entries
+                    and not self._snapshotting):
+                await self._snapshot()
+
+    async def _flush(self) -> None:
+        """Append everything queued, fdatasync (per storage.fsync), then release waiters."""
+        loop = asyncio.get_running_loop()
+        fsync = self.config.storage.fsync
+        interval = self.config.storage.fsync_interval_ms / 1000.0
+        assert self.wal is not None
+        batch = self._append_queue()
+        if fsync == "always" or (fsync == "interval" and time.monotonic() - self._last_sync >= interval):
+            await loop.run_in_executor(None, self.wal.sync)
+            self._last_sync = time.monotonic()
+            self.metrics.inc("kv_wal_syncs_total")
+        self.metrics.inc("kv_wal_entries_total", len(batch))
+        self._since_snapshot += len(batch)
+        self._synced_index = batch[-1][0]
+        own = False
+        for _, _, kind, origin, seq in batch:
+            if kind == "L":
+                self._synced_seq = max(self._synced_seq, seq)
+                own = True
+            elif seq:
+                self._durable_applied[origin] = max(self._durable_applied.get(origin, 0), seq)
+        if self._unsynced_keys:
+            done = [k for k, i in self._unsynced_keys.items() if i <= self._synced_index]
+            for k in done:
+                del self._unsynced_keys[k]
+        while self._durable_waits and self._durable_waits[0][0] <= self._synced_index:
+            _, f = self._durable_waits.popleft()
+            if not f.done():
+                f.set_result(None)
+        if own:
+            for ev in self._send_wake.values():
+                ev.set()
+
+    async def _snapshot(self) -> None:
+        """Capture the state at a point where memory == disk (the gate holds new writes
+        back while the queue is flushed), then write it and compact the WAL off the loop."""
+        core = self.core
+        assert core is not None and self._gate is not None
+        self._snapshotting = True
+        self._gate.clear()
+        try:
+            while self._queue:
+                await self._flush()
+            invariant(self._synced_index == self._next_index - 1, "snapshot capture with records in flight")
+            capture = (self.id, list(core.store.items()), list(core.log), core.log_base, dict(core.applied),
+                       core.clock.last(), self._synced_index)
+            last_seq = core.last_seq
+        finally:
+            self._gate.set()
+        self._since_snapshot = 0
+        self._spawn(self._write_snapshot(capture, last_seq), "snapshot")
+
+    async def _write_snapshot(self, capture: tuple[Any, ...], last_seq: int) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        wal_index = capture[-1]
+        try:
+            payloads = await loop.run_in_executor(None, lambda: snapshot_payloads(*capture))
+            path = await loop.run_in_executor(None, write_snapshot_file, self.data_dir / SNAP_DIR, wal_index,
+                                              payloads)
+            self._snap_path, self._snap_last_seq = path, last_seq
+            self._compact_upto = wal_index
+            self._trim_log()
+            self.metrics.inc("kv_snapshots_total")
+            log.info("snapshot at WAL %d (own log %d, %d keys) in %.2fs", wal_index, last_seq, len(capture[1]),
+                     time.monotonic() - t0)
+            assert self._dirty is not None
+            self._dirty.set()
+        finally:
+            self._snapshotting = False
+
+    def _trim_log(self) -> None:
+        """Drop own records every peer has AND the newest snapshot covers (a peer that
+        needs older ones is sent that snapshot's store instead)."""
+        core = self.core
+        assert core is not None
+        low = core.min_acked()
+        if low is None:
+            return
+        n = core.trim_log(min(low, self._snap_last_seq))
+        if n:
+            log.debug("trimmed %d own records (log now starts after %d)", n, core.log_base)
+
+    async def _gate_open(self) -> None:
+        assert self._gate is not None
+        if not self._gate.is_set():
+            await self._gate.wait()
 
     # ---- replication: sending -------------------------------------------------------------
     async def _sender(self, peer: NodeId) -> None:
@@ -286,6 +439,14 @@ class MultiLeaderNode:
         while True:
             wake.clear()
             prog = core.progress[peer]
+            if core.needs_state_transfer(peer):
+                try:
+                    await self._send_state(peer)
+                except KVError as e:
+                    log.info("state transfer to %s failed: %s", peer, e.message)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, max(self.heartbeat_s, min(0.25, self.timeout_s / 2)))
+                continue
             entries = core.entries_for(peer, self._synced_seq) if prog.acked is not None else []
             due = prog.acked is None or bool(entries) or time.monotonic() - last_call >= self.heartbeat_s
             if not due:
@@ -327,6 +488,8 @@ class MultiLeaderNode:
             if ans.get("gap"):
                 log.info("%s is at %d of our log (gap); resending from there", peer, pos)
             self._trim_write_times()
+            if entries and self._snap_last_seq > core.log_base:
+                self._trim_log()
 
     def _trim_write_times(self) -> None:
         core = self.core
@@ -335,6 +498,50 @@ class MultiLeaderNode:
         low = min(acked) if acked else core.last_seq
         while self._write_times and self._write_times[0][0] <= low:
             self._write_times.popleft()
+
+    async def _send_state(self, peer: NodeId) -> None:
+        """`peer` needs records older than our log keeps (it lost data): send it the store
+        of our newest snapshot, whose position becomes its position in our log."""
+        core = self.core
+        assert core is not None and self._snap_path is not None
+        path = self._snap_path
+        log.warning("%s is at %d of our log, which now starts after %d: sending it snapshot %s", peer,
+                    core.progress[peer].acked, core.log_base, path.name)
+        payloads = await asyncio.get_running_loop().run_in_executor(None, read_snapshot_file, path)
+        head = msgpack.unpackb(payloads[0], raw=False)
+        chunks = [msgpack.unpackb(p, raw=False) for p in payloads[1:]]
+        keys = [body for kind, body in chunks if kind == "K"] or [[]]
+        for i, body in enumerate(keys):
+            last = i == len(keys) - 1
+            ans = await self.transport.call(peer, STATE_PATH, {"o": self.id, "items": body,
+                                                               "upto": head["last_seq"] if last else None})
+            self._peer_contact[peer] = time.monotonic()
+        if not isinstance(ans, dict) or not isinstance(ans.get("applied"), int):
+            raise BadRequest(f"bad state answer from {peer}")
+        core.on_ack(peer, ans["applied"])
+        self.metrics.inc("kv_state_transfers_total")
+        log.warning("state transfer to %s done: it is at %d of our log", peer, ans["applied"])
+
+    async def _on_state(self, sender: str, obj: Any) -> Any:
+        core = self.core
+        assert core is not None
+        if not isinstance(obj, dict) or obj.get("o") != sender:
+            raise BadRequest("state: body must be {o: sender, items, upto}")
+        origin = NodeId(sender)
+        upto = obj.get("upto")
+        if upto is not None and (not isinstance(upto, int) or upto < 0):
+            raise BadRequest("state: upto must be a position")
+        items = items_from_wire(obj.get("items", []))
+        self._peer_contact[origin] = time.monotonic()
+        await self._gate_open()
+        conflicts, pos = core.receive_state(origin, items, upto)
+        for ev in conflicts:
+            self._report_conflict(ev)
+        idx = self._enqueue(encode_state_record(origin, items, upto), "S", origin, upto or 0)
+        assert self._positions_changed is not None
+        self._positions_changed.set()
+        await self._durable(idx)
+        return {"applied": self._durable_applied.get(origin, 0)}
 
     # ---- replication: receiving -----------------------------------------------------------
     async def _on_replicate(self, sender: str, obj: Any) -> Any:
@@ -347,6 +554,7 @@ class MultiLeaderNode:
         self._peer_contact[origin] = time.monotonic()
         if isinstance(obj.get("pos"), dict):
             self._peer_positions[origin] = {str(k): int(v) for k, v in obj["pos"].items() if isinstance(v, int)}
+        await self._gate_open()
         out = core.receive(origin, recs)
         for ev in out.conflicts:
             self._report_conflict(ev)
@@ -453,6 +661,7 @@ class MultiLeaderNode:
                 self.metrics.inc("kv_writes_refused_total")
                 raise Unavailable(f"acks={acks}: {up} peer(s) reachable, {needed} needed", acks=1,
                                   needed=needed + 1)
+        await self._gate_open()
         out = core.local_write(key, value, ctx)
         seq = out.record.seq
         idx = self._enqueue(encode_local_record(out.record, opts.rid), "L", self.id, seq)
@@ -615,6 +824,8 @@ class MultiLeaderNode:
             "kv_write_timeouts_total": "writes answered 504 (acks not met in time)",
             "kv_writes_refused_total": "writes refused with 503 (acks cannot be met)",
             "kv_deduplicated_writes_total": "retried writes answered from the KV-Request-Id cache",
+            "kv_snapshots_total": "snapshots written (the WAL before them is deleted)",
+            "kv_state_transfers_total": "whole-store transfers to a peer that needed trimmed records",
         }
         for name, help_ in known.items():
             g(name, self.metrics.counters.get(name, 0.0), help_, "counter")

@@ -225,3 +225,29 @@ def test_sigterm_is_a_clean_shutdown_and_restart_keeps_the_data(make_cluster: An
     c.wait_healthy("n1")
     assert get(c, "n1", "durable")[2] == b"yes"
     assert "stopped cleanly" in c.log_text("n1")
+
+
+def test_snapshots_compact_the_wal_and_a_restart_recovers_from_them(tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "snap", n=2, sections={
+        "replication": {"mode": "multi-leader"},
+        "failure_detector": {"heartbeat_interval_ms": 50, "timeout_ms": 500},
+        "storage": {"snapshot_every_entries": 50, "segment_bytes_max": 4096}})
+    try:
+        c.start(wait_leader=False)
+        for i in range(300):
+            put(c, "n1" if i % 3 else "n2", f"k{i}", f"v{i}".encode())
+        wait_for(lambda: all(get(c, "n2", f"k{i}")[2] == f"v{i}".encode() for i in range(0, 300, 7)), 10,
+                 "replicated")
+        wait_for(lambda: c.metric("n1", "kv_snapshots_total") >= 2, 10, "snapshots on n1")
+        wait_for(lambda: c.metric("n1", "kv_wal_segments") <= 3, 10, "WAL compacted")
+        assert list((c.data_dir("n1") / "ml-snapshots").glob("snap-*.mlsnap"))
+        c.kill("n1")
+        c.start_node("n1")
+        c.wait_healthy("n1")
+        assert "recovered: snapshot at WAL" in c.log_text("n1")
+        for i in range(300):
+            assert get(c, "n1", f"k{i}")[2] == f"v{i}".encode(), i
+        put(c, "n1", "after-restart", b"x")
+        wait_for(lambda: get(c, "n2", "after-restart")[2] == b"x", 10, "replication resumes after restart")
+    finally:
+        c.close()
