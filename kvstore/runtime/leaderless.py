@@ -305,8 +305,13 @@ class LeaderlessNode:
         async def one(peer: NodeId) -> None:
             try:
                 await self._call(peer, "ping", {}, timeout)
-            except (Unavailable, Timeout):
-                self._mark_down(peer)
+            except Timeout:
+                # slow is not dead (a loaded machine, a long fsync): down only once it
+                # has been silent for two timeouts; a refused connection is down at once
+                if time.monotonic() - self.transport.last_contact(peer) > 2 * timeout:
+                    self._mark_down(peer)
+            except Unavailable:
+                pass  # _call marked it down
             except KVError as e:
                 log.warning("probe of %s: %s", peer, e.message)
 
