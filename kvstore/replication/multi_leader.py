@@ -166,6 +166,8 @@ class MultiLeaderCore:
     progress: dict[NodeId, _PeerProgress] = field(default_factory=dict)
     lww_discarded: int = 0
     sibling_conflicts: int = 0
+    dot_floor: int = 0                  # after data loss: new dots of ours start above this
+    reseed_from: set[NodeId] = field(default_factory=set)   # peers whose whole store we still need
 
     def __post_init__(self) -> None:
         invariant(self.node_id not in self.peers, "a node is not its own peer")
@@ -219,6 +221,9 @@ class MultiLeaderCore:
             ctx = current.context if client_context is None else current.context.merge(client_context)
         else:
             ctx = client_context
+        if self.dot_floor and ctx.get(self.node_id) < self.dot_floor:
+            # we lost our own log once: dots up to the floor may exist elsewhere, never reuse one
+            ctx = ctx.with_counter(self.node_id, self.dot_floor)
         ts = self.clock.now()
         new = update(current, ctx, self.node_id, value, ts)
         superseded = tuple(s for s in current.siblings if ctx.covers(s.dot))
@@ -334,6 +339,20 @@ class MultiLeaderCore:
         self.log_base = upto
         return n
 
+    def fast_forward(self, seq: int) -> bool:
+        """A peer holds our log up to `seq` but we end before it: we lost data (a wiped
+        disk, or fsync != always and a crash). Continue our log after `seq` (so peers do
+        not skip our new records as duplicates), never reuse a dot up to `seq` (a sequence
+        number bounds every per-key counter), and ask every peer for its whole store (ours
+        included: that is how our lost writes come back). Returns False if not behind."""
+        if seq <= self.last_seq:
+            return False
+        self.log.clear()
+        self.log_base = seq
+        self.dot_floor = max(self.dot_floor, seq)
+        self.reseed_from = set(self.peers)
+        return True
+
     def needs_state_transfer(self, peer: NodeId) -> bool:
         acked = self.progress[peer].acked
         return acked is not None and acked < self.log_base
@@ -350,16 +369,24 @@ class MultiLeaderCore:
             ev = self._merge(LogRecord(origin, max(1, upto or 1), key, c), count=True)
             if ev is not None:
                 conflicts.append(ev)
-        if upto is not None and upto > self.applied[origin]:
-            self.applied[origin] = upto
+        if upto is not None:
+            self.applied[origin] = max(self.applied[origin], upto)
+            self.reseed_from.discard(origin)
         return tuple(conflicts), self.applied[origin]
 
     # ---- recovery ------------------------------------------------------------------------
     def replay_state(self, origin: NodeId, items: list[tuple[str, DVVSet]], upto: int | None) -> None:
+        """Replay an "S" record: a state chunk from `origin`, or (origin == us) a fast-forward."""
+        if origin == self.node_id:
+            invariant(upto is not None and not items, "fast-forward record with items")
+            assert upto is not None
+            self.fast_forward(upto)
+            return
         for key, c in items:
             self._merge(LogRecord(origin, 1, key, c), count=False)
-        if upto is not None and upto > self.applied.get(origin, 0):
-            self.applied[origin] = upto
+        if upto is not None:
+            self.applied[origin] = max(self.applied.get(origin, 0), upto)
+            self.reseed_from.discard(origin)
 
     def replay(self, record_kind: str, origin: NodeId, records: list[LogRecord]) -> None:
         """Rebuild state from the WAL, in WAL order (no events counted, no clock reads
@@ -446,7 +473,8 @@ SNAPSHOT_CHUNK = 2048
 
 
 def snapshot_payloads(node_id: NodeId, store: list[tuple[str, DVVSet]], log: list[LogRecord], log_base: int,
-                      applied: dict[NodeId, int], hlc: HlcTimestamp, wal_index: int) -> list[bytes]:
+                      applied: dict[NodeId, int], hlc: HlcTimestamp, wal_index: int, dot_floor: int = 0,
+                      reseed_from: Iterable[NodeId] = ()) -> list[bytes]:
     """A core's whole state as msgpack payloads (header, store chunks, own-log chunks) for
     a snapshot covering WAL entries <= wal_index. Takes copies captured when the core held
     nothing that was not durable (the runtime flushes its queue first); containers are
@@ -454,7 +482,8 @@ def snapshot_payloads(node_id: NodeId, store: list[tuple[str, DVVSet]], log: lis
     out = [msgpack.packb({"v": _RECORD_VERSION, "node": node_id, "wal_index": wal_index,
                           "last_seq": log_base + len(log), "log_base": log_base,
                           "applied": dict(applied), "hlc": hlc.to_plain(),
-                          "keys": len(store), "log": len(log)}, use_bin_type=True)]
+                          "keys": len(store), "log": len(log), "dot_floor": dot_floor,
+                          "reseed_from": sorted(reseed_from)}, use_bin_type=True)]
     for i in range(0, len(store), SNAPSHOT_CHUNK):
         out.append(msgpack.packb(["K", items_to_wire(store[i:i + SNAPSHOT_CHUNK])], use_bin_type=True))
     for i in range(0, len(log), SNAPSHOT_CHUNK):
@@ -497,6 +526,8 @@ def load_snapshot(core: MultiLeaderCore, payloads: Iterable[bytes]) -> dict[str,
         if origin in core.applied or origin == core.node_id:
             core.applied[NodeId(origin)] = int(pos)
     core.clock.update(HlcTimestamp.from_plain(head["hlc"]))
+    core.dot_floor = int(head.get("dot_floor", 0))
+    core.reseed_from = {NodeId(p) for p in head.get("reseed_from", ()) if p in core.progress}
     return head
 
 

@@ -48,6 +48,7 @@ from kvstore.replication.multi_leader import (
     encode_remote_record,
     encode_state_record,
     items_from_wire,
+    items_to_wire,
     load_snapshot,
     records_from_wire,
     records_to_wire,
@@ -183,6 +184,8 @@ class MultiLeaderNode:
         self._snap_path: Path | None = None
         self._snap_last_seq = 0                         # own seq the newest snapshot covers
         self._compact_upto = 0
+        self._capture_waiters: list[asyncio.Future[tuple[Any, ...]]] = []
+        self._reseed_wanted: set[NodeId] = set()     # peers that asked for our whole store
 
     # ---- clock ----------------------------------------------------------------------------
     def _physical_ms(self) -> int:
@@ -334,12 +337,20 @@ class MultiLeaderNode:
                     log.info("removed %d WAL segment(s) covered by the snapshot at WAL %d", removed,
                              self._compact_upto)
                 self._compact_upto = 0
-            if not self._queue:
-                continue
-            await self._flush()
-            if (self._since_snapshot >= self.config.storage.snapshot_every_entries
-                    and not self._snapshotting):
-                await self._snapshot()
+            if self._queue:
+                await self._flush()
+            snap_due = (self._since_snapshot >= self.config.storage.snapshot_every_entries
+                        and not self._snapshotting)
+            if snap_due or self._capture_waiters:
+                cap = await self._capture_now()
+                waiters, self._capture_waiters = self._capture_waiters, []
+                for f in waiters:
+                    if not f.done():
+                        f.set_result(cap)
+                if snap_due:
+                    self._snapshotting = True
+                    self._since_snapshot = 0
+                    self._spawn(self._write_snapshot(cap), "snapshot")
 
     async def _flush(self) -> None:
         """Append everything queued, fdatasync (per storage.fsync), then release waiters."""
@@ -357,7 +368,7 @@ class MultiLeaderNode:
         self._synced_index = batch[-1][0]
         own = False
         for _, _, kind, origin, seq in batch:
-            if kind == "L":
+            if kind in ("L", "F"):
                 self._synced_seq = max(self._synced_seq, seq)
                 own = True
             elif seq:
@@ -374,29 +385,34 @@ class MultiLeaderNode:
             for ev in self._send_wake.values():
                 ev.set()
 
-    async def _snapshot(self) -> None:
-        """Capture the state at a point where memory == disk (the gate holds new writes
-        back while the queue is flushed), then write it and compact the WAL off the loop."""
+    async def _capture_now(self) -> tuple[Any, ...]:
+        """The core's state at a point where memory == disk: the gate holds new writes and
+        received batches back while the queue is flushed (one fsync), then copies are taken
+        (containers are immutable). Only the persist loop calls this."""
         core = self.core
         assert core is not None and self._gate is not None
-        self._snapshotting = True
         self._gate.clear()
         try:
             while self._queue:
                 await self._flush()
-            invariant(self._synced_index == self._next_index - 1, "snapshot capture with records in flight")
-            capture = (self.id, list(core.store.items()), list(core.log), core.log_base, dict(core.applied),
-                       core.clock.last(), self._synced_index)
-            last_seq = core.last_seq
+            invariant(self._synced_index == self._next_index - 1, "capture with records in flight")
+            return (self.id, list(core.store.items()), list(core.log), core.log_base, dict(core.applied),
+                    core.clock.last(), self._synced_index, core.dot_floor, frozenset(core.reseed_from))
         finally:
             self._gate.set()
-        self._since_snapshot = 0
-        self._spawn(self._write_snapshot(capture, last_seq), "snapshot")
 
-    async def _write_snapshot(self, capture: tuple[Any, ...], last_seq: int) -> None:
+    async def _capture(self) -> tuple[Any, ...]:
+        fut: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+        self._capture_waiters.append(fut)
+        assert self._dirty is not None
+        self._dirty.set()
+        return await fut
+
+    async def _write_snapshot(self, capture: tuple[Any, ...]) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        wal_index = capture[-1]
+        wal_index = capture[6]
+        last_seq = capture[3] + len(capture[2])
         try:
             payloads = await loop.run_in_executor(None, lambda: snapshot_payloads(*capture))
             path = await loop.run_in_executor(None, write_snapshot_file, self.data_dir / SNAP_DIR, wal_index,
@@ -411,6 +427,24 @@ class MultiLeaderNode:
             self._dirty.set()
         finally:
             self._snapshotting = False
+
+    async def _check_lost_data(self, peer: NodeId, theirs: dict[str, int]) -> None:
+        """`peer` says it merged our log further than it goes: we lost data. Continue our
+        log after that point (durably, before any new write) and ask for every store."""
+        core = self.core
+        assert core is not None
+        held = theirs.get(self.id, 0)
+        if held <= core.last_seq:
+            return
+        await self._gate_open()
+        if not core.fast_forward(held):
+            return
+        log.critical("DATA LOSS DETECTED: %s holds our log up to %d but ours ends before it (wiped disk, or "
+                     "fsync: %s and a crash). Continuing our log after %d; asking every peer for its store.",
+                     peer, held, self.config.storage.fsync, held)
+        self.metrics.inc("kv_data_loss_detected_total")
+        idx = self._enqueue(encode_state_record(self.id, [], held), "F", self.id, held)
+        await self._durable(idx)
 
     def _trim_log(self) -> None:
         """Drop own records every peer has AND the newest snapshot covers (a peer that
@@ -439,7 +473,7 @@ class MultiLeaderNode:
         while True:
             wake.clear()
             prog = core.progress[peer]
-            if core.needs_state_transfer(peer):
+            if core.needs_state_transfer(peer) or peer in self._reseed_wanted:
                 try:
                     await self._send_state(peer)
                 except KVError as e:
@@ -458,7 +492,8 @@ class MultiLeaderNode:
             last_call = time.monotonic()
             try:
                 ans = await self.transport.call(peer, REPLICATE_PATH, {
-                    "o": self.id, "r": records_to_wire(entries), "pos": dict(core.positions().entries)})
+                    "o": self.id, "r": records_to_wire(entries), "pos": dict(core.positions().entries),
+                    "reseed": peer in core.reseed_from})
             except KVError as e:
                 if prog.acked is not None or entries:
                     log.debug("replicate to %s failed: %s", peer, e.message)
@@ -473,13 +508,11 @@ class MultiLeaderNode:
                 continue
             self._peer_contact[peer] = time.monotonic()
             pos = ans["applied"]
-            if pos > core.last_seq:
-                log.warning("%s says it holds our log up to %d but it ends at %d (our data was lost?)",
-                            peer, pos, core.last_seq)
-            before = prog.acked
-            core.on_ack(peer, pos)
             if isinstance(ans.get("pos"), dict):
                 self._peer_positions[peer] = {str(k): int(v) for k, v in ans["pos"].items() if isinstance(v, int)}
+                await self._check_lost_data(peer, self._peer_positions[peer])   # before on_ack clamps pos
+            before = prog.acked
+            core.on_ack(peer, pos)
             if entries:
                 self.metrics.inc("kv_replicated_entries_total", max(0, pos - (before or 0)))
             if before != prog.acked:
@@ -500,27 +533,31 @@ class MultiLeaderNode:
             self._write_times.popleft()
 
     async def _send_state(self, peer: NodeId) -> None:
-        """`peer` needs records older than our log keeps (it lost data): send it the store
-        of our newest snapshot, whose position becomes its position in our log."""
+        """Send `peer` our whole store as of a flushed capture; the capture's own-log
+        position becomes its position in our log. Used when it needs records our log no
+        longer keeps, or when it lost its data and asked for it (reseed)."""
         core = self.core
-        assert core is not None and self._snap_path is not None
-        path = self._snap_path
-        log.warning("%s is at %d of our log, which now starts after %d: sending it snapshot %s", peer,
-                    core.progress[peer].acked, core.log_base, path.name)
-        payloads = await asyncio.get_running_loop().run_in_executor(None, read_snapshot_file, path)
-        head = msgpack.unpackb(payloads[0], raw=False)
-        chunks = [msgpack.unpackb(p, raw=False) for p in payloads[1:]]
-        keys = [body for kind, body in chunks if kind == "K"] or [[]]
-        for i, body in enumerate(keys):
-            last = i == len(keys) - 1
-            ans = await self.transport.call(peer, STATE_PATH, {"o": self.id, "items": body,
-                                                               "upto": head["last_seq"] if last else None})
+        assert core is not None
+        why = "asked for it (it lost its data)" if peer in self._reseed_wanted else \
+            f"is at {core.progress[peer].acked} of our log, which now starts after {core.log_base}"
+        log.warning("%s %s: sending it our whole store", peer, why)
+        cap = await self._capture()
+        store: list[tuple[str, DVVSet]] = cap[1]
+        upto = cap[3] + len(cap[2])
+        step = 1024
+        chunks = [store[i:i + step] for i in range(0, len(store), step)] or [[]]
+        ans: Any = None
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            ans = await self.transport.call(peer, STATE_PATH, {"o": self.id, "items": items_to_wire(chunk),
+                                                               "upto": upto if last else None})
             self._peer_contact[peer] = time.monotonic()
         if not isinstance(ans, dict) or not isinstance(ans.get("applied"), int):
             raise BadRequest(f"bad state answer from {peer}")
         core.on_ack(peer, ans["applied"])
+        self._reseed_wanted.discard(peer)
         self.metrics.inc("kv_state_transfers_total")
-        log.warning("state transfer to %s done: it is at %d of our log", peer, ans["applied"])
+        log.warning("state transfer to %s done (%d keys): it is at %d of our log", peer, len(store), ans["applied"])
 
     async def _on_state(self, sender: str, obj: Any) -> Any:
         core = self.core
@@ -554,6 +591,14 @@ class MultiLeaderNode:
         self._peer_contact[origin] = time.monotonic()
         if isinstance(obj.get("pos"), dict):
             self._peer_positions[origin] = {str(k): int(v) for k, v in obj["pos"].items() if isinstance(v, int)}
+            theirs = self._peer_positions[origin].get(origin, 0)
+            if theirs < core.applied.get(origin, 0) and origin not in self._reseed_wanted:
+                log.warning("%s's log ends at %d but we merged it up to %d: it lost data; it gets our store",
+                            origin, theirs, core.applied[origin])
+                self._reseed_wanted.add(origin)
+        if obj.get("reseed") is True and origin not in self._reseed_wanted:
+            self._reseed_wanted.add(origin)
+            self._send_wake[origin].set()
         await self._gate_open()
         out = core.receive(origin, recs)
         for ev in out.conflicts:
@@ -825,7 +870,8 @@ class MultiLeaderNode:
             "kv_writes_refused_total": "writes refused with 503 (acks cannot be met)",
             "kv_deduplicated_writes_total": "retried writes answered from the KV-Request-Id cache",
             "kv_snapshots_total": "snapshots written (the WAL before them is deleted)",
-            "kv_state_transfers_total": "whole-store transfers to a peer that needed trimmed records",
+            "kv_state_transfers_total": "whole-store transfers to a peer (behind our trimmed log, or reseeding)",
+            "kv_data_loss_detected_total": "times a peer held more of our log than we had (we lost data)",
         }
         for name, help_ in known.items():
             g(name, self.metrics.counters.get(name, 0.0), help_, "counter")

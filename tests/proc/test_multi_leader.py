@@ -251,3 +251,26 @@ def test_snapshots_compact_the_wal_and_a_restart_recovers_from_them(tmp_path: Pa
         wait_for(lambda: get(c, "n2", "after-restart")[2] == b"x", 10, "replication resumes after restart")
     finally:
         c.close()
+
+
+def test_a_node_that_lost_its_disk_is_reseeded_and_its_new_writes_still_replicate(make_cluster: Any) -> None:
+    import shutil
+    c = make_cluster(3, "siblings")
+    for i in range(30):
+        put(c, c.ids[i % 3], f"k{i}", f"v{i}".encode())
+    wait_for(lambda: all(get(c, nid, f"k{i}")[2] == f"v{i}".encode() for nid in c.ids for i in range(30)), 10,
+             "replicated everywhere")
+    c.kill("n2")
+    shutil.rmtree(c.data_dir("n2"))                       # the disk is gone
+    c.start_node("n2")
+    c.wait_healthy("n2")
+    # everything comes back, including n2's own old writes (k1, k4, ...), from the peers' stores
+    wait_for(lambda: all(get(c, "n2", f"k{i}")[2] == f"v{i}".encode() for i in range(30)), 15, "n2 reseeded")
+    assert "DATA LOSS DETECTED" in c.log_text("n2")
+    # n2's log continues after what the peers hold: its new writes are not skipped as duplicates
+    put(c, "n2", "k1", b"rewritten-on-n2")
+    put(c, "n2", "fresh", b"new")
+    for nid in ("n1", "n3"):
+        wait_for(lambda: get(c, nid, "fresh")[2] == b"new" and get(c, nid, "k1")[2] == b"rewritten-on-n2", 10,
+                 f"n2's new writes on {nid}")
+    assert c.metric("n1", "kv_state_transfers_total") + c.metric("n3", "kv_state_transfers_total") >= 1

@@ -381,3 +381,27 @@ def test_state_records_round_trip_and_replay() -> None:
     b = make(N2)
     b.replay_state(origin, items, upto)
     assert b.store == a.store and b.applied[N1] == 1
+
+
+def test_a_node_that_lost_its_log_continues_after_it_and_never_reuses_a_dot() -> None:
+    a, b = make(N1), make(N2)
+    for i in range(5):
+        a.local_write("k", f"v{i}".encode(), None)          # dots n1:1..5, seqs 1..5
+    ship(a, b)
+    wiped = make(N1)                                         # n1's disk is gone
+    assert wiped.fast_forward(b.applied[N1]) and not wiped.fast_forward(3)
+    assert wiped.last_seq == 5 and wiped.reseed_from == {N2, N3}
+    out = wiped.local_write("k", b"after-loss", None)        # before any reseed arrived
+    assert out.record.seq == 6 and out.sibling.dot.counter == 6   # no reuse of n1:1..5
+    b.receive(N1, [out.record])                              # not skipped as a duplicate
+    assert live_values(b, "k") == [b"after-loss"]
+    _, pos = wiped.receive_state(N2, list(b.store.items()), upto=b.last_seq)
+    assert N2 not in wiped.reseed_from and wiped.get("k") == b.get("k")
+
+
+def test_fast_forward_is_replayed_from_its_record() -> None:
+    from kvstore.replication.multi_leader import decode_state_record, encode_state_record
+    a = make(N1)
+    data = encode_state_record(N1, [], 9)
+    a.replay_state(*decode_state_record(data))  # type: ignore[misc]
+    assert a.last_seq == 9 and a.dot_floor == 9 and a.reseed_from == {N2, N3}
