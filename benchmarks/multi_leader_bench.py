@@ -28,6 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Procs, load, pct, start_cluster, tmpdir, wait_health, write_cluster_config  # noqa: E402
 
 
+def wait_writable(urls: list[str], timeout: float = 30.0) -> None:
+    """Nodes that start empty take writes once every peer told them their log position."""
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    for u in urls:
+        while True:
+            try:
+                with urllib.request.urlopen(u + "/cluster", timeout=1) as r:
+                    if json.loads(r.read()).get("writable"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{u} did not become writable")
+            time.sleep(0.05)
+
+
 async def cluster_infos(s: aiohttp.ClientSession, urls: list[str]) -> list[dict]:
     out = []
     for u in urls:
@@ -112,6 +129,7 @@ async def main() -> int:
             start_cluster(procs, cfg, n, tmp)
             for u in urls:
                 wait_health(u)
+            wait_writable(urls)
             clusters[name] = urls
         res: dict[str, list[dict]] = {"1-node": [], "3-leader": []}
         lags: list[float] = []

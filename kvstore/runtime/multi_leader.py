@@ -186,6 +186,12 @@ class MultiLeaderNode:
         self._compact_upto = 0
         self._capture_waiters: list[asyncio.Future[tuple[Any, ...]]] = []
         self._reseed_wanted: set[NodeId] = set()     # peers that asked for our whole store
+        # A node that starts with nothing on disk is new -- or lost its disk. Until every
+        # peer has told it how much of its log they hold (or 3 x timeout_ms passed), it
+        # takes no writes: a wiped node must not reissue sequence numbers and versions.
+        self._empty_start = False
+        self._heard: set[NodeId] = set()
+        self._writable_since: float | None = None
 
     # ---- clock ----------------------------------------------------------------------------
     def _physical_ms(self) -> int:
@@ -233,6 +239,7 @@ class MultiLeaderNode:
         self._next_index = last_index + 1
         self._synced_index = last_index
         self._since_snapshot = replayed
+        self._empty_start = not snaps and not rec.entries and bool(self.peers)
         self._synced_seq = core.last_seq
         self._durable_applied = dict(core.applied)
         if self.skew_ms:
@@ -254,6 +261,7 @@ class MultiLeaderNode:
         self._acks_changed = asyncio.Event()
         self._gate = asyncio.Event()
         self._gate.set()
+        self.started_at = time.monotonic()
         await self.transport.start()
         self._spawn(self._persist_loop(), "persist")
         for p in self.peers:
@@ -446,6 +454,30 @@ class MultiLeaderNode:
         idx = self._enqueue(encode_state_record(self.id, [], held), "F", self.id, held)
         await self._durable(idx)
 
+    def _heard_from(self, peer: NodeId) -> None:
+        if self._empty_start and peer not in self._heard:
+            self._heard.add(peer)
+            if self._heard >= set(self.peers):
+                self._empty_start = False
+                log.info("started empty; every peer told us our log position (%d): taking writes",
+                         self.core.last_seq if self.core else 0)
+
+    def _check_writable(self) -> None:
+        if not self._empty_start:
+            return
+        waited = time.monotonic() - self.started_at
+        limit = 3 * self.timeout_s
+        if waited >= limit:
+            self._empty_start = False
+            missing = sorted(set(self.peers) - self._heard)
+            log.warning("started empty and did not hear from %s within %d ms: taking writes anyway (if this "
+                        "node lost its disk and those peers hold its newest writes, they would skip the "
+                        "new ones)", ", ".join(missing), int(limit * 1000))
+            return
+        missing = sorted(set(self.peers) - self._heard)
+        raise Unavailable(f"this node started with empty storage: waiting up to {int((limit - waited) * 1000)} ms "
+                          f"more to hear from {', '.join(missing)} whether it lost data", retry_after_ms=200)
+
     def _trim_log(self) -> None:
         """Drop own records every peer has AND the newest snapshot covers (a peer that
         needs older ones is sent that snapshot's store instead)."""
@@ -511,6 +543,7 @@ class MultiLeaderNode:
             if isinstance(ans.get("pos"), dict):
                 self._peer_positions[peer] = {str(k): int(v) for k, v in ans["pos"].items() if isinstance(v, int)}
                 await self._check_lost_data(peer, self._peer_positions[peer])   # before on_ack clamps pos
+                self._heard_from(peer)
             before = prog.acked
             core.on_ack(peer, pos)
             if entries:
@@ -596,6 +629,8 @@ class MultiLeaderNode:
                 log.warning("%s's log ends at %d but we merged it up to %d: it lost data; it gets our store",
                             origin, theirs, core.applied[origin])
                 self._reseed_wanted.add(origin)
+            await self._check_lost_data(origin, self._peer_positions[origin])
+            self._heard_from(origin)
         if obj.get("reseed") is True and origin not in self._reseed_wanted:
             self._reseed_wanted.add(origin)
             self._send_wake[origin].set()
@@ -698,6 +733,7 @@ class MultiLeaderNode:
             if k == key:
                 self.metrics.inc("kv_deduplicated_writes_total")
                 return KVResult(key, None, ver, self._token(), None, encode_vv(core.get(key).context))
+        self._check_writable()
         acks = opts.acks or self._default_acks()
         needed = self._needed_peers(acks)
         if needed:
@@ -832,6 +868,7 @@ class MultiLeaderNode:
             "commit": sum(c for _, c in core.positions()),
             "positions": dict(core.positions().entries),
             "token": self._token(),
+            "writable": not self._empty_start,
             "keys": len(core.store),
             "sibling_keys": core.sibling_keys() if self.policy == "siblings" else 0,
             "conflicts": {"lww_discarded": core.lww_discarded, "siblings": core.sibling_conflicts},

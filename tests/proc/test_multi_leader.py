@@ -62,14 +62,21 @@ def cluster_info(c: Cluster, nid: str) -> dict[str, Any]:
     return c.info(nid)
 
 
+def wait_writable(c: Cluster, nids: list[str] | None = None) -> None:
+    """A node that started with empty storage takes writes once every peer has told it
+    its log position (so a wiped node never reuses versions)."""
+    for nid in nids or c.ids:
+        wait_for(lambda: cluster_info(c, nid)["writable"], 10, f"{nid} writable")
+
+
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[Any]:
     made: list[Cluster] = []
 
-    def make(n: int, conflict: str, env: dict[str, dict[str, str]] | None = None) -> Cluster:
+    def make(n: int, conflict: str, env: dict[str, dict[str, str]] | None = None, timeout_ms: int = 500) -> Cluster:
         c = Cluster(tmp_path / f"c{len(made)}", n=n, sections={
             "replication": {"mode": "multi-leader", "conflict": conflict},
-            "failure_detector": {"heartbeat_interval_ms": 50, "timeout_ms": 500}})
+            "failure_detector": {"heartbeat_interval_ms": 50, "timeout_ms": timeout_ms}})
         made.append(c)
         for nid in c.ids:
             extra = (env or {}).get(nid, {})
@@ -85,6 +92,7 @@ def make_cluster(tmp_path: Path) -> Iterator[Any]:
                         os.environ[k] = v
         for nid in c.ids:
             c.wait_healthy(nid)
+        wait_writable(c)
         return c
 
     yield make
@@ -234,6 +242,7 @@ def test_snapshots_compact_the_wal_and_a_restart_recovers_from_them(tmp_path: Pa
         "storage": {"snapshot_every_entries": 50, "segment_bytes_max": 4096}})
     try:
         c.start(wait_leader=False)
+        wait_writable(c)
         for i in range(300):
             put(c, "n1" if i % 3 else "n2", f"k{i}", f"v{i}".encode())
         wait_for(lambda: all(get(c, "n2", f"k{i}")[2] == f"v{i}".encode() for i in range(0, 300, 7)), 10,
@@ -274,3 +283,20 @@ def test_a_node_that_lost_its_disk_is_reseeded_and_its_new_writes_still_replicat
         wait_for(lambda: get(c, nid, "fresh")[2] == b"new" and get(c, nid, "k1")[2] == b"rewritten-on-n2", 10,
                  f"n2's new writes on {nid}")
     assert c.metric("n1", "kv_state_transfers_total") + c.metric("n3", "kv_state_transfers_total") >= 1
+
+
+def test_a_node_with_empty_storage_takes_writes_only_after_hearing_from_its_peers(make_cluster: Any) -> None:
+    c = make_cluster(2, "siblings", timeout_ms=3000)   # the empty node waits up to 3 x 3 s
+    put(c, "n2", "k", b"v")
+    wait_for(lambda: get(c, "n1", "k")[2] == b"v", 10, "replicated")
+    c.kill("n2")
+    c.kill("n1")
+    import shutil
+    shutil.rmtree(c.data_dir("n1"))          # n1 lost its disk; n2 (which holds n1's position) is down
+    c.start_node("n1")
+    c.wait_healthy("n1")
+    st, _, body = req(f"{c.urls['n1']}/kv/x", "PUT", b"y")
+    assert st == 503 and b"empty storage" in body, (st, body)
+    c.start_node("n2")
+    wait_writable(c, ["n1"])
+    put(c, "n1", "x", b"y")
