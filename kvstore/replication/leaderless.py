@@ -398,6 +398,20 @@ class WriteQuorum:
     def status(self) -> QuorumStatus:
         return quorum_status(self.plan.replicas, self.plan.w, self.replies.values())
 
+    def untried(self, plan: WritePlan) -> list[Placement]:
+        """Targets of a fresh `plan` (made with a newer liveness view) not asked yet."""
+        asked = {t.node for t in self.plan.targets} | {self.plan.coordinator}
+        return [t for t in plan.targets if t.node not in asked]
+
+    def extended(self, plan: WritePlan) -> WriteQuorum:
+        """Dynamo's "move on to the next node": when replicas refused the write, ask the
+        ones a newer plan adds. Replies so far are kept (a refusal still counts against
+        the quorum only through the larger replica count)."""
+        more = tuple(self.untried(plan))
+        merged = WritePlan(self.plan.key, self.plan.coordinator, self.plan.targets + more,
+                           plan.unplaced, self.plan.w)
+        return WriteQuorum(merged, dict(self.replies))
+
     def owners_to_hint(self) -> list[NodeId]:
         """Owners that do not hold the write (yet): unplaced ones, and owner targets that
         failed or timed out. Fallbacks that failed leave their owner unhinted, so the

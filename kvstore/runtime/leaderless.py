@@ -53,7 +53,7 @@ from kvstore.transport.rpc import PeerRPC, rpc_handler
 log = logging.getLogger("kvstore.leaderless")
 
 HINT_BATCH = 256
-AE_SYNC_MAX_BUCKETS = 64
+AE_SYNC_MAX_PARTS = 64   # partitions per ae_sync call
 
 
 def _now_ms() -> int:
@@ -97,6 +97,8 @@ class LeaderlessNode:
         self._bg: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._shared: dict[NodeId, list[int]] = {}
+        self._replicators = {p: _Batcher(self, p, "replicate", "items") for p in self.peer_urls if p != self.id}
+        self._readers = {p: _Batcher(self, p, "read", "keys") for p in self.peer_urls if p != self.id}
         self.ae_last_run: dict[NodeId, float] = {}   # wall time of the last completed round per peer
         self.ae_last_ok_s = 0.0
 
@@ -298,6 +300,25 @@ class LeaderlessNode:
         self._mark_up(peer)
         return ans
 
+    async def _reprobe(self, key: str) -> bool:
+        """Before refusing a request for want of replicas, ask the key's owners this node
+        believes down whether they are back (a node that just started, or a view that
+        lags). True if any came back."""
+        down = [o for o in self.ring.preference_list(key, self.n) if not self.is_up(o)
+                and not self.transport.blocked(o)]
+        if not down:
+            return False
+        timeout = min(1.0, self.config.failure_detector.timeout_ms / 1000.0)
+
+        async def one(peer: NodeId) -> None:
+            try:
+                await self._call(peer, "ping", {}, timeout)
+            except KVError:
+                pass
+
+        await asyncio.gather(*(one(p) for p in down))
+        return any(self.is_up(o) for o in down)
+
     async def _probe_loop(self) -> None:
         interval = max(0.05, self.config.failure_detector.heartbeat_interval_ms / 1000.0)
         timeout = self.config.failure_detector.timeout_ms / 1000.0
@@ -350,18 +371,21 @@ class LeaderlessNode:
                 records.append(rec)
         await self._persist(records)
         self.metrics.inc("kv_replica_writes_total", len(items))
-        return {"ok": len(items)}
+        return {"ok": len(items), "results": [None] * len(items)}
 
     def _local_answer(self, key: str) -> DVVSet | None:
         c = sync(self.replica.get(key), self.replica.hinted(key))
         return None if c == DVVSet.empty() else c
 
     async def _on_read(self, sender: str, obj: Any) -> Any:
-        key = obj.get("key") if isinstance(obj, dict) else None
-        if not isinstance(key, str):
-            raise BadRequest("read: expected {key}")
-        c = self._local_answer(key)
-        return {"c": None if c is None else c.to_plain()}
+        keys = obj.get("keys") if isinstance(obj, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise BadRequest("read: expected {keys: [key, ...]}")
+        out = []
+        for key in keys:
+            c = self._local_answer(key)
+            out.append(None if c is None else c.to_plain())
+        return {"results": out}
 
     async def _on_coord(self, sender: str, obj: Any) -> Any:
         """A write forwarded by a non-owner (or a node that is not the first up owner).
@@ -396,26 +420,35 @@ class LeaderlessNode:
         return {"diff": out}
 
     async def _on_ae_sync(self, sender: str, obj: Any) -> Any:
-        if not isinstance(obj, dict) or not isinstance(obj.get("p"), int) \
-                or not isinstance(obj.get("buckets"), list) or not isinstance(obj.get("items"), list):
-            raise BadRequest("ae_sync: expected {p, buckets, items}")
-        p = obj["p"]
-        if p not in set(self.ring.ranges_for(self.id, self.n)):
-            raise BadRequest(f"ae_sync: {self.id} does not replicate partition {p}")
+        """{parts: [[partition, buckets, items]]}: merge the peer's containers of those
+        leaves, answer ours (after the merge) for the same leaves."""
+        parts = obj.get("parts") if isinstance(obj, dict) else None
+        if not isinstance(parts, list):
+            raise BadRequest("ae_sync: expected {parts: [[partition, buckets, items]]}")
+        mine_ranges = set(self.ring.ranges_for(self.id, self.n))
         records = []
-        for item in obj["items"]:
-            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
-                raise BadRequest("ae_sync: bad item")
-            c = DVVSet.from_plain(item[1])
-            self._observe(c)
-            rec = self.replica.merge(item[0], c)
-            if rec is not None:
-                records.append(rec)
+        for part in parts:
+            if not isinstance(part, list) or len(part) != 3 or not isinstance(part[0], int) \
+                    or not isinstance(part[1], list) or not isinstance(part[2], list):
+                raise BadRequest("ae_sync: bad part")
+            if part[0] not in mine_ranges:
+                raise BadRequest(f"ae_sync: {self.id} does not replicate partition {part[0]}")
+            for item in part[2]:
+                if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+                    raise BadRequest("ae_sync: bad item")
+                c = DVVSet.from_plain(item[1])
+                self._observe(c)
+                rec = self.replica.merge(item[0], c)
+                if rec is not None:
+                    records.append(rec)
         await self._persist(records)
         if records:
             self.metrics.inc("kv_ae_keys_repaired_total", len(records))
-        mine = self.replica.keys_in(p, obj["buckets"])
-        return {"items": [[k, c.to_plain()] for k, c in mine.items()]}
+        out = []
+        for p, buckets, _ in parts:
+            mine = self.replica.keys_in(p, buckets)
+            out.append([p, [[k, c.to_plain()] for k, c in mine.items()]])
+        return {"parts": out}
 
     def add_routes(self, app: web.Application) -> None:
         members = set(self.peer_urls)
@@ -459,7 +492,10 @@ class LeaderlessNode:
                              "(concurrent writes then become siblings, never lost).")
         core.parse_context(opts.context)  # validate before anything happens (400)
         self.metrics.inc("kv_writes_total")
-        for cand in core.coordinators(self.ring, key, self.n, self.id, self.is_up):
+        cands = core.coordinators(self.ring, key, self.n, self.id, self.is_up)
+        if not cands and await self._reprobe(key):
+            cands = core.coordinators(self.ring, key, self.n, self.id, self.is_up)
+        for cand in cands:
             if cand == self.id:
                 res = await self._coordinate(key, value, opts.context)
                 break
@@ -492,34 +528,59 @@ class LeaderlessNode:
         try:
             plan = core.plan_write(self.ring, key, self.n, self.w, self.id, self.is_up, sloppy=self.sloppy)
         except Unavailable:
-            self.metrics.inc("kv_writes_refused_total")
-            raise
+            if not await self._reprobe(key):
+                self.metrics.inc("kv_writes_refused_total")
+                raise
+            try:
+                plan = core.plan_write(self.ring, key, self.n, self.w, self.id, self.is_up, sloppy=self.sloppy)
+            except Unavailable:
+                self.metrics.inc("kv_writes_refused_total")
+                raise
         ts = self.clock.now()
         new, rec = self.replica.coordinate(key, value, ctx, ts)
         await self._persist([rec])
-        quorum = core.WriteQuorum(plan)
+        holder = [core.WriteQuorum(plan)]   # replaced when the write moves on to more replicas
         done = asyncio.Event()
-        if quorum.status().outcome is not Outcome.PENDING:
+        if holder[0].status().outcome is not Outcome.PENDING:
             done.set()
         plain = new.to_plain()
 
         async def send(t: Any) -> None:
             try:
-                await self._call(t.node, "replicate", {"items": [[key, plain, t.hint_for]]})
+                await self._replicators[t.node].submit([key, plain, t.hint_for])
                 reply = Reply.ACK
-            except Timeout:
+            except Timeout as e:
+                log.info("replicating %r to %s timed out: %s", key, t.node, e.message)
                 reply = Reply.TIMEOUT
-            except KVError:
+            except KVError as e:
+                log.info("replicating %r to %s failed: %s", key, t.node, e.message)
                 reply = Reply.FAIL
-            if quorum.on_reply(t.node, reply).outcome is not Outcome.PENDING:
+            if holder[0].on_reply(t.node, reply).outcome is not Outcome.PENDING:
                 done.set()
 
         sends = [asyncio.create_task(send(t)) for t in plan.targets]
-        timeout = self.config.replication.write_timeout_ms / 1000.0
-        try:
-            await asyncio.wait_for(done.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.replication.write_timeout_ms / 1000.0
+        while True:
+            try:
+                await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                break
+            if holder[0].status().outcome is not Outcome.FAILURE:
+                break
+            # replicas refused (down, or our view was stale): try the ones a fresh plan adds
+            await self._reprobe(key)
+            try:
+                fresh = core.plan_write(self.ring, key, self.n, self.w, self.id, self.is_up, sloppy=self.sloppy)
+            except Unavailable:
+                break
+            more = holder[0].untried(fresh)
+            if not more:
+                break
+            holder[0] = holder[0].extended(fresh)
+            done.clear()
+            sends.extend(asyncio.create_task(send(t)) for t in more)
+        quorum = holder[0]
         status = quorum.status()
         self._background(self._finish_write(key, new, quorum, sends))
         version = encode_dot(Dot(self.id, new.context.get(self.id)))
@@ -563,9 +624,11 @@ class LeaderlessNode:
         from kvstore.api.app import KVResult
 
         self.metrics.inc("kv_reads_total")
-        if opts.consistency not in (None, "", "local", "quorum"):
-            raise BadRequest(f"consistency must be local (this replica alone) or omitted for a quorum "
-                             f"read in leaderless mode (got {opts.consistency!r})")
+        if opts.consistency not in (None, "", "local", "quorum", "leader"):
+            # "leader" (a single-leader client's default) is taken as the strongest read
+            # there is here: a quorum read
+            raise BadRequest(f"consistency must be local (this replica alone), or quorum / omitted for a "
+                             f"quorum read in leaderless mode (got {opts.consistency!r})")
         if opts.consistency == "local":
             c = self.replica.get(key)
         else:
@@ -579,6 +642,8 @@ class LeaderlessNode:
 
     async def _quorum_read(self, key: str, r: int) -> DVVSet:
         targets = core.read_targets(self.ring, key, self.n, self.id, self.is_up, sloppy=self.sloppy)
+        if len(targets) < r and await self._reprobe(key):
+            targets = core.read_targets(self.ring, key, self.n, self.id, self.is_up, sloppy=self.sloppy)
         if len(targets) < r:
             raise Unavailable(f"read quorum unreachable: {len(targets)} replica(s) of {key!r} up, r={r} needed",
                               acks=0, needed=r, replicas=len(targets))
@@ -591,8 +656,8 @@ class LeaderlessNode:
 
         async def ask(node: NodeId) -> None:
             try:
-                ans = await self._call(node, "read", {"key": key})
-                c = None if ans.get("c") is None else DVVSet.from_plain(ans["c"])
+                ans = await self._readers[node].submit(key)
+                c = None if ans is None else DVVSet.from_plain(ans)
                 if c is not None:
                     self._observe(c)
                 st = q.on_answer(node, c)
@@ -636,7 +701,7 @@ class LeaderlessNode:
                     self._persist_later([rec])
                 continue
             try:
-                await self._call(node, "replicate", {"items": [[key, c.to_plain(), hint_for]]})
+                await self._replicators[node].submit([key, c.to_plain(), hint_for])
             except KVError as e:
                 log.debug("read repair of %r on %s failed: %s", key, node, e.message)
 
@@ -720,25 +785,26 @@ class LeaderlessNode:
         repaired = 0
         diff = ans.get("diff", [])
         self.metrics.inc("kv_ae_partitions_differing_total", len(diff))
+        todo: list[list[Any]] = []
         for p, leaves in diff:
-            tree = self.replica.tree(p)
-            buckets = compare_level(tree, core.MERKLE_DEPTH, dict(enumerate(leaves)))
-            if not buckets:
-                continue
-            for i in range(0, len(buckets), AE_SYNC_MAX_BUCKETS):
-                chunk = buckets[i:i + AE_SYNC_MAX_BUCKETS]
-                mine = self.replica.keys_in(p, chunk)
-                got = await self._call(peer, "ae_sync", {"p": p, "buckets": chunk,
-                                                         "items": [[k, c.to_plain()] for k, c in mine.items()]})
-                records = []
-                for k, plain in got.get("items", []):
+            buckets = compare_level(self.replica.tree(p), core.MERKLE_DEPTH, dict(enumerate(leaves)))
+            if buckets:
+                todo.append([p, buckets])
+        for i in range(0, len(todo), AE_SYNC_MAX_PARTS):
+            chunk = todo[i:i + AE_SYNC_MAX_PARTS]
+            parts = [[p, b, [[k, c.to_plain()] for k, c in self.replica.keys_in(p, b).items()]]
+                     for p, b in chunk]
+            got = await self._call(peer, "ae_sync", {"parts": parts})
+            records = []
+            for _, items in got.get("parts", []):
+                for k, plain in items:
                     c = DVVSet.from_plain(plain)
                     self._observe(c)
                     rec = self.replica.merge(k, c)
                     if rec is not None:
                         records.append(rec)
-                await self._persist(records)
-                repaired += len(records)
+            await self._persist(records)
+            repaired += len(records)
         if repaired:
             self.metrics.inc("kv_ae_keys_repaired_total", repaired)
             log.info("anti-entropy with %s repaired %d key(s) here", peer, repaired)
@@ -840,6 +906,58 @@ class LeaderlessNode:
 
     def fault_state(self) -> dict[str, Any]:
         return self.transport.fault_state()
+
+
+class _Batcher:
+    """Coalesces one kind of per-key RPC to one peer: items submitted while a call is in
+    flight ride the next one (up to MAX_INFLIGHT calls at once), as group commit does
+    for fsyncs. Every item of a failed call fails with that call's error."""
+
+    MAX_INFLIGHT = 2
+    MAX_ITEMS = 512
+
+    def __init__(self, node: "LeaderlessNode", peer: NodeId, path: str, field_name: str) -> None:
+        self.node = node
+        self.peer = peer
+        self.path = path
+        self.field = field_name
+        self.queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self.inflight = 0
+
+    async def submit(self, item: Any) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((item, fut))
+        if self.inflight < self.MAX_INFLIGHT:
+            self.inflight += 1
+            self.node._background(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch, self.queue = self.queue[:self.MAX_ITEMS], self.queue[self.MAX_ITEMS:]
+                try:
+                    ans = await self.node._call(self.peer, self.path, {self.field: [i for i, _ in batch]})
+                except KVError as e:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(type(e)(e.message, **e.details))
+                    continue
+                except BaseException:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(Unavailable(f"call to {self.peer} abandoned"))
+                    raise
+                results = ans.get("results") if isinstance(ans, dict) else None
+                for i, (_, f) in enumerate(batch):
+                    if f.done():
+                        continue
+                    if isinstance(results, list) and len(results) == len(batch):
+                        f.set_result(results[i])
+                    else:
+                        f.set_exception(KVError(f"{self.peer} answered {self.path} without results"))
+        finally:
+            self.inflight -= 1
 
 
 class _Written:

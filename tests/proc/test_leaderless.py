@@ -119,6 +119,9 @@ async def test_three_nodes_one_killed_reads_see_acked_writes_and_copies_converge
         print(f"500 writes + 500 reads with n3 down in {load_s:.1f}s; converged {took:.1f}s after restart")
         handed = sum(c.metric(n, "kv_hints_delivered_total") for n in ("n1", "n2"))
         assert handed > 0   # n1/n2 kept hints for n3 and handed them off
+        wait_for(lambda: c.metric("n3", "kv_ae_rounds_total") > 0, 5.0, "an anti-entropy round on n3")
+        assert c.metric("n3", "kv_ae_last_run_timestamp_seconds") > 0
+        assert c.info("n3")["anti_entropy_last_run"] is not None
     finally:
         c.close()
 

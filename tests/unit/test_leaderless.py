@@ -352,3 +352,17 @@ def test_dot_of_a_new_write_is_covered_by_later_reads() -> None:
     rep = replica(N3, me)
     c, _ = rep.coordinate(key, b"v", None, ts(1, me))
     assert c.context.covers(Dot(me, 1))
+
+
+def test_write_moves_on_to_replicas_a_fresh_plan_adds() -> None:
+    key = "k"
+    me, o2, o3 = N3.preference_list(key, 3)
+    stale = core.plan_write(N3, key, 3, 2, me, lambda x: x == o3, sloppy=True)   # thinks o2 down
+    q = core.WriteQuorum(stale)
+    assert q.on_reply(o3, Reply.FAIL).outcome is Outcome.FAILURE                 # o3 was the dead one
+    fresh = core.plan_write(N3, key, 3, 2, me, lambda x: x == o2, sloppy=True)
+    assert [t.node for t in q.untried(fresh)] == [o2]
+    q2 = q.extended(fresh)
+    assert q2.status().outcome is Outcome.PENDING
+    assert q2.on_reply(o2, Reply.ACK).outcome is Outcome.SUCCESS
+    assert q2.owners_to_hint().count(o3) >= 1
