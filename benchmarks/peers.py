@@ -100,12 +100,14 @@ async def closed_loop(op: Op, *, concurrency: int, duration: float, warmup: floa
     import random
     lat: list[float] = []
     errors: Counter[str] = Counter()
+    total_ok = 0
     loop = asyncio.get_running_loop()
     start = loop.time()
     measure_from = start + warmup
     stop_at = measure_from + duration
 
     async def worker(w: int) -> None:
+        nonlocal total_ok
         rnd = random.Random(seed * 1000 + w)
         i = w
         while True:
@@ -126,6 +128,7 @@ async def closed_loop(op: Op, *, concurrency: int, duration: float, warmup: floa
                     ok, err = False, type(e).__name__
                 else:
                     raise
+            total_ok += ok
             if now >= measure_from:
                 if ok:
                     lat.append(time.perf_counter() - t0)
@@ -135,7 +138,55 @@ async def closed_loop(op: Op, *, concurrency: int, duration: float, warmup: floa
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     lat.sort()
     return {"ops_s": len(lat) / duration, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000,
-            "errors": sum(errors.values()), "errors_by": dict(errors), "ops": len(lat)}
+            "errors": sum(errors.values()), "errors_by": dict(errors), "ops": len(lat),
+            "all_ok_ops": total_ok, "elapsed_s": loop.time() - start}
+
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | str) -> float:
+    """user + system CPU seconds of a process so far (0 if it is gone)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / CLK
+
+
+def runq_wait_s(pid: int | str) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    try:
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((t / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    except OSError:
+        return 0.0
+    return total / 1e9
+
+
+async def measured(pids: list[int], coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Run one closed_loop and add the CPU that the system's processes and this driver
+    spent per operation (on a shared 2-core machine, CPU per op is the steadier figure),
+    per process too, and how long they sat in the run queue waiting for a CPU."""
+    before = [cpu_s(p) for p in pids]
+    wait0 = sum(runq_wait_s(p) for p in pids)
+    me, mewait = cpu_s("self"), runq_wait_s("self")
+    res = await coro
+    after = [cpu_s(p) for p in pids]
+    srv = sum(after) - sum(before)
+    n = max(1, res["all_ok_ops"])
+    el = res["elapsed_s"]
+    res["server_cpu_ms_per_op"] = 1000 * srv / n
+    res["server_cpu_ms_per_op_by_process"] = [round(1000 * (a - b) / n, 4) for a, b in zip(after, before)]
+    res["driver_cpu_ms_per_op"] = 1000 * (cpu_s("self") - me) / n
+    res["server_cores"] = srv / el
+    res["server_runq_wait_cores"] = (sum(runq_wait_s(p) for p in pids) - wait0) / el
+    res["driver_runq_wait_cores"] = (runq_wait_s("self") - mewait) / el
+    return res
 
 
 async def fill(op: Op, value: bytes, keys: int = KEYS, concurrency: int = CONCURRENCY) -> None:
@@ -224,7 +275,7 @@ class KVCluster:
 
     def refresh(self) -> None:
         self.leader = wait_leader(self.urls)
-        self.follower = next(u for u in self.urls if u != self.leader)
+        self.follower = next((u for u in self.urls if u != self.leader), self.leader)
 
 
 def start_kv(procs: Procs, tmp: Path, name: str, n: int, acks: str) -> KVCluster:
@@ -253,6 +304,7 @@ def _post_json(url: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str
 @dataclass
 class Etcd:
     urls: list[str]
+    pids: list[int]
     leader: str = ""
     follower: str = ""
     version: str = ""
@@ -264,8 +316,9 @@ def start_etcd(procs: Procs, tmp: Path, n: int = 3) -> Etcd:
     client = [free_port() for _ in range(n)]
     peer = [free_port() for _ in range(n)]
     initial = ",".join(f"e{i + 1}=http://127.0.0.1:{peer[i]}" for i in range(n))
+    pids = []
     for i in range(n):
-        procs.start(["etcd", "--name", f"e{i + 1}", "--data-dir", str(d / f"e{i + 1}"),
+        pids.append(procs.start(["etcd", "--name", f"e{i + 1}", "--data-dir", str(d / f"e{i + 1}"),
                      "--listen-client-urls", f"http://127.0.0.1:{client[i]}",
                      "--advertise-client-urls", f"http://127.0.0.1:{client[i]}",
                      "--listen-peer-urls", f"http://127.0.0.1:{peer[i]}",
@@ -274,8 +327,8 @@ def start_etcd(procs: Procs, tmp: Path, n: int = 3) -> Etcd:
                      "--initial-cluster-token", f"peers-bench-{os.getpid()}",
                      "--heartbeat-interval", "100", "--election-timeout", "1000",
                      "--quota-backend-bytes", str(8 * 1024 ** 3),
-                     "--logger", "zap", "--log-level", "error"], log=d / f"e{i + 1}.log")
-    return Etcd([f"http://127.0.0.1:{p}" for p in client])
+                     "--logger", "zap", "--log-level", "error"], log=d / f"e{i + 1}.log").pid)
+    return Etcd([f"http://127.0.0.1:{p}" for p in client], pids)
 
 
 def etcd_ready(e: Etcd, timeout: float = 60.0) -> None:
@@ -300,6 +353,7 @@ def etcd_ready(e: Etcd, timeout: float = 60.0) -> None:
 @dataclass
 class Redis:
     ports: list[int]
+    pids: list[int]
     version: str = ""
 
 
@@ -307,6 +361,7 @@ def start_redis(procs: Procs, tmp: Path, n: int = 3) -> Redis:
     d = tmp / "redis"
     d.mkdir()
     ports = [free_port() for _ in range(n)]
+    pids = []
     for i, p in enumerate(ports):
         rd = d / f"r{i + 1}"
         rd.mkdir()
@@ -315,8 +370,8 @@ def start_redis(procs: Procs, tmp: Path, n: int = 3) -> Redis:
                 "--protected-mode", "no", "--logfile", str(rd / "redis.log")]
         if i:
             args += ["--replicaof", "127.0.0.1", str(ports[0])]
-        procs.start(args)
-    return Redis(ports)
+        pids.append(procs.start(args).pid)
+    return Redis(ports, pids)
 
 
 async def redis_ready(r: Redis, timeout: float = 60.0) -> None:
@@ -391,10 +446,13 @@ def summarize_profile(raw: Path, top: int = 15) -> dict[str, Any]:
             "self": pc(self_c), "total": pc(incl), "kvstore_total": pc(kv)}
 
 
+def py_spy() -> str:
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
 async def profile_during(pid: int, out: Path, seconds: int, load: Callable[[], Awaitable[dict[str, Any]]]
                          ) -> dict[str, Any]:
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    p = subprocess.Popen([spy, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-d", str(seconds)],
+    p = subprocess.Popen([py_spy(), "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-d", str(seconds)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         await asyncio.sleep(0.3)
@@ -447,8 +505,10 @@ async def wait_key(http: aiohttp.ClientSession, url: str, key: str, timeout: flo
 
 
 async def growth(http: aiohttp.ClientSession, procs: Procs, c: KVCluster, stages: list[int],
-                 value_size: int = 100) -> dict[str, Any]:
-    """Batch-load c in stages; after each: RSS of every node, restart time of a follower."""
+                 value_size: int = 100, profile_to: Path | None = None) -> dict[str, Any]:
+    """Batch-load c in stages; after each: RSS of every node, restart time of a follower.
+    With profile_to, py-spy records the leader for 5 s of the largest stage's load."""
+    prof: dict[str, Any] | None = None
     value = make_value(value_size)
     rows = []
     loaded = 0
@@ -456,9 +516,18 @@ async def growth(http: aiohttp.ClientSession, procs: Procs, c: KVCluster, stages
     base = {u: rss_mb(p.pid) for u, p in zip(c.urls, c.procs)}
     for target in stages:
         c.refresh()
+        spy = None
+        if profile_to is not None and target == max(stages):
+            lpid = c.procs[c.urls.index(c.leader)].pid
+            spy = subprocess.Popen([py_spy(), "record", "-p", str(lpid), "-f", "raw", "-o", str(profile_to),
+                                    "-d", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(0.3)
         t0 = time.perf_counter()
         await batch_put(http, c.leader, loaded, target, value)
         dt = time.perf_counter() - t0
+        if spy is not None and profile_to is not None:
+            await asyncio.get_running_loop().run_in_executor(None, spy.wait, 30)
+            prof = summarize_profile(profile_to) if profile_to.exists() else {"error": "py-spy wrote nothing"}
         batch_s += dt
         added = target - loaded
         loaded = target
@@ -491,7 +560,7 @@ async def growth(http: aiohttp.ClientSession, procs: Procs, c: KVCluster, stages
     return {"stages": rows, "rss_empty_mb": base, "batch_keys_s": loaded / batch_s,
             "rss_mb_per_million_keys": slope * 1_000_000, "restart_s_per_million_keys": rslope * 1_000_000,
             "rss_at_1m_mb": at_1m_rss, "restart_at_1m_s": at_1m_restart,
-            "extrapolated_to_1m": loaded < 1_000_000}
+            "extrapolated_to_1m": loaded < 1_000_000, "batch_leader_profile": prof}
 
 
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -511,6 +580,8 @@ class Run:
     op: Op
     read_ratio: float
     value_size: int
+    pids: list[int]
+    labels: list[str]
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -566,6 +637,19 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
         await redis_ready(red)
     out["versions"] = {"etcd": etcd.version if etcd else None, "redis": red.version if red else None}
     print(f"all up in {time.monotonic() - t_start:.1f} s; load average {loadavg()}", flush=True)
+    # what the idle systems cost (they all stay up during every other system's runs)
+    idle_sets = {"raw": [raw_pid], "kvstore 3n semi-sync": [p.pid for p in semi.procs],
+                 "kvstore 3n async": [p.pid for p in asy.procs]}
+    if semi5:
+        idle_sets["kvstore 5n semi-sync"] = [p.pid for p in semi5.procs]
+    if etcd:
+        idle_sets["etcd 3m"] = etcd.pids
+    if red:
+        idle_sets["redis 1+2"] = red.pids
+    before = {k: sum(cpu_s(p) for p in v) for k, v in idle_sets.items()}
+    await asyncio.sleep(3.0)
+    out["idle_cores"] = {k: round((sum(cpu_s(p) for p in v) - before[k]) / 3.0, 3) for k, v in idle_sets.items()}
+    print(f"idle CPU (cores): {out['idle_cores']}", flush=True)
 
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
                                  timeout=aiohttp.ClientTimeout(total=10))
@@ -589,7 +673,25 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
 
         def add(workload: str, system: str, op: Op | None, rr: float, vs: int = 100) -> None:
             if op is not None:
-                plan.append(Run(workload, system, op, rr, vs))
+                plan.append(Run(workload, system, op, rr, vs, *pids_of(system)))
+
+        def pids_of(system: str) -> tuple[list[int], list[str]]:
+            """The system's server processes and their roles (leader/primary first)."""
+            if system.startswith("raw"):
+                return [raw_pid], ["raw"]
+            if system.startswith("etcd"):
+                assert etcd is not None
+                order = sorted(range(len(etcd.urls)), key=lambda i: etcd.urls[i] != etcd.leader)
+                return ([etcd.pids[i] for i in order],
+                        ["leader" if etcd.urls[i] == etcd.leader else "follower" for i in order])
+            if system.startswith("redis"):
+                assert red is not None
+                return red.pids, ["primary"] + ["replica"] * (len(red.pids) - 1)
+            c = semi5 if "5n" in system else asy if "async" in system else semi
+            assert c is not None
+            order = sorted(range(len(c.urls)), key=lambda i: c.urls[i] != c.leader)
+            return ([c.procs[i].pid for i in order],
+                    ["leader" if c.urls[i] == c.leader else "follower" for i in order])
 
         add("write 100B", "raw ceiling PUT", o_raw, 0.0)
         add("write 100B", "kvstore 3n semi-sync", o_semi, 0.0)
@@ -619,18 +721,25 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds} (load average {loadavg()[0]:.1f})", flush=True)
             for r in plan:
-                res = await closed_loop(r.op, concurrency=CONCURRENCY, duration=args.duration,
-                                        warmup=args.warmup, read_ratio=r.read_ratio,
-                                        value=values[r.value_size], seed=rnd)
+                res = await measured(r.pids, closed_loop(
+                    r.op, concurrency=CONCURRENCY, duration=args.duration, warmup=args.warmup,
+                    read_ratio=r.read_ratio, value=values[r.value_size], seed=rnd))
                 r.results.append(res)
                 if not res["ops"]:
                     notes.append(f"round {rnd + 1}: {r.workload} / {r.system}: no operation completed "
                                  f"in the window (every one took > {args.duration} s, or timed out)")
                 print(f"  {r.workload:<11} {r.system:<36} {res['ops_s']:>8.0f} ops/s  p50 {res['p50_ms']:6.1f} ms"
-                      f"  p99 {res['p99_ms']:6.1f} ms  errors {res['errors']}", flush=True)
+                      f"  p99 {res['p99_ms']:6.1f} ms  CPU/op {res['server_cpu_ms_per_op']:5.2f} ms "
+                      f"(driver {res['driver_cpu_ms_per_op']:4.2f})  errors {res['errors']}", flush=True)
         table = []
         for r in plan:
-            med = {m: statistics.median(x[m] for x in r.results) for m in ("ops_s", "p50_ms", "p99_ms")}
+            med = {m: statistics.median(x[m] for x in r.results)
+                   for m in ("ops_s", "p50_ms", "p99_ms", "server_cpu_ms_per_op", "driver_cpu_ms_per_op",
+                             "server_cores", "server_runq_wait_cores", "driver_runq_wait_cores")}
+            med["server_cpu_ms_per_op_by_process"] = [
+                round(statistics.median(x["server_cpu_ms_per_op_by_process"][i] for x in r.results), 4)
+                for i in range(len(r.pids))]
+            med["processes"] = r.labels
             table.append({"workload": r.workload, "system": r.system, "value_bytes": r.value_size,
                           "read_ratio": r.read_ratio, **med, "errors": sum(x["errors"] for x in r.results),
                           "rounds": [round(x["ops_s"], 1) for x in r.results]})
@@ -649,7 +758,9 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
         kv_ready(fresh)
         print(f"batch load / RSS / restart into a fresh 3-node semi-sync cluster (stages {args.stages})",
               flush=True)
-        out["growth"] = await growth(http, procs, fresh, args.stages)
+        bprof = (HERE / "results" / "peers.profile-batch-leader.txt" if args.keep_profiles
+                 else tmp / "profile-batch.txt") if args.profile else None
+        out["growth"] = await growth(http, procs, fresh, args.stages, profile_to=bprof)
         procs.stop_all()
     finally:
         await http.close()
@@ -705,9 +816,15 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
         if not ra or not rb or not rb["ops_s"]:
             return {"target": name, "goal": f">= {goal}x", "value": None, "met": None,
                     "note": "skipped: peer not run"}
-        v = ra["ops_s"] / rb["ops_s"]
+        # the median of the per-round ratios (each round runs A and B minutes apart at most)
+        per_round = [a / b for a, b in zip(ra["rounds"], rb["rounds"]) if b]
+        v = statistics.median(per_round) if per_round else ra["ops_s"] / rb["ops_s"]
+        cpu = (rb["server_cpu_ms_per_op"] / ra["server_cpu_ms_per_op"]) if ra.get("server_cpu_ms_per_op") else None
         return {"target": name, "goal": f">= {goal}x", "value": round(v, 2), "met": v >= goal,
-                "kvstore_ops_s": round(ra["ops_s"]), "peer_ops_s": round(rb["ops_s"])}
+                "per_round": [round(x, 2) for x in per_round],
+                "ratio_of_medians": round(ra["ops_s"] / rb["ops_s"], 2),
+                "kvstore_ops_s": round(ra["ops_s"]), "peer_ops_s": round(rb["ops_s"]),
+                "cpu_per_op_ratio_peer_over_kvstore": round(cpu, 2) if cpu else None}
 
     t = [ratio("semi-sync writes / etcd put", ("write 100B", "kvstore 3n semi-sync"),
                ("write 100B", "etcd 3m put"), 3.0),
@@ -741,10 +858,14 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_report(out: dict[str, Any]) -> None:
     print()
-    print(f"{'workload':<11} {'system':<36} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'err':>5}")
+    print(f"{'workload':<11} {'system':<36} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/op':>10} "
+          f"{'driver':>7} {'err':>5}")
     for r in out["table"]:
         print(f"{r['workload']:<11} {r['system']:<36} {r['ops_s']:>9.0f} {r['p50_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {r['errors']:>5}")
+              f"{r['p99_ms']:>8.1f} {r.get('server_cpu_ms_per_op', 0):>10.3f} {r.get('driver_cpu_ms_per_op', 0):>7.3f} "
+              f"{r['errors']:>5}")
+    print("(CPU ms/op: CPU time of all the system's server processes per operation; driver: the load "
+          "driver's own)")
     g = out.get("growth")
     if g:
         print()
@@ -779,7 +900,7 @@ def write_svg(out: dict[str, Any], path: Path) -> None:
     """Hand-written SVG: one group per workload, one bar per system (scaled to the
     group's largest), the ops/s and p99 written on the bar; the targets below."""
     rows: list[str] = []
-    y = 50
+    y = 56
     bar_h, gap, x0, width = 16, 4, 300, 520
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in out["table"]:
@@ -806,10 +927,21 @@ def write_svg(out: dict[str, Any], path: Path) -> None:
         rows.append(f'<text x="20" y="{y + 12}" fill="{col}">{_esc(t["target"])}: {t["value"]} '
                     f'(goal {_esc(t["goal"])}) {verdict}</text>')
         y += 18
+    g = out.get("growth")
+    if g:
+        y += 8
+        rows.append(f'<text x="10" y="{y + 12}" font-weight="bold">batch load into a fresh 3-node semi-sync '
+                    f'cluster: keys, batch keys/s, largest node RSS, follower restart</text>')
+        y += 20
+        for st in g["stages"]:
+            rows.append(f'<text x="20" y="{y + 12}">{st["keys"]:,} keys: {st["batch_keys_s"]:,.0f} keys/s, '
+                        f'RSS {st["rss_max_mb"]:.0f} MB, restart {st["restart_s"]:.2f} s</text>')
+            y += 18
     la = out["loadavg_start"][0]
-    head = (f'<text x="10" y="24" font-size="15" font-weight="bold">kvstore vs etcd vs Redis vs raw aiohttp '
-            f'({out["mode"]} run, {out["started"]}, {out["nproc"]} cores, load average {la:.1f}; '
-            f'bars scaled per group)</text>')
+    head = (f'<text x="10" y="22" font-size="15" font-weight="bold">kvstore vs etcd vs Redis vs raw aiohttp, '
+            f'one closed-loop driver, 127.0.0.1</text>'
+            f'<text x="10" y="40" fill="#555">{out["mode"]} run {out["started"]}, {out["nproc"]} cores, load '
+            f'average {la:.1f} at start; medians of {out["rounds"]} round(s); bars scaled per group</text>')
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{x0 + width + 200}" height="{y + 20}" '
            f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
            + head + "\n" + "\n".join(rows) + "\n</svg>\n")
@@ -834,6 +966,7 @@ def main() -> int:
     ap.add_argument("--keep-profiles", action="store_true",
                     help="copy the raw py-spy stacks to benchmarks/results/peers.profile-*.txt")
     ap.add_argument("--keep-logs", help="copy every process's log here before the temp dir is removed")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the SVG and the report from the JSON")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/peers[-quick].json; SVG beside it)")
     args = ap.parse_args()
     q = args.quick
@@ -844,6 +977,11 @@ def main() -> int:
     args.value_sizes = [int(x) for x in args.value_sizes.split(",") if x]
     outp = Path(args.out) if args.out else HERE / "results" / ("peers-quick.json" if q else "peers.json")
 
+    if args.replot:
+        out = json.loads(outp.read_text())
+        write_svg(out, outp.with_suffix(".svg"))
+        print_report(out)
+        return 0
     procs = Procs()
     tmp = tmpdir("kvstore-peers-")
 
