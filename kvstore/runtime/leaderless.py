@@ -99,6 +99,8 @@ class LeaderlessNode:
         self._shared: dict[NodeId, list[int]] = {}
         self._replicators = {p: _Batcher(self, p, "replicate", "items") for p in self.peer_urls if p != self.id}
         self._readers = {p: _Batcher(self, p, "read", "keys") for p in self.peer_urls if p != self.id}
+        self._forwarders = {p: _Batcher(self, p, "coord", "items", rep.write_timeout_ms / 1000.0 + 1.0)
+                            for p in self.peer_urls if p != self.id}
         self.ae_last_run: dict[NodeId, float] = {}   # wall time of the last completed round per peer
         self.ae_last_ok_s = 0.0
 
@@ -388,20 +390,26 @@ class LeaderlessNode:
         return {"results": out}
 
     async def _on_coord(self, sender: str, obj: Any) -> Any:
-        """A write forwarded by a non-owner (or a node that is not the first up owner).
-        Errors travel in-band so the forwarder re-raises the same class."""
-        if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
-            raise BadRequest("coord: expected {key, value, delete, context}")
-        value = obj.get("value")
-        if obj.get("delete"):
-            value = None
-        elif not isinstance(value, bytes):
-            raise BadRequest("coord: value must be bytes")
-        try:
-            res = await self._coordinate(obj["key"], value, obj.get("context"))
-        except KVError as e:
-            return {"error": e.to_dict(), "status": e.http_status}
-        return {"version": res.version, "context": res.context}
+        """Writes forwarded by a node that is not the key's first up owner: {items: [[key,
+        value or None, context]]}, coordinated concurrently. Errors travel in-band, per
+        item, so the forwarder re-raises the same class."""
+        items = obj.get("items") if isinstance(obj, dict) else None
+        if not isinstance(items, list):
+            raise BadRequest("coord: expected {items: [[key, value, context]]}")
+        for item in items:
+            if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str) \
+                    or not (item[1] is None or isinstance(item[1], bytes)) \
+                    or not (item[2] is None or isinstance(item[2], str)):
+                raise BadRequest("coord: bad item")
+
+        async def one(key: str, value: bytes | None, context: str | None) -> dict[str, Any]:
+            try:
+                res = await self._coordinate(key, value, context)
+            except KVError as e:
+                return {"error": e.to_dict(), "status": e.http_status}
+            return {"version": res.version, "context": res.context}
+
+        return {"results": list(await asyncio.gather(*(one(*item) for item in items)))}
 
     async def _on_ae_roots(self, sender: str, obj: Any) -> Any:
         roots = obj.get("roots") if isinstance(obj, dict) else None
@@ -500,9 +508,7 @@ class LeaderlessNode:
                 res = await self._coordinate(key, value, opts.context)
                 break
             try:
-                ans = await self._call(cand, "coord", {"key": key, "value": value, "delete": value is None,
-                                                       "context": opts.context},
-                                       self.config.replication.write_timeout_ms / 1000.0 + 1.0)
+                ans = await self._forwarders[cand].submit([key, value, opts.context])
             except Unavailable:
                 continue   # that owner is down: the next one coordinates
             except Timeout:
@@ -916,7 +922,9 @@ class _Batcher:
     MAX_INFLIGHT = 2
     MAX_ITEMS = 512
 
-    def __init__(self, node: "LeaderlessNode", peer: NodeId, path: str, field_name: str) -> None:
+    def __init__(self, node: "LeaderlessNode", peer: NodeId, path: str, field_name: str,
+                 timeout_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
         self.node = node
         self.peer = peer
         self.path = path
@@ -937,7 +945,8 @@ class _Batcher:
             while self.queue:
                 batch, self.queue = self.queue[:self.MAX_ITEMS], self.queue[self.MAX_ITEMS:]
                 try:
-                    ans = await self.node._call(self.peer, self.path, {self.field: [i for i, _ in batch]})
+                    ans = await self.node._call(self.peer, self.path, {self.field: [i for i, _ in batch]},
+                                                self.timeout_s)
                 except KVError as e:
                     for _, f in batch:
                         if not f.done():
