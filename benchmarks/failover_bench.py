@@ -129,6 +129,7 @@ async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--modes", default="async,semi-sync,sync")
+    ap.add_argument("--keep", action="store_true", help="keep the node logs and data (printed path)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "failover_bench.json"))
     args = ap.parse_args()
     procs = Procs()
@@ -147,7 +148,10 @@ async def main() -> int:
         return 0
     finally:
         procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"logs and data kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

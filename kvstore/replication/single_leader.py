@@ -512,6 +512,14 @@ class SingleLeaderCore:
         in_lease = (self.leader_id is not None and self.elapsed < self.cfg.election_ticks) or self.role == "leader"
         if m.pre_vote:
             grant = m.term > self.term and self._log_ok(m.last_index, m.last_term) and (m.transfer or not in_lease)
+            if grant and self.pre_voting and self.role == "follower" and \
+                    (m.last_term, m.last_index, self.id) > (self.last_term, self.last_index, m.sender):
+                # Two followers suspecting the same dead leader at the same moment would both
+                # pass pre-vote and split the real vote (seen: three split rounds in a row).
+                # The one with the better log — or, if equal, the lower id — goes on alone.
+                self.pre_voting = False
+                self.elapsed = 0
+                self.election_deadline = self._new_election_deadline()
             self._send_late(m.sender, VoteResponse(m.term if grant else self.term, self.id, grant, True))
             return
         if m.term < self.term:

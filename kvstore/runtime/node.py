@@ -109,7 +109,9 @@ class Node:
         self.data_dir = data_dir if data_dir is not None else config.data_dir_for(node_id)
         self.metrics = Metrics()
         fd = config.failure_detector
-        self.tick_ms = max(5, fd.heartbeat_interval_ms // 2)
+        # Fine ticks: the randomized election delay then has many distinct values, so two
+        # followers rarely start electing within one round trip of each other.
+        self.tick_ms = max(2, min(fd.heartbeat_interval_ms // 2, fd.timeout_ms // 100))
         self.rng = rng or random.Random()
         self.core_cfg = CoreConfig(
             node_id=self.id,
