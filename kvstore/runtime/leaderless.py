@@ -147,7 +147,7 @@ class LeaderlessNode:
         if len(self.peer_urls) > 1:
             self._spawn(self._probe_loop(), "probe")
             self._spawn(self._hint_loop(), "hints")
-            self._spawn(self._ae_loop(), "anti-entropy")
+        self._spawn(self._ae_loop(), "anti-entropy")   # also collects tombstones
         log.info("started: %s leaderless n=%d w=%d r=%d conflict=%s sloppy_quorum=%s fsync=%s", self.spec.url,
                  self.n, self.w, self.r, self.config.replication.conflict, self.sloppy,
                  self.config.storage.fsync)
@@ -768,6 +768,8 @@ class LeaderlessNode:
                 self.metrics.inc("kv_tombstones_purged_total", len(gc))
                 await self._persist(gc)
             # every peer on a wake-up (a peer came back), else one per interval
+            if not peers:
+                continue
             todo = [p for p in peers if self.is_up(p)] if urgent else [peers[turn % len(peers)]]
             turn += 1
             for peer in todo:

@@ -242,3 +242,21 @@ async def test_if_match_refused_and_siblings_resolved_with_context(tmp_path: Pat
         assert http_json(u1 + "/kv/cart?r=4")[0] == 400
     finally:
         c.close()
+
+
+async def test_strict_quorum_refuses_what_it_cannot_place_on_owners(tmp_path: Path) -> None:
+    c = leaderless(tmp_path, 3, n=3, w=2, r=2, sloppy_quorum=False)
+    try:
+        c.start(wait_leader=False)
+        assert http_json(c.urls["n1"] + "/kv/a", "PUT", b"1")[0] == 200
+        c.kill("n2")
+        c.kill("n3")
+        st, body = http_json(c.urls["n1"] + "/kv/a", "PUT", b"2")
+        assert st == 503 and body["needed"] == 2 and "strict" in body["message"], body
+        st, body = http_json(c.urls["n1"] + "/kv/a")
+        assert st == 503 and body["needed"] == 2, body
+        st, _ = http_json(c.urls["n1"] + "/kv/a?consistency=local")
+        assert st == 200                                      # its own copy, no quorum
+        assert http_json(c.urls["n1"] + "/kv/a?r=1")[0] == 200   # r=1 per request
+    finally:
+        c.close()

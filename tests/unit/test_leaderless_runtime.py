@@ -96,3 +96,28 @@ async def test_hints_survive_a_restart(tmp_path: Path) -> None:
     finally:
         assert again.wal is not None
         again.wal.close()
+
+
+async def test_tombstones_are_collected_after_tombstone_gc_ms(tmp_path: Path) -> None:
+    cfg = parse_config({
+        "cluster": {"name": "ll", "nodes": [{"id": "n1", "url": "http://127.0.0.1:10"}]},
+        "replication": {"mode": "leaderless", "n": 1, "w": 1, "r": 1, "tombstone_gc_ms": 1000,
+                        "anti_entropy_interval_ms": 100},
+        "storage": {"data_dir": str(tmp_path), "fsync": "always"},
+    }, env={})
+    node = LeaderlessNode(cfg, "n1")
+    await node.start()
+    try:
+        await node.kv_put("gone", b"v", W)
+        await node.kv_delete("gone", W)
+        assert node.replica.get("gone").siblings  # the tombstone
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while node.replica.get("gone").siblings and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        c = node.replica.get("gone")
+        assert c.siblings == () and c.context.get(NodeId("n1")) == 2   # the context stays
+        assert node.metrics.counters["kv_tombstones_purged_total"] == 1
+        assert (await node.kv_get("gone", R)).value is None
+    finally:
+        await node.stop()
