@@ -68,6 +68,8 @@ __all__ = [
     "encode_remote_record",
     "decode_record",
     "encode_state_record",
+    "AWAIT_POSITIONS",
+    "HEARD_ALL",
     "decode_state_record",
     "snapshot_payloads",
     "load_snapshot",
@@ -167,6 +169,9 @@ class MultiLeaderCore:
     lww_discarded: int = 0
     sibling_conflicts: int = 0
     dot_floor: int = 0                  # after data loss: new dots of ours start above this
+    # started with empty storage (new, or lost its disk): until every peer has told us how
+    # much of our log it holds, we must not issue sequence numbers (see runtime)
+    awaiting_positions: bool = False
     reseed_from: set[NodeId] = field(default_factory=set)   # peers whose whole store we still need
 
     def __post_init__(self) -> None:
@@ -354,15 +359,22 @@ class MultiLeaderCore:
         return True
 
     def needs_state_transfer(self, peer: NodeId) -> bool:
+        """`peer` needs records our log no longer keeps, so it must get our whole store.
+        Not while we are being reseeded ourselves: after we lost data, our old records up
+        to log_base live only in other peers' stores, and a store we send must cover
+        them (a peer that had fewer of them would never get them otherwise)."""
         acked = self.progress[peer].acked
-        return acked is not None and acked < self.log_base
+        return acked is not None and acked < self.log_base and not self.reseed_from
 
     # ---- state transfer ----------------------------------------------------------------------
     def receive_state(self, origin: NodeId, items: Iterable[tuple[str, DVVSet]],
                       upto: int | None) -> tuple[tuple[ConflictEvent, ...], int]:
         """Merge a chunk of `origin`'s whole store (sent when we need records it no longer
-        keeps). The last chunk carries `upto`: the origin's log position its store covers,
-        which becomes our position. Returns (conflicts, position)."""
+        keeps, or when we lost data and asked for it). `upto` is None on every chunk but
+        the last; on the last it is the origin's log position its store covers (it becomes
+        our position), or 0 when the origin cannot vouch for one (it is being reseeded
+        itself: its store may lack some of its own old records). Returns (conflicts,
+        position)."""
         invariant(origin != self.node_id and origin in self.applied, f"state from {origin!r}")
         conflicts = []
         for key, c in items:
@@ -380,7 +392,12 @@ class MultiLeaderCore:
         if origin == self.node_id:
             invariant(upto is not None and not items, "fast-forward record with items")
             assert upto is not None
-            self.fast_forward(upto)
+            if upto == AWAIT_POSITIONS:
+                self.awaiting_positions = True
+            elif upto == HEARD_ALL:
+                self.awaiting_positions = False
+            else:
+                self.fast_forward(upto)
             return
         for key, c in items:
             self._merge(LogRecord(origin, 1, key, c), count=False)
@@ -435,6 +452,11 @@ def decode_record(data: bytes) -> tuple[str, NodeId, list[LogRecord], str | None
     return kind, NodeId(origin), [LogRecord.from_plain(NodeId(origin), r) for r in recs], rid
 
 
+# special `upto` values of a state record about ourselves (origin == this node)
+AWAIT_POSITIONS = -1    # started with empty storage: take no writes until HEARD_ALL
+HEARD_ALL = -2          # every peer told us its position of our log
+
+
 def encode_state_record(origin: NodeId, items: Iterable[tuple[str, DVVSet]], upto: int | None) -> bytes:
     """WAL payload of one received state-transfer chunk."""
     return msgpack.packb([_RECORD_VERSION, "S", origin, items_to_wire(items), upto], use_bin_type=True)
@@ -474,7 +496,7 @@ SNAPSHOT_CHUNK = 2048
 
 def snapshot_payloads(node_id: NodeId, store: list[tuple[str, DVVSet]], log: list[LogRecord], log_base: int,
                       applied: dict[NodeId, int], hlc: HlcTimestamp, wal_index: int, dot_floor: int = 0,
-                      reseed_from: Iterable[NodeId] = ()) -> list[bytes]:
+                      reseed_from: Iterable[NodeId] = (), awaiting_positions: bool = False) -> list[bytes]:
     """A core's whole state as msgpack payloads (header, store chunks, own-log chunks) for
     a snapshot covering WAL entries <= wal_index. Takes copies captured when the core held
     nothing that was not durable (the runtime flushes its queue first); containers are
@@ -483,7 +505,8 @@ def snapshot_payloads(node_id: NodeId, store: list[tuple[str, DVVSet]], log: lis
                           "last_seq": log_base + len(log), "log_base": log_base,
                           "applied": dict(applied), "hlc": hlc.to_plain(),
                           "keys": len(store), "log": len(log), "dot_floor": dot_floor,
-                          "reseed_from": sorted(reseed_from)}, use_bin_type=True)]
+                          "reseed_from": sorted(reseed_from), "awaiting_positions": awaiting_positions},
+                         use_bin_type=True)]
     for i in range(0, len(store), SNAPSHOT_CHUNK):
         out.append(msgpack.packb(["K", items_to_wire(store[i:i + SNAPSHOT_CHUNK])], use_bin_type=True))
     for i in range(0, len(log), SNAPSHOT_CHUNK):
@@ -528,6 +551,7 @@ def load_snapshot(core: MultiLeaderCore, payloads: Iterable[bytes]) -> dict[str,
     core.clock.update(HlcTimestamp.from_plain(head["hlc"]))
     core.dot_floor = int(head.get("dot_floor", 0))
     core.reseed_from = {NodeId(p) for p in head.get("reseed_from", ()) if p in core.progress}
+    core.awaiting_positions = bool(head.get("awaiting_positions", False))
     return head
 
 

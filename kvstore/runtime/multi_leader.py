@@ -39,6 +39,8 @@ from kvstore.errors import BadRequest, CorruptionError, KVError, StorageError, T
 from kvstore.ids import LogIndex, NodeId, Term
 from kvstore.protocol.messages import Entry
 from kvstore.replication.multi_leader import (
+    AWAIT_POSITIONS,
+    HEARD_ALL,
     ConflictEvent,
     MultiLeaderCore,
     Policy,
@@ -189,9 +191,10 @@ class MultiLeaderNode:
         # A node that starts with nothing on disk is new -- or lost its disk. Until every
         # peer has told it how much of its log they hold (or 3 x timeout_ms passed), it
         # takes no writes: a wiped node must not reissue sequence numbers and versions.
+        # Durable (core.awaiting_positions, AWAIT_POSITIONS/HEARD_ALL records): a restart
+        # in between does not lift it.
         self._empty_start = False
         self._heard: set[NodeId] = set()
-        self._writable_since: float | None = None
 
     # ---- clock ----------------------------------------------------------------------------
     def _physical_ms(self) -> int:
@@ -240,6 +243,8 @@ class MultiLeaderNode:
         self._synced_index = last_index
         self._since_snapshot = replayed
         self._empty_start = not snaps and not rec.entries and bool(self.peers)
+        if self._empty_start:
+            core.awaiting_positions = True     # its record is written in start()
         self._synced_seq = core.last_seq
         self._durable_applied = dict(core.applied)
         if self.skew_ms:
@@ -262,6 +267,8 @@ class MultiLeaderNode:
         self._gate = asyncio.Event()
         self._gate.set()
         self.started_at = time.monotonic()
+        if self._empty_start:
+            self._enqueue(encode_state_record(self.id, [], AWAIT_POSITIONS), "A", self.id, 0)
         await self.transport.start()
         self._spawn(self._persist_loop(), "persist")
         for p in self.peers:
@@ -405,7 +412,8 @@ class MultiLeaderNode:
                 await self._flush()
             invariant(self._synced_index == self._next_index - 1, "capture with records in flight")
             return (self.id, list(core.store.items()), list(core.log), core.log_base, dict(core.applied),
-                    core.clock.last(), self._synced_index, core.dot_floor, frozenset(core.reseed_from))
+                    core.clock.last(), self._synced_index, core.dot_floor, frozenset(core.reseed_from),
+                    core.awaiting_positions)
         finally:
             self._gate.set()
 
@@ -455,26 +463,35 @@ class MultiLeaderNode:
         await self._durable(idx)
 
     def _heard_from(self, peer: NodeId) -> None:
-        if self._empty_start and peer not in self._heard:
-            self._heard.add(peer)
-            if self._heard >= set(self.peers):
-                self._empty_start = False
-                log.info("started empty; every peer told us our log position (%d): taking writes",
-                         self.core.last_seq if self.core else 0)
+        core = self.core
+        assert core is not None
+        if not core.awaiting_positions:
+            return
+        self._heard.add(peer)
+        if self._heard >= set(self.peers):
+            self._positions_known(f"every peer told us our log position ({core.last_seq}): taking writes")
+
+    def _positions_known(self, why: str) -> None:
+        core = self.core
+        assert core is not None
+        core.awaiting_positions = False
+        self._enqueue(encode_state_record(self.id, [], HEARD_ALL), "A", self.id, 0)
+        log.info("started empty; %s", why)
 
     def _check_writable(self) -> None:
-        if not self._empty_start:
+        core = self.core
+        assert core is not None
+        if not core.awaiting_positions:
             return
         waited = time.monotonic() - self.started_at
         limit = 3 * self.timeout_s
+        missing = sorted(set(self.peers) - self._heard)
         if waited >= limit:
-            self._empty_start = False
-            missing = sorted(set(self.peers) - self._heard)
             log.warning("started empty and did not hear from %s within %d ms: taking writes anyway (if this "
                         "node lost its disk and those peers hold its newest writes, they would skip the "
                         "new ones)", ", ".join(missing), int(limit * 1000))
+            self._positions_known("gave up waiting")
             return
-        missing = sorted(set(self.peers) - self._heard)
         raise Unavailable(f"this node started with empty storage: waiting up to {int((limit - waited) * 1000)} ms "
                           f"more to hear from {', '.join(missing)} whether it lost data", retry_after_ms=200)
 
@@ -576,7 +593,9 @@ class MultiLeaderNode:
         log.warning("%s %s: sending it our whole store", peer, why)
         cap = await self._capture()
         store: list[tuple[str, DVVSet]] = cap[1]
-        upto = cap[3] + len(cap[2])
+        # while we are reseeded ourselves our store may lack some of our own old records:
+        # send the data, but vouch for no position (0)
+        upto = cap[3] + len(cap[2]) if not cap[8] else 0
         step = 1024
         chunks = [store[i:i + step] for i in range(0, len(store), step)] or [[]]
         ans: Any = None
@@ -624,11 +643,8 @@ class MultiLeaderNode:
         self._peer_contact[origin] = time.monotonic()
         if isinstance(obj.get("pos"), dict):
             self._peer_positions[origin] = {str(k): int(v) for k, v in obj["pos"].items() if isinstance(v, int)}
-            theirs = self._peer_positions[origin].get(origin, 0)
-            if theirs < core.applied.get(origin, 0) and origin not in self._reseed_wanted:
-                log.warning("%s's log ends at %d but we merged it up to %d: it lost data; it gets our store",
-                            origin, theirs, core.applied[origin])
-                self._reseed_wanted.add(origin)
+            # (whether the CALLER lost data is its own business: it sees that we hold more of
+            # its log than it has and asks for our store with "reseed")
             await self._check_lost_data(origin, self._peer_positions[origin])
             self._heard_from(origin)
         if obj.get("reseed") is True and origin not in self._reseed_wanted:
@@ -868,7 +884,7 @@ class MultiLeaderNode:
             "commit": sum(c for _, c in core.positions()),
             "positions": dict(core.positions().entries),
             "token": self._token(),
-            "writable": not self._empty_start,
+            "writable": not core.awaiting_positions,
             "keys": len(core.store),
             "sibling_keys": core.sibling_keys() if self.policy == "siblings" else 0,
             "conflicts": {"lww_discarded": core.lww_discarded, "siblings": core.sibling_conflicts},

@@ -31,8 +31,12 @@ from kvstore.replication.multi_leader import (
     LogRecord,
     MultiLeaderCore,
     decode_record,
+    decode_state_record,
     encode_local_record,
     encode_remote_record,
+    encode_state_record,
+    AWAIT_POSITIONS,
+    HEARD_ALL,
 )
 from kvstore.replication.versions import Dot, HybridClock, VersionVector
 
@@ -76,6 +80,8 @@ class SimNode:
     in_flight: dict[NodeId, int] = field(default_factory=dict)   # peer -> time sent
     unsynced_keys: dict[str, int] = field(default_factory=dict)
     up: bool = True
+    heard: set[NodeId] = field(default_factory=set)
+    reseed_wanted: set[NodeId] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.restart()
@@ -85,9 +91,18 @@ class SimNode:
         self.core = MultiLeaderCore(self.nid, tuple(i for i in IDS if i != self.nid), self.policy,  # type: ignore[arg-type]
                                     HybridClock(self.nid, self.phys))
         for data in self.disk:
+            st = decode_state_record(data)
+            if st is not None:
+                self.core.replay_state(*st)
+                continue
             kind, origin, recs, _ = decode_record(data)
             self.core.replay(kind, origin, recs)
+        self.heard = set()
+        self.reseed_wanted = set()
         self.pending.clear()
+        if not self.disk:     # new, or lost its disk: the runtime writes this record at start
+            self.core.awaiting_positions = True
+            self.pending.append((encode_state_record(self.nid, [], AWAIT_POSITIONS), "A", self.nid, 0, None))
         self.waiting_replies.clear()
         self.in_flight.clear()
         self.unsynced_keys.clear()
@@ -109,6 +124,8 @@ class Sim:
         self.writes: list[Write] = []
         self.by_dot: dict[tuple[str, Dot], list[Write]] = {}
         self.events: list[str] = []
+        self.lost_by_wipe: set[int] = set()
+        self.wiped = False
         self.drop_p = self.rng.choice([0.0, 0.05, 0.2])
         self.dup_p = self.rng.choice([0.0, 0.1])
         self.max_delay = self.rng.choice([1, 5, 20])
@@ -131,17 +148,43 @@ class Sim:
 
     def on_message(self, src: NodeId, dst: NodeId, msg: tuple) -> None:
         node = self.nodes[dst]
-        if msg[0] == "rep":
+        kind, pos = msg[0], msg[-1]
+        self.positions_from(node, src, pos)
+        if kind == "rep":
             recs: list[LogRecord] = msg[1]
+            if msg[2]:
+                node.reseed_wanted.add(src)
             out = node.core.receive(src, recs)
             if out.new:
                 node.pending.append((encode_remote_record(src, out.new), "R", src, out.applied, None))
                 node.waiting_replies.append((src, src))
             else:
-                self.send(dst, src, ("ack", node.durable_applied.get(src, 0)))
+                self.send(dst, src, ("ack", node.durable_applied.get(src, 0), self.pos(node)))
+        elif kind == "state":
+            _, pos_now = node.core.receive_state(src, msg[1], msg[2])
+            node.pending.append((encode_state_record(src, msg[1], msg[2]), "S", src, msg[2], None))
+            node.waiting_replies.append((src, src))
         else:
             node.in_flight.pop(src, None)
             node.core.on_ack(src, msg[1])
+            low = node.core.min_acked()
+            if low is not None:
+                node.core.trim_log(low)
+
+    def pos(self, node: SimNode) -> dict[NodeId, int]:
+        return dict(node.core.positions().entries)
+
+    def positions_from(self, node: SimNode, peer: NodeId, pos: dict[NodeId, int]) -> None:
+        """What the runtime does with a peer's positions: notice that we lost data (it
+        holds more of our log than we have); then count it as heard."""
+        held = pos.get(node.nid, 0)
+        if node.core.fast_forward(held):
+            self.events.append(f"t={self.t} {node.nid} detects data loss via {peer}: fast-forward to {held}")
+            node.pending.append((encode_state_record(node.nid, [], held), "F", node.nid, held, None))
+        node.heard.add(peer)
+        if node.core.awaiting_positions and node.heard >= set(IDS) - {node.nid}:
+            node.core.awaiting_positions = False
+            node.pending.append((encode_state_record(node.nid, [], HEARD_ALL), "A", node.nid, 0, None))
 
     # ---- node actions --------------------------------------------------------------------
     def sync(self, node: SimNode) -> None:
@@ -151,12 +194,14 @@ class Sim:
                 node.synced_seq = max(node.synced_seq, seq)
                 assert wid is not None
                 self.writes[wid].acked = True
-            else:
+            elif kind == "F":
+                node.synced_seq = max(node.synced_seq, seq)
+            elif seq:
                 node.durable_applied[origin] = max(node.durable_applied.get(origin, 0), seq)
         node.pending.clear()
         node.unsynced_keys.clear()
         for to, origin in node.waiting_replies:
-            self.send(node.nid, to, ("ack", node.durable_applied.get(origin, 0)))
+            self.send(node.nid, to, ("ack", node.durable_applied.get(origin, 0), self.pos(node)))
         node.waiting_replies.clear()
 
     def pump(self, node: SimNode) -> None:
@@ -167,17 +212,27 @@ class Sim:
             if sent is not None and self.t - sent < 3 * self.max_delay + 5:
                 continue
             prog = node.core.progress[peer]
+            if node.core.needs_state_transfer(peer) or peer in node.reseed_wanted:
+                self.sync(node)     # the runtime captures the store at a flushed point
+                node.reseed_wanted.discard(peer)
+                node.in_flight[peer] = self.t
+                upto = node.core.last_seq if not node.core.reseed_from else 0
+                self.send(node.nid, peer, ("state", list(node.core.store.items()), upto, self.pos(node)))
+                continue
             entries = node.core.entries_for(peer, node.synced_seq, max_records=self.rng.randint(1, 8))
-            if prog.acked is not None and not entries:
+            # (the runtime also heartbeats every interval; here only while we need the peer's store)
+            if prog.acked is not None and not entries and peer not in node.core.reseed_from:
                 continue
             node.in_flight[peer] = self.t
-            self.send(node.nid, peer, ("rep", entries))
+            self.send(node.nid, peer, ("rep", entries, peer in node.core.reseed_from, self.pos(node)))
 
     def client_op(self) -> None:
         node = self.nodes[self.rng.choice(IDS)]
-        if not node.up:
+        if not node.up or node.core.awaiting_positions:
             return
-        key = self.rng.choice(KEYS)
+        # mostly a few shared keys (conflicts); sometimes a key only this write touches
+        # (after a wipe, only a peer's store -- not its log -- can give such a key back)
+        key = self.rng.choice(KEYS) if self.rng.random() < 0.8 else f"u{len(self.writes)}"
         r = self.rng.random()
         ctx: VersionVector | None = None
         if r < 0.2:
@@ -209,6 +264,23 @@ class Sim:
         self.events.append(f"t={self.t} crash {node.nid} (lost {len(node.pending)} unsynced records)")
         node.up = False
 
+    def wipe(self, node: SimNode) -> None:
+        """The node's disk is gone. Its acknowledged writes that no peer holds durably are
+        legitimately lost; every other one must come back (reseed) or be superseded."""
+        self.wiped = True
+        held = max((o.durable_applied.get(node.nid, 0) for o in self.nodes.values() if o is not node), default=0)
+        lost = {w.wid for w in self.writes if w.node == node.nid and w.acked and w.seq > held}
+        self.lost_by_wipe |= lost
+        self.events.append(f"t={self.t} WIPE {node.nid}: peers hold its log up to {held}; {len(lost)} acked "
+                           f"write(s) only it had")
+        node.disk.clear()
+        # its process died with it: nothing it sent is still on the way when it comes back
+        # (the runtime relies on that: a late record of the old incarnation would collide
+        # with the new one's sequence numbers)
+        self.net = [m for m in self.net if m[2][0] != node.nid]
+        heapq.heapify(self.net)
+        node.restart()
+
     # ---- the run -------------------------------------------------------------------------
     def step(self, chaos: bool) -> None:
         self.t += 1
@@ -230,6 +302,8 @@ class Sim:
                 n = self.nodes[self.rng.choice(IDS)]
                 if n.up:
                     self.crash(n)
+            elif r < 0.05 and not self.wiped:
+                self.wipe(self.nodes[self.rng.choice(IDS)])
             elif r < 0.07:
                 for n in self.nodes.values():
                     if not n.up:
@@ -281,13 +355,20 @@ class Sim:
         for n in nodes[1:]:
             assert n.core.store == first.store, self.report(f"{n.nid} differs from {first.node_id}")
             assert n.core.positions() == first.positions(), self.report("positions differ")
-        acked = [w for w in self.writes if w.acked]
+        acked = [w for w in self.writes if w.acked and w.wid not in self.lost_by_wipe]
+        # a version (key, dot) names one write: a node that lost its disk must not reissue one
+        for (key, dot), ws in self.by_dot.items():
+            vals = {w.value for w in ws if w.acked and w.wid not in self.lost_by_wipe}
+            assert len(vals) <= 1, self.report(f"{key}: version {dot} names two acknowledged writes: {ws}")
         # acknowledged writes are in their origin's log (durable across crashes)
         for w in acked:
-            rec = self.nodes[w.node].core.log[w.seq - 1]
+            origin = self.nodes[w.node].core
+            if w.seq <= origin.log_base or w.wid in self.lost_by_wipe:
+                continue          # trimmed: every peer had it (checked below through the stores)
+            rec = origin.log[w.seq - origin.log_base - 1]
             assert rec.key == w.key and any(s.dot == w.dot for s in rec.container.siblings), \
                 self.report(f"acknowledged write {w} is not in {w.node}'s log any more")
-        for key in KEYS:
+        for key in sorted({w.key for w in self.writes} | set(KEYS)):
             c = first.get(key)
             present = {s.dot for s in c.siblings}
             for w in acked:
