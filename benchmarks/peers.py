@@ -820,11 +820,17 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
         per_round = [a / b for a, b in zip(ra["rounds"], rb["rounds"]) if b]
         v = statistics.median(per_round) if per_round else ra["ops_s"] / rb["ops_s"]
         cpu = (rb["server_cpu_ms_per_op"] / ra["server_cpu_ms_per_op"]) if ra.get("server_cpu_ms_per_op") else None
+        # what the ratio would be if nothing but CPU bound both (driver + servers per op)
+        model = None
+        if ra.get("server_cpu_ms_per_op") and rb.get("server_cpu_ms_per_op"):
+            model = ((rb["server_cpu_ms_per_op"] + rb["driver_cpu_ms_per_op"])
+                     / (ra["server_cpu_ms_per_op"] + ra["driver_cpu_ms_per_op"]))
         return {"target": name, "goal": f">= {goal}x", "value": round(v, 2), "met": v >= goal,
                 "per_round": [round(x, 2) for x in per_round],
                 "ratio_of_medians": round(ra["ops_s"] / rb["ops_s"], 2),
                 "kvstore_ops_s": round(ra["ops_s"]), "peer_ops_s": round(rb["ops_s"]),
-                "cpu_per_op_ratio_peer_over_kvstore": round(cpu, 2) if cpu else None}
+                "cpu_per_op_ratio_peer_over_kvstore": round(cpu, 2) if cpu else None,
+                "cpu_bound_model_ratio": round(model, 2) if model else None}
 
     t = [ratio("semi-sync writes / etcd put", ("write 100B", "kvstore 3n semi-sync"),
                ("write 100B", "etcd 3m put"), 3.0),
@@ -887,6 +893,34 @@ def print_report(out: dict[str, Any]) -> None:
         print(f"{t['target']:<52} {t['goal']:>10} {str(t['value']):>10}  {v}")
     print(f"\nload average: start {out['loadavg_start']}, end {out['loadavg_end']}; "
           f"elapsed {out['elapsed_s']} s")
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The tables of docs/performance.md, from a results JSON."""
+    L = ["| workload | system | ops/s | p50 ms | p99 ms | server CPU ms/op (per process) | driver CPU ms/op |",
+         "|---|---|---:|---:|---:|---|---:|"]
+    for r in out["table"]:
+        per = r.get("server_cpu_ms_per_op_by_process")
+        roles = r.get("processes") or []
+        detail = ""
+        if per and len(per) > 1:
+            detail = " (" + ", ".join(f"{lab[0]} {v:.3f}" for lab, v in zip(roles, per)) + ")"
+        L.append(f"| {r['workload']} | {r['system']} | {r['ops_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                 f"{r.get('server_cpu_ms_per_op', float('nan')):.3f}{detail} | "
+                 f"{r.get('driver_cpu_ms_per_op', float('nan')):.3f} |")
+    L += ["", "| target | goal | this run | per round | met? | CPU-bound model | server CPU/op, peer / kvstore |",
+          "|---|---|---:|---|---|---:|---:|"]
+    for t in out["targets"]:
+        v = "skipped" if t["met"] is None else ("met" if t["met"] else "**missed**")
+        L.append(f"| {t['target']} | {t['goal']} | {t['value']} | {t.get('per_round', '')} | {v} | "
+                 f"{t.get('cpu_bound_model_ratio') or ''} | {t.get('cpu_per_op_ratio_peer_over_kvstore') or ''} |")
+    g = out.get("growth")
+    if g:
+        L += ["", "| keys | batch keys/s | RSS per node MB (n1, n2, n3) | follower restart s |", "|---:|---:|---|---:|"]
+        for st in g["stages"]:
+            L.append(f"| {st['keys']:,} | {st['batch_keys_s']:,.0f} | "
+                     f"{', '.join(f'{v:.0f}' for v in st['rss_mb'].values())} | {st['restart_s']:.2f} |")
+    return "\n".join(L)
 
 
 COLORS = {"raw": "#9e9e9e", "kvstore": "#1f77b4", "etcd": "#2ca02c", "redis": "#d62728"}
@@ -967,6 +1001,7 @@ def main() -> int:
                     help="copy the raw py-spy stacks to benchmarks/results/peers.profile-*.txt")
     ap.add_argument("--keep-logs", help="copy every process's log here before the temp dir is removed")
     ap.add_argument("--replot", action="store_true", help="only rewrite the SVG and the report from the JSON")
+    ap.add_argument("--markdown", action="store_true", help="only print the JSON's tables as Markdown")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/peers[-quick].json; SVG beside it)")
     args = ap.parse_args()
     q = args.quick
@@ -977,8 +1012,14 @@ def main() -> int:
     args.value_sizes = [int(x) for x in args.value_sizes.split(",") if x]
     outp = Path(args.out) if args.out else HERE / "results" / ("peers-quick.json" if q else "peers.json")
 
-    if args.replot:
+    if args.markdown or args.replot:
         out = json.loads(outp.read_text())
+        out["targets"] = targets(out)     # recomputed: the same inputs, the current verdict code
+    if args.markdown:
+        print(markdown(out))
+        return 0
+    if args.replot:
+        outp.write_text(json.dumps(out, indent=2))
         write_svg(out, outp.with_suffix(".svg"))
         print_report(out)
         return 0
