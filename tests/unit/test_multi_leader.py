@@ -405,3 +405,30 @@ def test_fast_forward_is_replayed_from_its_record() -> None:
     data = encode_state_record(N1, [], 9)
     a.replay_state(*decode_state_record(data))  # type: ignore[misc]
     assert a.last_seq == 9 and a.dot_floor == 9 and a.reseed_from == {N2, N3}
+
+
+def test_the_empty_start_write_gate_is_replayed_until_every_peer_answered() -> None:
+    from kvstore.replication.multi_leader import (
+        AWAIT_POSITIONS,
+        HEARD_ALL,
+        decode_state_record,
+        encode_state_record,
+    )
+    a = make(N1)
+    a.replay_state(*decode_state_record(encode_state_record(N1, [], AWAIT_POSITIONS)))  # type: ignore[misc]
+    assert a.awaiting_positions and a.last_seq == 0
+    a.replay_state(*decode_state_record(encode_state_record(N1, [], HEARD_ALL)))  # type: ignore[misc]
+    assert not a.awaiting_positions
+
+
+def test_a_store_sent_while_being_reseeded_vouches_for_no_position() -> None:
+    b = make(N2)
+    b.local_write("k", b"v", None)
+    a = make(N1)
+    a.fast_forward(4)
+    conflicts, pos = a.receive_state(N2, list(b.store.items()), upto=0)   # final chunk, no position
+    assert pos == 0 and N2 not in a.reseed_from and a.get("k") == b.get("k")
+    a.on_ack(N3, 0)                                        # n3 is behind our (fast-forwarded) log
+    assert not a.needs_state_transfer(N3)                 # ...but our store is incomplete: wait
+    a.receive_state(N3, [], upto=0)
+    assert not a.reseed_from and a.needs_state_transfer(N3)
