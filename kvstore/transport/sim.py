@@ -11,12 +11,14 @@ the seed alone.
 A node is modelled on kvstore/runtime/node.py `_ready_loop`: one Ready at a time, and
 persisting takes simulated time while messages, ticks and client requests keep stepping
 the core. Per Ready: install snapshot -> send the early outbox (leader appends, before
-anything is synced) -> save rollback (truncated entries) -> persist hard state -> write +
-fsync entries -> send the outbox -> undo rolled-back state -> apply committed entries
-(answer writes) -> read states -> core.advance(rd). Each persist phase takes 1..N time
-units; a crash keeps the phases that completed (and, for the entries being written, a
-random prefix: a torn WAL tail). Restart rebuilds the core from the durable hard state,
-snapshot and log, as Node.open_storage does.
+anything is synced) -> save rollback (truncated entries) -> persist hard state -> apply
+committed entries that were already durable -> write + fsync entries -> send the outbox
+-> undo rolled-back state -> apply the other committed entries (answer writes) -> read
+states -> core.advance(rd) -> yield once if the Ready did no I/O; a snapshot is taken
+when no Ready is pending. Each persist phase takes 1..N time units; a crash keeps the
+phases that completed (and, for the entries being written, a random prefix: a torn WAL
+tail). Restart rebuilds the core from the durable hard state, snapshot and log, as
+Node.open_storage does.
 
 Time: integer units; a node ticks every `tick_units` (+- a per-node skew). Nothing here
 asserts correctness: an `Observer` sees every step and every fact (what was sent, synced,
@@ -136,6 +138,7 @@ class _Job:
     phases: list[tuple[str, int]]
     i: int = 0
     waiting: bool = False
+    applied_early: int = 0
 
 
 class SimNode:
@@ -199,6 +202,8 @@ class Sim:
             (a, b): self.rng.randint(cfg.delay_min_units, cfg.delay_max_units)
             for a in self.ids for b in self.ids if a != b}
         self.blocked: set[tuple[NodeId, NodeId]] = set()
+        self.slow_links: dict[tuple[NodeId, NodeId], int] = {}   # extra delay (a fault)
+        self.slow_disks: dict[NodeId, int] = {}                  # extra time per persist phase
         self.writes: list[WriteOp] = []
         self.reads: list[ReadOp] = []
         self._next_read = 0
@@ -376,21 +381,29 @@ class Sim:
     # ---- the ready loop --------------------------------------------------------------
     def _pump(self, node: SimNode) -> None:
         core = node.core
-        while node.running and node.busy is None and core.has_ready():
+        while node.running and node.busy is None:
+            if not core.has_ready():
+                # Node._ready_loop snapshots only here, when nothing is pending: a state
+                # machine with a rollback still to do must not be snapshotted at core.safe.
+                self._maybe_snapshot(node)
+                return
             rd = core.ready()
             self.obs.on_ready(self, node, rd)
             pmax = self.cfg.persist_max_units
+            slow = self.slow_disks.get(node.id, 0)
             phases: list[tuple[str, int]] = []
             if rd.install is not None:
-                phases.append(("install", self.rng.randint(1, pmax)))
+                phases.append(("install", self.rng.randint(1, pmax) + slow))
             if rd.early_outbox:
                 phases.append(("early", 0))
             if rd.truncated:
-                phases.append(("rollback", self.rng.randint(1, pmax)))
+                phases.append(("rollback", self.rng.randint(1, pmax) + slow))
             if rd.hard_state is not None:
-                phases.append(("hard", self.rng.randint(1, pmax)))
+                phases.append(("hard", self.rng.randint(1, pmax) + slow))
+            if rd.committed and rd.entries and rd.rollback_from is None:
+                phases.append(("apply_early", 0))
             if rd.entries:
-                phases.append(("entries", self.rng.randint(1, pmax)))
+                phases.append(("entries", self.rng.randint(1, pmax) + slow))
             phases.append(("finish", 0))
             node.busy = _Job(rd, phases)
             self._continue(node)
@@ -412,6 +425,15 @@ class Sim:
             self._phase(node, name, job.rd)
             if node.busy is not job:   # crashed inside (cannot happen today; be safe)
                 return
+        if job.rd.entries or job.phases == [("yield", 0)]:
+            node.busy = None
+        else:
+            # Node._ready_loop: `await asyncio.sleep(0)` after a Ready that did no I/O, so
+            # handlers (messages, ticks, clients) may step the core before the next Ready.
+            node.busy = _Job(job.rd, [("yield", 0)], 1)
+            self._at(0, self._node_event, node.id, node.inc, self._yield_done)
+
+    def _yield_done(self, node: SimNode) -> None:
         node.busy = None
 
     def _phase(self, node: SimNode, name: str, rd: Ready) -> None:
@@ -441,6 +463,14 @@ class Sim:
             assert rd.hard_state is not None
             node.d_hard = rd.hard_state
             self.obs.on_hard_state_synced(self, node, rd.hard_state)
+        elif name == "apply_early":
+            # Node._ready_loop: committed entries below this Ready's first new entry are
+            # already durable; they are applied (and answered) before this Ready's fsync.
+            durable = rd.entries[0].index - 1
+            early = tuple(e for e in rd.committed if e.index <= durable)
+            if early:
+                self._apply(node, early, rd.safe)
+            node.busy.applied_early = len(early)   # type: ignore[union-attr]
         elif name == "entries":
             self._wal_append(node, rd.entries)
         elif name == "finish":
@@ -466,10 +496,15 @@ class Sim:
         if rd.outbox:
             self._send(node, rd.outbox)
         if rd.rollback_from is not None:
+            invariant(node.state.can_undo_to(rd.rollback_from),
+                      f"{node.id}: must roll back from {rd.rollback_from} but entries applied before it "
+                      f"have no undo records (safe index was wrong)")
             node.state.undo_to(rd.rollback_from, core.term_at(rd.rollback_from - 1) or Term(0))
             self.obs.on_undo(self, node, rd.rollback_from)
-        if rd.committed:
-            self._apply(node, rd.committed, rd.safe)
+        job = node.busy
+        done = job.applied_early if job is not None else 0
+        if len(rd.committed) > done:
+            self._apply(node, rd.committed[done:], rd.safe)
         node.state.forget_undo(rd.safe)
         for rid, index in rd.read_states:
             op = node.reads.pop(rid, None)
@@ -496,7 +531,6 @@ class Sim:
                     cb(None, "leadership changed")
                 node.reads, node.read_callbacks = {}, {}
         self.obs.on_ready_done(self, node)
-        self._maybe_snapshot(node)
 
     def _apply(self, node: SimNode, entries: tuple[Entry, ...], safe: LogIndex) -> None:
         state = node.state
@@ -570,7 +604,7 @@ class Sim:
                 continue
             if cfg.drop_p and rng.random() < cfg.drop_p:
                 continue
-            base = self.link_delay[(node.id, to)]
+            base = self.link_delay[(node.id, to)] + self.slow_links.get((node.id, to), 0)
             self._at(base + rng.randint(0, cfg.jitter_units), self._deliver, node.id, to, msg)
             if cfg.dup_p and rng.random() < cfg.dup_p:
                 self._at(base + rng.randint(0, 4 * cfg.jitter_units + 10), self._deliver, node.id, to, msg)
@@ -619,12 +653,24 @@ class Sim:
     def isolate(self, nid: NodeId) -> None:
         self.partition([nid])
 
+    def slow_link(self, a: NodeId, b: NodeId, extra_units: int) -> None:
+        """Messages from a to b take extra_units longer (a congested or distant link)."""
+        self.slow_links[(a, b)] = extra_units
+
+    def slow_disk(self, nid: NodeId, extra_units: int) -> None:
+        """Every persist phase of nid takes extra_units longer (a saturated disk)."""
+        self.slow_disks[nid] = extra_units
+
     def heal_network(self) -> None:
         self.blocked.clear()
+        self.slow_links.clear()
 
     def heal_all(self) -> None:
-        """Every fault off: links, random drops/duplicates, paused and crashed nodes."""
+        """Every fault off: links (blocked or slow), slow disks, random drops/duplicates,
+        paused and crashed nodes. Liveness is only promised after this."""
         self.blocked.clear()
+        self.slow_links.clear()
+        self.slow_disks.clear()
         self.cfg.drop_p = 0.0
         self.cfg.dup_p = 0.0
         for nid in self.ids:
@@ -899,10 +945,24 @@ class Chaos:
             sim.heal_network()
             sim.isolate(lid)
             what = f"isolate leader {lid}"
-        elif r < 0.80:
+        elif r < 0.78:
             a, b = rng.sample(list(ids), 2)
             sim.block(a, b)
             what = f"block {a}->{b}"
+        elif r < 0.83:
+            # far beyond the election timeout: stresses safety, not liveness
+            target = rng.choice(ids)
+            extra = rng.randint(10, 12 * sim.cfg.tick_units)
+            for other in ids:
+                if other != target:
+                    sim.slow_link(target, other, extra)
+                    sim.slow_link(other, target, extra)
+            what = f"slow links of {target} +{extra}"
+        elif r < 0.86:
+            target = rng.choice(ids)
+            extra = rng.randint(5, 8 * sim.cfg.tick_units)
+            sim.slow_disk(target, extra)
+            what = f"slow disk {target} +{extra}"
         elif r < 0.92:
             sim.heal_network()
             what = "heal network"
@@ -926,14 +986,28 @@ class Chaos:
 
 
 def randomize(cfg: SimConfig, rng: random.Random) -> SimConfig:
-    """Per-seed network and disk weather (drawn from the seed's own rng)."""
+    """Per-seed network, disk, clock and tuning weather (drawn from the given rng).
+
+    The weather stays within Raft's timing assumption (a round trip, fsyncs included,
+    well inside the election timeout and the check-quorum lease); slower links and disks
+    are faults (Sim.slow_link / slow_disk) that healing removes, so liveness after healing
+    is a fair promise while safety is checked under any timing."""
     c = replace(cfg)
     c.drop_p = rng.choice((0.0, 0.0, 0.02, 0.08))
     c.dup_p = rng.choice((0.0, 0.02, 0.1))
-    c.jitter_units = rng.choice((0, 4, 12, 30))
-    c.delay_max_units = rng.choice((3, 8, 15))
-    c.persist_max_units = rng.choice((1, 4, 10, 25))
-    c.tick_skew_units = rng.choice((0, 1, 2))
+    c.election_ticks = rng.choice((8, 10, 10, 16))
+    c.heartbeat_ticks = rng.choice((1, 2, 2, 3)) if c.election_ticks >= 16 else rng.choice((1, 2, 2))
+    # one way (base + jitter) plus one persist phase: at most ~1/4 of the lease
+    lease_units = (c.election_ticks - c.heartbeat_ticks) * c.tick_units
+    budget = max(6, lease_units // 4)
+    c.delay_max_units = rng.randint(max(c.delay_min_units, budget // 4), budget // 2)
+    c.jitter_units = rng.choice((0, budget // 8, budget // 4, budget // 2))
+    c.persist_max_units = rng.choice((1, max(1, budget // 6), max(1, budget // 3)))
+    c.tick_skew_units = rng.choice((0, 1, 2, 3))
+    c.max_batch_entries = rng.choice((1, 4, 4, 64))
+    c.max_outstanding_entries = rng.choice((2, 16, 16, 1000))
+    c.keep_tail_entries = rng.choice((0, 1, 4, 4, 50))
+    c.snapshot_every_entries = rng.choice((5, 12, 12, 40))
     return c
 
 

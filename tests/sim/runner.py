@@ -106,7 +106,7 @@ def _run(res: RunResult, chaos_ticks: int, liveness_ticks: int) -> None:
 
 
 def replay_command(name: str, seed: int) -> str:
-    return f"KVSTORE_SIM_SEED={seed} .venv/bin/pytest tests/sim -k 'test_random_seeds and {name}'"
+    return f"KVSTORE_SIM_SEED={seed} .venv/bin/pytest 'tests/sim/test_single_leader_sim.py::test_random_seeds[{name}]'"
 
 
 def describe_failure(name: str, seed: int, err: BaseException, sim_log: list[str] | None = None) -> str:
