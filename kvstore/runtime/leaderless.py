@@ -91,11 +91,14 @@ class LeaderlessNode:
         self._last_sync = 0.0
         self._down: dict[NodeId, float] = {}       # peer -> monotonic time marked down
         self._up_since: dict[NodeId, float] = {}
+        self._seen: set[NodeId] = set()           # peers that answered at least once
         self._hint_wake: asyncio.Event | None = None
         self._ae_wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._closing = False
+        self._commit_task: asyncio.Task[Any] | None = None
         self._shared: dict[NodeId, list[int]] = {}
         self._replicators = {p: _Batcher(self, p, "replicate", "items") for p in self.peer_urls if p != self.id}
         self._readers = {p: _Batcher(self, p, "read", "keys") for p in self.peer_urls if p != self.id}
@@ -144,6 +147,7 @@ class LeaderlessNode:
         self._ae_wake = asyncio.Event()
         await self.transport.start()
         self._spawn(self._commit_loop(), "commit")
+        self._commit_task = self._tasks[-1]
         if len(self.peer_urls) > 1:
             self._spawn(self._probe_loop(), "probe")
             self._spawn(self._hint_loop(), "hints")
@@ -184,13 +188,20 @@ class LeaderlessNode:
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in list(self._bg) + self._tasks:
+        others = [t for t in list(self._bg) + self._tasks if t is not self._commit_task]
+        for t in others:
             t.cancel()
-        for t in list(self._bg) + self._tasks:
+        for t in others:
             try:
                 await t
             except (asyncio.CancelledError, KVError):
                 pass
+        if self._commit_task is not None:
+            # never cancel the commit loop mid-fsync or mid-snapshot: let it drain and end
+            self._closing = True
+            assert self._commit_wake is not None
+            self._commit_wake.set()
+            await self._commit_task
         await self.transport.stop()
         if self.wal is not None:
             if self._buf:
@@ -251,8 +262,10 @@ class LeaderlessNode:
                 for f in futs:
                     if f is not None and not f.done():
                         f.set_result(None)
-                if self._since_snapshot >= self.config.storage.snapshot_every_entries:
+                if self._since_snapshot >= self.config.storage.snapshot_every_entries and not self._closing:
                     await self._snapshot()
+            if self._closing:
+                return
 
     async def _snapshot(self) -> None:
         """Snapshot the store + hints, then drop the WAL segments it covers. Runs inside
@@ -261,15 +274,22 @@ class LeaderlessNode:
         loop = asyncio.get_running_loop()
         self.wal.rotate()
         upto = self._next_index - 1
-        data = {k: (msgpack.packb(c.to_plain(), use_bin_type=True), 0) for k, c in self.replica.store.items()}
+        items = list(self.replica.store.items())   # containers are immutable: packed off the loop
         hints = self.replica.snapshot_hints()
+
+        def write() -> int:
+            packb = msgpack.packb
+            data = {k: (packb(c.to_plain(), use_bin_type=True), 0) for k, c in items}
+            snap.write_snapshot(self._snap_dir, upto, 0, data, hints)
+            return len(data)
+
         await loop.run_in_executor(None, self.wal.sync)
-        await loop.run_in_executor(None, snap.write_snapshot, self._snap_dir, upto, 0, data, hints)
+        count = await loop.run_in_executor(None, write)
         self.wal.compact(LogIndex(upto))
         snap.prune_snapshots(self._snap_dir)
         self._since_snapshot = 0
         self.metrics.inc("kv_snapshots_total")
-        log.info("snapshot at %d: %d keys, %d hints", upto, len(data), len(hints))
+        log.info("snapshot at %d: %d keys, %d hints", upto, count, len(hints))
 
     # ---- liveness --------------------------------------------------------------------
     def is_up(self, peer: NodeId) -> bool:
@@ -281,13 +301,20 @@ class LeaderlessNode:
         if peer not in self._down:
             self._down[peer] = time.monotonic()
             self._up_since.pop(peer, None)
-            log.warning("peer %s is down", peer)
+            if peer in self._seen:
+                log.warning("peer %s is down", peer)
+            else:
+                log.info("peer %s not reachable yet", peer)
 
     def _mark_up(self, peer: NodeId) -> None:
         if peer in self._down:
             del self._down[peer]
+            first = peer not in self._seen
             self._up_since[peer] = time.monotonic()
-            log.warning("peer %s is up again: handing off hints, anti-entropy", peer)
+            if first:
+                log.info("peer %s is up", peer)
+            else:
+                log.warning("peer %s is up again: handing off hints, anti-entropy", peer)
             if self._hint_wake is not None:
                 self._hint_wake.set()
             if self._ae_wake is not None:
@@ -300,6 +327,7 @@ class LeaderlessNode:
             self._mark_down(peer)
             raise
         self._mark_up(peer)
+        self._seen.add(peer)
         return ans
 
     async def _reprobe(self, key: str) -> bool:
