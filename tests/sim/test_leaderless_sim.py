@@ -67,6 +67,7 @@ class Params:
     partitions: int = 2
     hint_every: int = 40
     ae_every: int = 150
+    view_every: int = 100       # how often a node refreshes its (stale) view of who is up
 
 
 @dataclass
@@ -103,6 +104,9 @@ class Sim:
         self.clocks = {i: HybridClock(i, self._physical(i)) for i in self.ids}
         self.up = {i: True for i in self.ids}
         self.cut: set[frozenset[NodeId]] = set()
+        # each node's view of the others: refreshed only every view_every units, so
+        # coordinators plan with stale liveness, as real failure detectors do
+        self.views: dict[NodeId, dict[NodeId, bool]] = {i: {j: True for j in self.ids} for i in self.ids}
         self.now = 0
         self._heap: list[_Ev] = []
         self._seq = 0
@@ -125,6 +129,16 @@ class Sim:
             return False
         return a == b or frozenset((a, b)) not in self.cut
 
+    def view(self, node: NodeId) -> Callable[[NodeId], bool]:
+        return lambda x: x == node or self.views[node][x]
+
+    def refresh_view(self, node: NodeId) -> None:
+        self.views[node] = {j: self.reachable(node, j) for j in self.ids}
+
+    def view_round(self, node: NodeId) -> None:
+        self.refresh_view(node)
+        self.at(self.now + self.p.view_every, lambda: self.view_round(node))
+
     def send(self, src: NodeId, dst: NodeId, fn: Callable[[], None]) -> None:
         """Deliver fn at dst after a random delay, unless dropped or unreachable then."""
         if self.rng.random() < self.p.drop_p:
@@ -146,49 +160,83 @@ class Sim:
         if not self.up[entry]:
             self.failed_ops += 1
             return
-        cands = core.coordinators(self.ring, key, self.p.n, entry, lambda x: self.reachable(entry, x))
-        if not cands:
+        # forward to the first owner the entry node believes up; a refused forward moves
+        # on to the next one (the runtime's `continue` on Unavailable)
+        cands = core.coordinators(self.ring, key, self.p.n, entry, self.view(entry))
+        coord = next((c for c in cands if self.reachable(entry, c)), None)
+        if coord is None:
             self.failed_ops += 1
             return
-        coord = cands[0]
-        view = lambda x: self.reachable(coord, x)  # noqa: E731
         try:
-            plan = core.plan_write(self.ring, key, self.p.n, self.p.w, coord, view, sloppy=self.p.sloppy)
+            plan = core.plan_write(self.ring, key, self.p.n, self.p.w, coord, self.view(coord),
+                                   sloppy=self.p.sloppy)
         except Unavailable:
-            self.failed_ops += 1
-            return
+            self.refresh_view(coord)       # the runtime re-probes before refusing
+            try:
+                plan = core.plan_write(self.ring, key, self.p.n, self.p.w, coord, self.view(coord),
+                                       sloppy=self.p.sloppy)
+            except Unavailable:
+                self.failed_ops += 1
+                return
         rep = self.replicas[coord]
         # half the writes are blind, half carry the context a client read earlier
         ctx = self.last_read_ctx.get(key) if self.rng.random() < 0.5 else None
         new, _ = rep.coordinate(key, value, ctx, self.clocks[coord].now())
         dot = Dot(coord, new.context.get(coord))
-        q = core.WriteQuorum(plan)
+        holder = [core.WriteQuorum(plan)]
         state = {"acked": False, "closed": False}
 
         def check() -> None:
-            if not state["acked"] and q.status().outcome is Outcome.SUCCESS:
+            q = holder[0]
+            st = q.status().outcome
+            if not state["acked"] and st is Outcome.SUCCESS:
                 state["acked"] = True
                 self.acked.append(Acked(key, dot, self.now))
+            elif st is Outcome.FAILURE and not state["closed"] and self.up[coord]:
+                # move on to the replicas a fresh plan adds (runtime: _reprobe + extended)
+                self.refresh_view(coord)
+                try:
+                    fresh = core.plan_write(self.ring, key, self.p.n, self.p.w, coord, self.view(coord),
+                                            sloppy=self.p.sloppy)
+                except Unavailable:
+                    return
+                more = q.untried(fresh)
+                if more:
+                    holder[0] = q.extended(fresh)
+                    for t in more:
+                        send_to(t)
 
-        check()
-        for t in plan.targets:
-            def deliver(t: Any = t) -> None:
+        def send_to(t: Any) -> None:
+            def reply(r: Reply) -> None:
+                if not state["closed"] and t.node not in holder[0].replies:
+                    holder[0].on_reply(t.node, r)
+                    check()
+
+            def deliver() -> None:
+                if not self.reachable(coord, t.node):
+                    # refused / dropped by a partition: the coordinator learns it at once
+                    self.at(self.now + 1, lambda: reply(Reply.FAIL))
+                    return
                 target = self.replicas[t.node]
                 self.clocks[t.node].update(max(s.timestamp for s in new.siblings))
                 if t.hint_for is None:
                     target.merge(key, new)
                 else:
                     target.add_hint(t.hint_for, key, new, self.now)
-                def reply() -> None:
-                    if not state["closed"] and t.node not in q.replies:
-                        q.on_reply(t.node, Reply.ACK)
-                        check()
-                self.send(t.node, coord, reply)
-            self.send(coord, t.node, deliver)
+                self.send(t.node, coord, lambda: reply(Reply.ACK))
+
+            if self.rng.random() < self.p.drop_p:
+                return   # lost on the way: a timeout
+            self.at(self.now + self.rng.randint(*self.p.delay), deliver)
+
+        check()
+        for t in plan.targets:
+            send_to(t)
 
         def finish() -> None:
             state["closed"] = True
-            for t in plan.targets:
+            q = holder[0]
+            for t in q.plan.targets:
                 if t.node not in q.replies:
                     q.replies[t.node] = Reply.TIMEOUT
             if not self.up[coord]:
@@ -203,8 +251,10 @@ class Sim:
         if not self.up[entry]:
             self.failed_ops += 1
             return
-        targets = core.read_targets(self.ring, key, self.p.n, entry, lambda x: self.reachable(entry, x),
-                                    sloppy=self.p.sloppy)
+        targets = core.read_targets(self.ring, key, self.p.n, entry, self.view(entry), sloppy=self.p.sloppy)
+        if len(targets) < self.p.r:
+            self.refresh_view(entry)
+            targets = core.read_targets(self.ring, key, self.p.n, entry, self.view(entry), sloppy=self.p.sloppy)
         if len(targets) < self.p.r:
             self.failed_ops += 1
             return
@@ -231,13 +281,20 @@ class Sim:
             if node == entry:
                 continue
             def ask(node: NodeId = node) -> None:
+                if not self.reachable(entry, node):
+                    def refused() -> None:
+                        if not state["closed"] and node not in q.replies:
+                            q.on_failure(node)
+                    self.at(self.now + 1, refused)
+                    return
                 c = answer_of(node)
                 def back() -> None:
                     if not state["closed"] and node not in q.replies:
                         q.on_answer(node, c)
                         check()
                 self.send(node, entry, back)
-            self.send(entry, node, ask)
+            if self.rng.random() >= self.p.drop_p:
+                self.at(self.now + self.rng.randint(*self.p.delay), ask)
 
         def repair() -> None:
             state["closed"] = True
@@ -317,6 +374,7 @@ class Sim:
             self.at(t, lambda l=link: self.cut.add(l))
             self.at(t + rng.randint(100, 600), lambda l=link: self.cut.discard(l))
         for node in self.ids:
+            self.at(rng.randrange(p.view_every), lambda n=node: self.view_round(n))
             self.at(rng.randrange(p.hint_every), lambda n=node: self.hint_round(n))
             self.at(rng.randrange(p.ae_every), lambda n=node: self.ae_round(n))
 
