@@ -609,6 +609,12 @@ def ensure_packages(install: bool, notes: list[str]) -> dict[str, bool]:
 
 
 async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
+    # SIGTERM / SIGINT cancel the run: the finally blocks close the clients, main() stops
+    # every process by PID and removes the temp dir
+    me = asyncio.current_task()
+    assert me is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, me.cancel)
     notes: list[str] = []
     have = ensure_packages(args.install, notes)
     for n in notes:
@@ -1026,10 +1032,6 @@ def main() -> int:
     procs = Procs()
     tmp = tmpdir("kvstore-peers-")
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     try:
         try:
             import uvloop
@@ -1043,7 +1045,7 @@ def main() -> int:
         print_report(out)
         print(f"written {outp} and {outp.with_suffix('.svg')}")
         return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; stopping every process started", file=sys.stderr)
         return 130
     finally:
