@@ -195,6 +195,8 @@ class MultiLeaderNode:
         # in between does not lift it.
         self._empty_start = False
         self._heard: set[NodeId] = set()
+        self._reseed_since = time.monotonic()
+        self._reseed_gave_up = False
 
     # ---- clock ----------------------------------------------------------------------------
     def _physical_ms(self) -> int:
@@ -459,6 +461,8 @@ class MultiLeaderNode:
                      "fsync: %s and a crash). Continuing our log after %d; asking every peer for its store.",
                      peer, held, self.config.storage.fsync, held)
         self.metrics.inc("kv_data_loss_detected_total")
+        self._reseed_since = time.monotonic()
+        self._reseed_gave_up = False
         idx = self._enqueue(encode_state_record(self.id, [], held), "F", self.id, held)
         await self._durable(idx)
 
@@ -481,6 +485,19 @@ class MultiLeaderNode:
     def _check_writable(self) -> None:
         core = self.core
         assert core is not None
+        if core.reseed_from and not self._reseed_gave_up:
+            # we lost data: a write now would supersede our own lost versions of its key
+            # that the peers still hold and have not sent back yet
+            waited = time.monotonic() - self._reseed_since
+            limit = 3 * self.timeout_s
+            missing = ", ".join(sorted(core.reseed_from))
+            if waited < limit:
+                raise Unavailable(f"this node lost data and is being reseeded: waiting up to "
+                                  f"{int((limit - waited) * 1000)} ms more for the store of {missing}",
+                                  retry_after_ms=200)
+            self._reseed_gave_up = True
+            log.warning("still waiting for the store of %s after %d ms: taking writes anyway (a write may "
+                        "supersede this node's own lost versions of its key)", missing, int(limit * 1000))
         if not core.awaiting_positions:
             return
         waited = time.monotonic() - self.started_at
@@ -884,7 +901,8 @@ class MultiLeaderNode:
             "commit": sum(c for _, c in core.positions()),
             "positions": dict(core.positions().entries),
             "token": self._token(),
-            "writable": not core.awaiting_positions,
+            "writable": not core.awaiting_positions and not core.reseed_from,
+            "reseeding_from": sorted(core.reseed_from),
             "keys": len(core.store),
             "sibling_keys": core.sibling_keys() if self.policy == "siblings" else 0,
             "conflicts": {"lww_discarded": core.lww_discarded, "siblings": core.sibling_conflicts},

@@ -277,6 +277,7 @@ def test_a_node_that_lost_its_disk_is_reseeded_and_its_new_writes_still_replicat
     wait_for(lambda: all(get(c, "n2", f"k{i}")[2] == f"v{i}".encode() for i in range(30)), 15, "n2 reseeded")
     assert "DATA LOSS DETECTED" in c.log_text("n2")
     # n2's log continues after what the peers hold: its new writes are not skipped as duplicates
+    wait_writable(c, ["n2"])
     put(c, "n2", "k1", b"rewritten-on-n2")
     put(c, "n2", "fresh", b"new")
     for nid in ("n1", "n3"):

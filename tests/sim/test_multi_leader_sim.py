@@ -228,7 +228,7 @@ class Sim:
 
     def client_op(self) -> None:
         node = self.nodes[self.rng.choice(IDS)]
-        if not node.up or node.core.awaiting_positions:
+        if not node.up or node.core.awaiting_positions or node.core.reseed_from:
             return
         # mostly a few shared keys (conflicts); sometimes a key only this write touches
         # (after a wipe, only a peer's store -- not its log -- can give such a key back)
@@ -276,8 +276,9 @@ class Sim:
         node.disk.clear()
         # its process died with it: nothing it sent is still on the way when it comes back
         # (the runtime relies on that: a late record of the old incarnation would collide
-        # with the new one's sequence numbers)
-        self.net = [m for m in self.net if m[2][0] != node.nid]
+        # with the new one's sequence numbers), and what was on the way to it is gone with
+        # its connections (the new process only hears positions computed after it started)
+        self.net = [m for m in self.net if node.nid not in (m[2][0], m[2][1])]
         heapq.heapify(self.net)
         node.restart()
 
@@ -374,7 +375,9 @@ class Sim:
             for w in acked:
                 if w.key != key or w.dot in present:
                     continue
-                superseders = [x for x in acked if x.key == key and x is not w and x.ctx.covers(w.dot)]
+                # (a write that a wipe may have lost can still have survived and superseded it)
+                superseders = [x for x in self.writes if x.acked and x.key == key and x is not w
+                               and x.ctx.covers(w.dot)]
                 assert superseders, self.report(f"acknowledged write {w} vanished and no acknowledged write "
                                                 f"that saw it superseded it")
             for s in c.siblings:
