@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from kvstore.transport.rpc import PeerRPC, rpc_handler
 log = logging.getLogger("kvstore.leaderless")
 
 HINT_BATCH = 256
+REQUEST_IDS_MAX = 10_000
 AE_SYNC_MAX_PARTS = 64   # partitions per ae_sync call
 
 
@@ -92,6 +94,8 @@ class LeaderlessNode:
         self._down: dict[NodeId, float] = {}       # peer -> monotonic time marked down
         self._up_since: dict[NodeId, float] = {}
         self._seen: set[NodeId] = set()           # peers that answered at least once
+        # KV-Request-Id -> [key, container written, answer once W acked]
+        self._rids: OrderedDict[str, list[Any]] = OrderedDict()
         self._hint_wake: asyncio.Event | None = None
         self._ae_wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -419,20 +423,21 @@ class LeaderlessNode:
 
     async def _on_coord(self, sender: str, obj: Any) -> Any:
         """Writes forwarded by a node that is not the key's first up owner: {items: [[key,
-        value or None, context]]}, coordinated concurrently. Errors travel in-band, per
+        value or None, context, request id]]}, coordinated concurrently. Errors travel in-band, per
         item, so the forwarder re-raises the same class."""
         items = obj.get("items") if isinstance(obj, dict) else None
         if not isinstance(items, list):
             raise BadRequest("coord: expected {items: [[key, value, context]]}")
         for item in items:
-            if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str) \
+            if not isinstance(item, list) or len(item) != 4 or not isinstance(item[0], str) \
                     or not (item[1] is None or isinstance(item[1], bytes)) \
-                    or not (item[2] is None or isinstance(item[2], str)):
+                    or not (item[2] is None or isinstance(item[2], str)) \
+                    or not (item[3] is None or isinstance(item[3], str)):
                 raise BadRequest("coord: bad item")
 
-        async def one(key: str, value: bytes | None, context: str | None) -> dict[str, Any]:
+        async def one(key: str, value: bytes | None, context: str | None, rid: str | None) -> dict[str, Any]:
             try:
-                res = await self._coordinate(key, value, context)
+                res = await self._coordinate(key, value, context, rid)
             except KVError as e:
                 return {"error": e.to_dict(), "status": e.http_status}
             return {"version": res.version, "context": res.context}
@@ -533,10 +538,10 @@ class LeaderlessNode:
             cands = core.coordinators(self.ring, key, self.n, self.id, self.is_up)
         for cand in cands:
             if cand == self.id:
-                res = await self._coordinate(key, value, opts.context)
+                res = await self._coordinate(key, value, opts.context, opts.rid)
                 break
             try:
-                ans = await self._forwarders[cand].submit([key, value, opts.context])
+                ans = await self._forwarders[cand].submit([key, value, opts.context, opts.rid])
             except Unavailable:
                 continue   # that owner is down: the next one coordinates
             except Timeout:
@@ -555,10 +560,22 @@ class LeaderlessNode:
                               acks=0, needed=self.w)
         return KVResult(key=key, version=res.version, token=res.context, context=res.context)
 
-    async def _coordinate(self, key: str, value: bytes | None, context: str | None) -> "_Written":
+    async def _coordinate(self, key: str, value: bytes | None, context: str | None,
+                          rid: str | None = None) -> "_Written":
         """This node (an owner) coordinates: persist its own copy, send the container to
-        the other placed replicas, answer after W durable acks."""
+        the other placed replicas, answer after W durable acks.
+
+        KV-Request-Id: a retry (same id, same key) reaching this coordinator again does
+        not make a new version: it answers the first attempt's result, or — if that one
+        failed (503/504) — drives the SAME container to W replicas again. Remembered in
+        memory only (the last REQUEST_IDS_MAX ids): a retry after the coordinator
+        restarted, or through another coordinator, writes a new version."""
         ctx = core.parse_context(context)
+        seen = self._rids.get(rid) if rid else None
+        if seen is not None and seen[0] == key and seen[2] is not None:
+            self._rids.move_to_end(rid)  # type: ignore[arg-type]
+            self.metrics.inc("kv_write_retries_deduplicated_total")
+            return seen[2]
         try:
             plan = core.plan_write(self.ring, key, self.n, self.w, self.id, self.is_up, sloppy=self.sloppy)
         except Unavailable:
@@ -570,9 +587,16 @@ class LeaderlessNode:
             except Unavailable:
                 self.metrics.inc("kv_writes_refused_total")
                 raise
-        ts = self.clock.now()
-        new, rec = self.replica.coordinate(key, value, ctx, ts)
-        await self._persist([rec])
+        if seen is not None and seen[0] == key:
+            new = seen[1]     # the retry of a write that failed: the same version again
+            self.metrics.inc("kv_write_retries_deduplicated_total")
+        else:
+            new, rec = self.replica.coordinate(key, value, ctx, self.clock.now())
+            await self._persist([rec])
+            if rid:
+                self._rids[rid] = [key, new, None]
+                while len(self._rids) > REQUEST_IDS_MAX:
+                    self._rids.popitem(last=False)
         holder = [core.WriteQuorum(plan)]   # replaced when the write moves on to more replicas
         done = asyncio.Event()
         if holder[0].status().outcome is not Outcome.PENDING:
@@ -619,7 +643,10 @@ class LeaderlessNode:
         self._background(self._finish_write(key, new, quorum, sends))
         version = encode_dot(Dot(self.id, new.context.get(self.id)))
         if status.outcome is Outcome.SUCCESS:
-            return _Written(version, encode_vv(new.context))
+            written = _Written(version, encode_vv(new.context))
+            if rid and rid in self._rids:
+                self._rids[rid][2] = written
+            return written
         if status.outcome is Outcome.PENDING:
             # the deadline passed: the replicas still silent count as timeouts
             pending = status.outstanding
@@ -910,6 +937,7 @@ class LeaderlessNode:
             "kv_forwarded_total": "writes forwarded to the key's first up owner",
             "kv_write_timeouts_total": "writes answered 504 (quorum not reached; may be applied)",
             "kv_writes_refused_total": "writes refused with 503 (too few replicas up)",
+            "kv_write_retries_deduplicated_total": "writes recognised as retries by KV-Request-Id",
             "kv_read_failures_total": "reads answered 503 (read quorum not reached)",
             "kv_replica_writes_total": "containers received from coordinators, repairs and handoffs",
             "kv_read_repairs_total": "stale replicas repaired after a read",

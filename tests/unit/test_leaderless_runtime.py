@@ -121,3 +121,18 @@ async def test_tombstones_are_collected_after_tombstone_gc_ms(tmp_path: Path) ->
         assert (await node.kv_get("gone", R)).value is None
     finally:
         await node.stop()
+
+
+async def test_a_retry_with_the_same_request_id_makes_no_new_version(tmp_path: Path) -> None:
+    node = LeaderlessNode(config(tmp_path), "n1")
+    await node.start()
+    try:
+        opts = WriteOpts(acks=None, if_match=None, context=None, rid="req-1")
+        first = await node.kv_put("k", b"v", opts)
+        again = await node.kv_put("k", b"v", opts)
+        assert again.version == first.version == "n1:1"
+        other = await node.kv_put("k", b"v", WriteOpts(acks=None, if_match=None, context=None, rid="req-2"))
+        assert other.version == "n1:2"
+        assert node.metrics.counters["kv_write_retries_deduplicated_total"] == 1
+    finally:
+        await node.stop()
