@@ -142,6 +142,30 @@ async def closed_loop(op: Op, *, concurrency: int, duration: float, warmup: floa
             "all_ok_ops": total_ok, "elapsed_s": loop.time() - start}
 
 
+COUNTERS = ("kv_transport_frames_total", "kv_transport_messages_total", "kv_wal_syncs_total")
+
+
+async def node_counters(http: aiohttp.ClientSession, urls: list[str]) -> list[dict[str, float]]:
+    """COUNTERS of each node's /metrics (summed over labels)."""
+    out = []
+    for u in urls:
+        vals: dict[str, float] = {}
+        try:
+            async with http.get(u + "/metrics") as r:
+                text = await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            text = ""
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in COUNTERS:
+                try:
+                    vals[name] = vals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    continue
+        out.append(vals)
+    return out
+
+
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -582,6 +606,7 @@ class Run:
     value_size: int
     pids: list[int]
     labels: list[str]
+    metrics_urls: list[str] = field(default_factory=list)   # kvstore: its nodes, leader first
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -679,7 +704,14 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
 
         def add(workload: str, system: str, op: Op | None, rr: float, vs: int = 100) -> None:
             if op is not None:
-                plan.append(Run(workload, system, op, rr, vs, *pids_of(system)))
+                plan.append(Run(workload, system, op, rr, vs, *pids_of(system), metrics_of(system)))
+
+        def metrics_of(system: str) -> list[str]:
+            if not system.startswith("kvstore"):
+                return []
+            c = semi5 if "5n" in system else asy if "async" in system else semi
+            assert c is not None
+            return sorted(c.urls, key=lambda u: u != c.leader)
 
         def pids_of(system: str) -> tuple[list[int], list[str]]:
             """The system's server processes and their roles (leader/primary first)."""
@@ -727,9 +759,16 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds} (load average {loadavg()[0]:.1f})", flush=True)
             for r in plan:
+                m0 = await node_counters(http, r.metrics_urls)
                 res = await measured(r.pids, closed_loop(
                     r.op, concurrency=CONCURRENCY, duration=args.duration, warmup=args.warmup,
                     read_ratio=r.read_ratio, value=values[r.value_size], seed=rnd))
+                if r.metrics_urls:
+                    m1 = await node_counters(http, r.metrics_urls)
+                    n_ops = max(1, res["all_ok_ops"])
+                    res["per_op"] = {f"{role}:{k}": round((m1[i].get(k, 0) - m0[i].get(k, 0)) / n_ops, 4)
+                                     for i, role in enumerate(["leader"] + ["follower"] * (len(m1) - 1))
+                                     if i < 2 for k in COUNTERS}
                 r.results.append(res)
                 if not res["ops"]:
                     notes.append(f"round {rnd + 1}: {r.workload} / {r.system}: no operation completed "
@@ -746,6 +785,9 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
                 round(statistics.median(x["server_cpu_ms_per_op_by_process"][i] for x in r.results), 4)
                 for i in range(len(r.pids))]
             med["processes"] = r.labels
+            if r.results and "per_op" in r.results[0]:
+                med["node_counters_per_op"] = {k: round(statistics.median(x["per_op"][k] for x in r.results), 4)
+                                               for k in r.results[0]["per_op"]}
             table.append({"workload": r.workload, "system": r.system, "value_bytes": r.value_size,
                           "read_ratio": r.read_ratio, **med, "errors": sum(x["errors"] for x in r.results),
                           "rounds": [round(x["ops_s"], 1) for x in r.results]})
