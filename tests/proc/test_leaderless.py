@@ -1,9 +1,9 @@
 """Leaderless mode with real `kvstore node` processes (tier 3).
 
-- 3 nodes N=3 W=2 R=2: SIGKILL one node; 500 writes, each followed by a read through
-  another node, all succeed and every read returns the write just acknowledged; the
-  node restarts and within 10 s (hints + anti-entropy) the three local copies
-  (consistency=local) are identical.
+- 3 nodes N=3 W=2 R=2 (lww and siblings): SIGKILL one node; 500 writes, each followed
+  by a read through another node, all succeed and every read returns the write just
+  acknowledged (or siblings containing it); the node restarts and within 10 s (hints +
+  anti-entropy) the three local copies (consistency=local) are identical.
 - 5 nodes N=3 W=2 R=2: the same with two nodes down; after they return, every key's
   three owners hold identical copies and no hint is left.
 - N=3 W=1 R=1 vs W=2 R=2 with slow links: a recorded history is fed to the chaos
@@ -64,6 +64,11 @@ async def write_read_load(urls: list[str], keys: list[str], writes: int, workers
                 last[key] = val
                 async with s.get(f"{ru}/kv/{key}") as r:
                     got = await r.read()
+                    if r.status == 300:   # conflict: siblings — the acked write must be one of them
+                        sibs = [base64.b64decode(x["value_b64"]) for x in json.loads(got)["siblings"]
+                                if x["value_b64"] is not None]
+                        assert val in sibs, f"stale read of {key} via {ru}: siblings {sibs}, acked {val!r}"
+                        continue
                     assert r.status == 200, (r.status, got, key)
                     assert got == val, f"stale read of {key} via {ru}: {got!r}, acked {val!r}"
         await asyncio.gather(*(worker(w) for w in range(workers)))
@@ -91,12 +96,15 @@ def wait_down(c: Cluster, observers: list[str], down: list[str], timeout: float 
     wait_for(seen, timeout, f"{down} seen down by {observers}")
 
 
-async def test_three_nodes_one_killed_reads_see_acked_writes_and_copies_converge(tmp_path: Path) -> None:
-    c = leaderless(tmp_path, 3, n=3, w=2, r=2, conflict="lww")
+@pytest.mark.parametrize("conflict", ["lww", "siblings"])
+async def test_three_nodes_one_killed_reads_see_acked_writes_and_copies_converge(tmp_path: Path,
+                                                                                 conflict: str) -> None:
+    c = leaderless(tmp_path, 3, n=3, w=2, r=2, conflict=conflict)
     try:
         c.start(wait_leader=False)
         assert c.info("n1")["mode"] == "leaderless" and c.info("n1")["role"] == "peer"
         keys = [f"k{i}" for i in range(64)]
+        await write_read_load(list(c.urls.values()), keys, writes=128, seed=2)   # n3 coordinates a third
         c.kill("n3")
         alive = [c.urls["n1"], c.urls["n2"]]
         t0 = time.monotonic()
@@ -110,7 +118,13 @@ async def test_three_nodes_one_killed_reads_see_acked_writes_and_copies_converge
         def converged() -> bool:
             for k, v in last.items():
                 copies = {nid: local_copy(c, nid, k) for nid in c.ids}
-                if len(set(copies.values())) != 1 or copies["n1"][1] != v:
+                if len(set(copies.values())) != 1:
+                    return False
+                status, body, _ = copies["n1"]
+                if status == 200 and body != v:
+                    return False
+                if status == 300 and v not in [base64.b64decode(x["value_b64"])
+                                               for x in json.loads(body)["siblings"] if x["value_b64"]]:
                     return False
             return True
 
