@@ -121,6 +121,7 @@ class Replica:
         self._digests: dict[str, bytes] = {}
         self._trees: dict[int, MerkleTree] = {}
         self._keys_of: dict[int, set[str]] = {}   # partition -> keys held (anti-entropy listing)
+        self._tombstoned: set[str] = set()        # keys whose container is only tombstones (GC candidates)
         self._empty = MerkleTree(MerkleShape(0, ring.range_bounds(0)[1], MERKLE_FANOUT, MERKLE_DEPTH))
 
     # ---- queries ---------------------------------------------------------------------
@@ -156,6 +157,10 @@ class Replica:
             tree = self._trees[p] = MerkleTree(MerkleShape(lo, hi, MERKLE_FANOUT, MERKLE_DEPTH))
         tree.replace(key, old, new)
         self._keys_of.setdefault(p, set()).add(key)
+        if container.siblings and is_deleted(container):
+            self._tombstoned.add(key)
+        else:
+            self._tombstoned.discard(key)
         self._digests[key] = new
         self.store[key] = container
 
@@ -192,9 +197,9 @@ class Replica:
         no older copy can come back (versions.purge_tombstones). The purged container
         wins every later sync, so the purge itself spreads by anti-entropy."""
         out: list[list[Any]] = []
-        for key, c in list(self.store.items()):
-            if c.siblings and is_deleted(c) and all(now_ms - s.timestamp.physical_ms >= gc_ms
-                                                    for s in c.siblings):
+        for key in list(self._tombstoned):
+            c = self.store[key]
+            if all(now_ms - s.timestamp.physical_ms >= gc_ms for s in c.siblings):
                 purged = purge_tombstones(c)
                 self._set(key, purged)
                 out.append([_PUT, key, purged.to_plain()])

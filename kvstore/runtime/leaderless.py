@@ -771,13 +771,20 @@ class LeaderlessNode:
         assert self._hint_wake is not None
         rep = self.config.replication
         interval = max(0.1, self.config.failure_detector.heartbeat_interval_ms * 5 / 1000.0)
+        last_expiry = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._hint_wake.wait(), interval)
             except asyncio.TimeoutError:
                 pass
             self._hint_wake.clear()
-            expired = self.replica.expire_hints(_now_ms(), rep.hint_max_age_ms, rep.hint_max_count)
+            # the bounds need a scan of every hint: not more than once a second, unless over count
+            now = time.monotonic()
+            if now - last_expiry >= 1.0 or self.replica.hint_count() > rep.hint_max_count:
+                last_expiry = now
+                expired = self.replica.expire_hints(_now_ms(), rep.hint_max_age_ms, rep.hint_max_count)
+            else:
+                expired = []
             if expired:
                 self.metrics.inc("kv_hints_dropped_total", len(expired))
                 log.warning("dropped %d hints (older than hint_max_age_ms or over hint_max_count); "
