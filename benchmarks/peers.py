@@ -6,10 +6,11 @@ to back, warm-up then a measured window), in ONE run so that the ratios mean som
 on a shared, noisy machine.
 
     .venv/bin/pip install redis          # benchmark-only dependency (the Redis driver)
-    .venv/bin/python benchmarks/peers.py --quick             # < ~3 min
-    .venv/bin/python benchmarks/peers.py                     # full, < ~15 min
+    .venv/bin/python benchmarks/peers.py --quick             # ~2 min (< 3)
+    .venv/bin/python benchmarks/peers.py                     # full, ~7-8 min (< 15)
     .venv/bin/python benchmarks/peers.py --install           # apt-get etcd-server redis-server first
     .venv/bin/python benchmarks/peers.py --quick --profile   # + py-spy stacks of the kvstore nodes
+    .venv/bin/python benchmarks/peers.py --markdown          # the JSON's tables (docs/performance.md)
 
 Without --install, a peer whose Debian package is missing (etcd-server: /usr/bin/etcd,
 redis-server: /usr/bin/redis-server) or whose client is missing (redis-py) is skipped
@@ -24,8 +25,11 @@ never the default 2379/6379):
            (throughput vs value size); writes on 3 vs 5 kvstore nodes (vs cluster size).
            Every workload runs each of its systems in turn, A B C A B C ..., --rounds
            times; the medians are reported.
-  then     the batch API (POST /kv/_batch, msgpack {"ops": [["put", k, v], ...]}) into the
-           3-node semi-sync cluster, in stages; after each stage the RSS of every node and
+  per run  ops/s, p50/p99, CPU per operation of every server process and of the driver
+           (/proc), run-queue wait (schedstat), kvstore's frames/messages/fsyncs per op
+           (/metrics)
+  then     the batch API (POST /kv/_batch, msgpack {"ops": [["put", k, v], ...]}) into a
+           fresh 3-node semi-sync cluster, in stages; after each stage the RSS of every node and
            the restart time of a follower (SIGTERM, start, until it serves the last key
            with consistency=local) -> RSS per million keys, restart time vs keys;
            the failover gap of a 3-node semi-sync cluster (benchmarks/failover_bench.py).
