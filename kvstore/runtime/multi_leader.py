@@ -613,8 +613,16 @@ class MultiLeaderNode:
         # while we are reseeded ourselves our store may lack some of our own old records:
         # send the data, but vouch for no position (0)
         upto = cap[3] + len(cap[2]) if not cap[8] else 0
-        step = 1024
-        chunks = [store[i:i + step] for i in range(0, len(store), step)] or [[]]
+        # chunks of at most 1024 keys and ~4 MB (the peer's request size limit is far above)
+        chunks: list[list[tuple[str, DVVSet]]] = [[]]
+        size = 0
+        for item in store:
+            item_bytes = 64 + len(item[0]) + sum(len(x.value or b"") + 48 for x in item[1].siblings)
+            if chunks[-1] and (len(chunks[-1]) >= 1024 or size + item_bytes > 4 * 1024 * 1024):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += item_bytes
         ans: Any = None
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
