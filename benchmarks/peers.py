@@ -832,7 +832,7 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
 
 async def profiles(args: argparse.Namespace, semi: KVCluster, raw_pid: int, o_semi: Op, o_local: Op, o_raw: Op,
                    value: bytes, tmp: Path) -> dict[str, Any]:
-    """py-spy (raw stacks, on-CPU samples only) of the busy process for a few workloads."""
+    """py-spy (raw stacks, non-idle samples only) of the busy process for a few workloads."""
     secs = args.profile_seconds
     pid_of = {u: p.pid for u, p in zip(semi.urls, semi.procs)}
 
