@@ -54,12 +54,18 @@ from kvstore.transport.rpc import PeerRPC, rpc_handler
 log = logging.getLogger("kvstore.leaderless")
 
 HINT_BATCH = 256
+BATCH_BYTES = 8 * 1024 * 1024   # keeps every internal request far below the server's body limit
 REQUEST_IDS_MAX = 10_000
 AE_SYNC_MAX_PARTS = 64   # partitions per ae_sync call
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _size(c: DVVSet) -> int:
+    """Rough wire size of a container (values dominate)."""
+    return 64 + sum(64 + len(s.value or b"") for s in c.siblings)
 
 
 class LeaderlessNode:
@@ -541,7 +547,8 @@ class LeaderlessNode:
                 res = await self._coordinate(key, value, opts.context, opts.rid)
                 break
             try:
-                ans = await self._forwarders[cand].submit([key, value, opts.context, opts.rid])
+                ans = await self._forwarders[cand].submit([key, value, opts.context, opts.rid],
+                                                          64 + len(value or b""))
             except Unavailable:
                 continue   # that owner is down: the next one coordinates
             except Timeout:
@@ -602,10 +609,11 @@ class LeaderlessNode:
         if holder[0].status().outcome is not Outcome.PENDING:
             done.set()
         plain = new.to_plain()
+        size = _size(new)
 
         async def send(t: Any) -> None:
             try:
-                await self._replicators[t.node].submit([key, plain, t.hint_for])
+                await self._replicators[t.node].submit([key, plain, t.hint_for], size)
                 reply = Reply.ACK
             except Timeout as e:
                 log.info("replicating %r to %s timed out: %s", key, t.node, e.message)
@@ -762,7 +770,7 @@ class LeaderlessNode:
                     self._persist_later([rec])
                 continue
             try:
-                await self._replicators[node].submit([key, c.to_plain(), hint_for])
+                await self._replicators[node].submit([key, c.to_plain(), hint_for], _size(c))
             except KVError as e:
                 log.debug("read repair of %r on %s failed: %s", key, node, e.message)
 
@@ -799,7 +807,13 @@ class LeaderlessNode:
             per = self.replica.hints.get(owner)
             if not per:
                 return
-            batch = [(k, h.container) for k, h in list(per.items())[:HINT_BATCH]]
+            batch: list[tuple[str, DVVSet]] = []
+            total = 0
+            for k, h in per.items():
+                if batch and (len(batch) >= HINT_BATCH or total + _size(h.container) > BATCH_BYTES):
+                    break
+                batch.append((k, h.container))
+                total += _size(h.container)
             try:
                 await self._call(owner, "replicate", {"items": [[k, c.to_plain(), None] for k, c in batch]})
             except KVError as e:
@@ -860,10 +874,14 @@ class LeaderlessNode:
             buckets = compare_level(self.replica.tree(p), core.MERKLE_DEPTH, dict(enumerate(leaves)))
             if buckets:
                 todo.append([p, buckets])
-        for i in range(0, len(todo), AE_SYNC_MAX_PARTS):
-            chunk = todo[i:i + AE_SYNC_MAX_PARTS]
-            parts = [[p, b, [[k, c.to_plain()] for k, c in self.replica.keys_in(p, b).items()]]
-                     for p, b in chunk]
+        while todo:
+            parts: list[list[Any]] = []
+            total = 0
+            while todo and len(parts) < AE_SYNC_MAX_PARTS and (not parts or total < BATCH_BYTES):
+                p, b = todo.pop(0)
+                mine = self.replica.keys_in(p, b)
+                total += sum(_size(c) for c in mine.values())
+                parts.append([p, b, [[k, c.to_plain()] for k, c in mine.items()]])
             got = await self._call(peer, "ae_sync", {"parts": parts})
             records = []
             for _, items in got.get("parts", []):
@@ -994,12 +1012,12 @@ class _Batcher:
         self.peer = peer
         self.path = path
         self.field = field_name
-        self.queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self.queue: list[tuple[Any, asyncio.Future[Any], int]] = []
         self.inflight = 0
 
-    async def submit(self, item: Any) -> Any:
+    async def submit(self, item: Any, size: int = 64) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.append((item, fut))
+        self.queue.append((item, fut, size))
         if self.inflight < self.MAX_INFLIGHT:
             self.inflight += 1
             self.node._background(self._drain())
@@ -1008,7 +1026,11 @@ class _Batcher:
     async def _drain(self) -> None:
         try:
             while self.queue:
-                batch, self.queue = self.queue[:self.MAX_ITEMS], self.queue[self.MAX_ITEMS:]
+                n, total = 0, 0
+                while n < len(self.queue) and n < self.MAX_ITEMS and (n == 0 or total + self.queue[n][2] <= BATCH_BYTES):
+                    total += self.queue[n][2]
+                    n += 1
+                batch, self.queue = [(i, f) for i, f, _ in self.queue[:n]], self.queue[n:]
                 try:
                     ans = await self.node._call(self.peer, self.path, {self.field: [i for i, _ in batch]},
                                                 self.timeout_s)

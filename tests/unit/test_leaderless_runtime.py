@@ -136,3 +136,34 @@ async def test_a_retry_with_the_same_request_id_makes_no_new_version(tmp_path: P
         assert node.metrics.counters["kv_write_retries_deduplicated_total"] == 1
     finally:
         await node.stop()
+
+
+async def test_batches_to_a_peer_stay_under_the_byte_cap_and_errors_reach_every_item() -> None:
+    from kvstore.errors import Unavailable
+    from kvstore.runtime import leaderless as rt
+
+    calls: list[int] = []
+
+    class FakeNode:
+        fail = False
+
+        async def _call(self, peer: str, path: str, obj: Any, timeout: Any = None) -> Any:
+            await asyncio.sleep(0.01)
+            calls.append(len(obj["items"]))
+            if self.fail:
+                raise Unavailable(f"{peer} unreachable")
+            return {"results": [i[0] for i in obj["items"]]}
+
+        def _background(self, coro: Any) -> None:
+            asyncio.get_running_loop().create_task(coro)
+
+    node = FakeNode()
+    b = rt._Batcher(node, NodeId("n2"), "replicate", "items")  # type: ignore[arg-type]
+    mib = 1024 * 1024
+    got = await asyncio.gather(*(b.submit([i], size=3 * mib) for i in range(10)))
+    assert got == list(range(10))                       # each item gets its own result
+    assert all(n * 3 * mib <= rt.BATCH_BYTES or n == 1 for n in calls), calls
+    assert sum(calls) == 10 and len(calls) >= 4          # 2 items (6 MiB) per call at most
+    node.fail = True
+    res = await asyncio.gather(*(b.submit([i]) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in res)
