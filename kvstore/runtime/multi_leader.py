@@ -294,13 +294,22 @@ class MultiLeaderNode:
             os._exit(70)
 
     async def stop(self) -> None:
+        """Senders are cancelled; the persist loop and a snapshot being written are let
+        finish (never cancelled in the middle of an fdatasync running in a thread)."""
         self._stopping = True
+        draining = [t for t in self._tasks if t.get_name() in ("persist", "snapshot")]
         for t in self._tasks:
-            t.cancel()
+            if t not in draining:
+                t.cancel()
+        if self._dirty is not None:
+            self._dirty.set()
         for t in self._tasks:
             try:
-                await t
-            except asyncio.CancelledError:
+                if t in draining:
+                    await asyncio.wait_for(t, 10.0)
+                else:
+                    await t
+            except (asyncio.CancelledError, asyncio.TimeoutError):
                 pass
         await self.transport.stop()
         if self.wal is not None:
@@ -346,6 +355,10 @@ class MultiLeaderNode:
     async def _persist_loop(self) -> None:
         assert self._dirty is not None and self.wal is not None
         while True:
+            if self._stopping:
+                if self._queue:
+                    await self._flush()
+                return
             await self._dirty.wait()
             self._dirty.clear()
             if self._compact_upto:
