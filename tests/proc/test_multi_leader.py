@@ -301,3 +301,17 @@ def test_a_node_with_empty_storage_takes_writes_only_after_hearing_from_its_peer
     c.start_node("n2")
     wait_writable(c, ["n1"])
     put(c, "n1", "x", b"y")
+
+
+def test_acks_sync_waits_for_the_peers_and_is_refused_when_they_are_cut_off(make_cluster: Any) -> None:
+    c = make_cluster(2, "siblings")
+    wait_for(lambda: next(n for n in cluster_info(c, "n1")["nodes"] if n["id"] == "n2")["state"] == "up", 5,
+             "n1 sees n2 up")
+    put(c, "n1", "k?acks=sync", b"v")                    # answered once n2 has it durably...
+    assert get(c, "n2", "k")[2] == b"v"                   # ...so n2 serves it right away
+    faults(c, "n1", ["n2"])
+    wait_for(lambda: next(n for n in cluster_info(c, "n1")["nodes"] if n["id"] == "n2")["state"] != "up", 5,
+             "n2 seen as cut off")
+    st, _, body = req(f"{c.urls['n1']}/kv/k?acks=sync", "PUT", b"w")
+    assert st == 503 and b"acks=sync" in body, (st, body)
+    put(c, "n1", "k", b"async-still-works")               # the default (async) keeps serving
