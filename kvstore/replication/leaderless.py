@@ -259,11 +259,11 @@ class Replica:
         else:
             invariant(tag == _HINT_DONE, f"unknown record {tag!r}")
             _, owner, key, dig = rec
-            per = self.hints.get(NodeId(owner))
-            h = per.get(key) if per else None
-            if h is not None and digest(h.container) == dig:
-                del per[key]  # type: ignore[union-attr]
-                if not per:
+            found = self.hints.get(NodeId(owner))
+            h = found.get(key) if found else None
+            if found is not None and h is not None and digest(h.container) == dig:
+                del found[key]
+                if not found:
                     del self.hints[NodeId(owner)]
 
     def snapshot_hints(self) -> list[list[Any]]:

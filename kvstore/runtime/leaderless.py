@@ -88,7 +88,8 @@ class LeaderlessNode:
         self.ring = Ring.of(config.node_ids)
         self.replica = core.Replica(self.id, self.ring, self.n, lww=self.lww)
         self.clock = HybridClock(self.id, _now_ms, max_drift_ms=None)
-        self.transport: PeerRPC = PeerRPC(self.id, dict(self.peer_urls), config.security.cluster_token,
+        self.transport: PeerRPC = PeerRPC(self.id, {str(k): v for k, v in self.peer_urls.items()},
+                                          config.security.cluster_token,
                                           timeout_s=rep.write_timeout_ms / 1000.0)
         self.wal: WAL | None = None
         self._next_index = 1
@@ -142,7 +143,7 @@ class LeaderlessNode:
             replayed += 1
         self._next_index = last + 1
         self._since_snapshot = replayed
-        hw = max((max_timestamp(c) for c in self.replica.store.values() if c.siblings),
+        hw = max((t for c in self.replica.store.values() if (t := max_timestamp(c)) is not None),
                  default=None)
         if hw is not None:
             self.clock.update(hw)
@@ -498,7 +499,7 @@ class LeaderlessNode:
         return {"parts": out}
 
     def add_routes(self, app: web.Application) -> None:
-        members = set(self.peer_urls)
+        members = {str(p) for p in self.peer_urls}
         for name, fn in (("ping", self._on_ping), ("replicate", self._on_replicate), ("read", self._on_read),
                          ("coord", self._on_coord), ("ae_roots", self._on_ae_roots),
                          ("ae_sync", self._on_ae_sync)):

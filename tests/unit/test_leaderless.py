@@ -3,6 +3,8 @@ writes, hints, tombstone GC, WAL replay, placement, the W / R trackers, read ren
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kvstore.cluster.ring import Ring
@@ -366,3 +368,53 @@ def test_write_moves_on_to_replicas_a_fresh_plan_adds() -> None:
     assert q2.status().outcome is Outcome.PENDING
     assert q2.on_reply(o2, Reply.ACK).outcome is Outcome.SUCCESS
     assert q2.owners_to_hint().count(o3) >= 1
+
+
+# ---- property: replicas converge whatever the delivery order ------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_OPS = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.booleans(), st.booleans()),
+                min_size=1, max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_OPS, st.randoms(use_true_random=False), st.booleans())
+def test_replicas_converge_whatever_the_delivery_order(ops: list[tuple[int, int, bool, bool]],
+                                                      rnd: Any, lww: bool) -> None:
+    """Owners coordinate writes (blind or with a stale context) and deliver the resulting
+    containers to random peers in random order, some twice, some never; a final
+    all-pairs exchange (anti-entropy) leaves every replica identical, with every dot
+    ever issued covered."""
+    key = "k"
+    owners = N3.preference_list(key, 3)
+    reps = {o: core.Replica(o, N3, 3, lww=lww) for o in owners}
+    pending: list[tuple[NodeId, DVVSet]] = []
+    issued: list[Dot] = []
+    for i, (who, to, stale_ctx, delete) in enumerate(ops):
+        me = owners[who]
+        rep = reps[me]
+        ctx = VersionVector() if stale_ctx else None
+        c, _ = rep.coordinate(key, None if delete else f"v{i}".encode(), ctx, ts(1000 + i, me))
+        issued.append(Dot(me, c.context.get(me)))
+        pending.append((owners[to], c))
+        if rnd.random() < 0.5 and pending:
+            dst, cont = pending.pop(rnd.randrange(len(pending)))
+            reps[dst].merge(key, cont)
+            if rnd.random() < 0.2:
+                reps[dst].merge(key, cont)           # duplicate delivery
+    rnd.shuffle(pending)
+    for dst, cont in pending[: len(pending) // 2]:   # the rest is lost in transit
+        reps[dst].merge(key, cont)
+    for _ in range(2):
+        for a in owners:
+            for b in owners:
+                if a != b:
+                    reps[b].merge(key, reps[a].get(key))
+    finals = {o: reps[o].get(key) for o in owners}
+    assert len(set(map(repr, finals.values()))) == 1
+    final = next(iter(finals.values()))
+    assert all(final.context.covers(d) for d in issued)
+    if lww:
+        assert len(final.siblings) <= 1
