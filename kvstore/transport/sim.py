@@ -71,6 +71,11 @@ class SimConfig:
     persist_max_units: int = 6
     # clients
     read_timeout_ticks: int = 20
+    # Runtime behaviours with a known crash window (see tests/sim: the xfail scenarios).
+    # False/0 = kvstore/runtime/node.py as it is today; True = the proposed fix.
+    rollback_before_install: bool = False   # save Ready.truncated before the install wipes the WAL
+    recover_drops_stale_tail: bool = False  # recovery drops WAL entries an installed snapshot superseded
+    install_crash_window_p: float = 0.5     # crash mid-install: snapshot file durable, WAL reset not
 
 
 @dataclass(slots=True)
@@ -107,6 +112,7 @@ class DurableSnapshot:
     index: LogIndex
     term: Term
     blob: bytes                     # encode_snapshot bytes (what a SnapshotRequest carries)
+    installed: bool = False         # received from a leader (vs taken locally)
 
 
 class Observer:
@@ -155,6 +161,7 @@ class SimNode:
         self.d_hard = HardState(Term(0), None)
         self.d_log: list[Entry] = []
         self.d_snap: DurableSnapshot | None = None
+        self.d_reset: LogIndex = LogIndex(0)   # last WAL reset marker (snapshot installed at)
         # runtime (lost on crash)
         self.busy: _Job | None = None
         self.snap_meta: DurableSnapshot | None = None   # what the runtime's _snap_meta names
@@ -262,7 +269,11 @@ class Sim:
             loaded = decode_snapshot(node.d_snap.blob, f"{node.id} durable snapshot")
             state.load(loaded.index, loaded.term, iter(loaded.items), loaded.dedup)
             snap_index, snap_term = loaded.index, loaded.term
-        entries = [e for e in node.d_log if e.index > snap_index]
+        stale = (self.cfg.recover_drops_stale_tail and node.d_snap is not None and node.d_snap.installed
+                 and node.d_reset < node.d_snap.index)
+        # (the proposed fix: an installed snapshot whose WAL reset never became durable
+        # supersedes the whole WAL written before it)
+        entries = [] if stale else [e for e in node.d_log if e.index > snap_index]
         invariant(not entries or entries[0].index == snap_index + 1,
                   f"{node.id}: durable log starts at {entries[0].index if entries else 0} after a snapshot "
                   f"at {snap_index}: entries are missing")
@@ -293,6 +304,13 @@ class Sim:
                 keep = self.rng.randint(0, len(job.rd.entries))
                 if keep:
                     self._wal_append(node, job.rd.entries[:keep])
+            elif phase == "install" and self.rng.random() < self.cfg.install_crash_window_p:
+                # Node._install_snapshot: the snapshot file is durable (renamed + fsynced)
+                # before the WAL reset marker is written and synced: the old WAL survives.
+                m = job.rd.install
+                assert m is not None
+                if node.d_snap is None or node.d_snap.index <= m.index:
+                    node.d_snap = DurableSnapshot(m.index, m.snap_term, m.data, installed=True)
             elif phase == "hard" and self.rng.random() < 0.5:
                 # save_hard_state renames atomically: the crash came before or after the rename
                 assert job.rd.hard_state is not None
@@ -392,12 +410,15 @@ class Sim:
             pmax = self.cfg.persist_max_units
             slow = self.slow_disks.get(node.id, 0)
             phases: list[tuple[str, int]] = []
+            rollback = ("rollback", self.rng.randint(1, pmax) + slow) if rd.truncated else None
+            if rollback and self.cfg.rollback_before_install:
+                phases.append(rollback)
             if rd.install is not None:
                 phases.append(("install", self.rng.randint(1, pmax) + slow))
             if rd.early_outbox:
                 phases.append(("early", 0))
-            if rd.truncated:
-                phases.append(("rollback", self.rng.randint(1, pmax) + slow))
+            if rollback and not self.cfg.rollback_before_install:
+                phases.append(rollback)
             if rd.hard_state is not None:
                 phases.append(("hard", self.rng.randint(1, pmax) + slow))
             if rd.committed and rd.entries and rd.rollback_from is None:
@@ -425,7 +446,7 @@ class Sim:
             self._phase(node, name, job.rd)
             if node.busy is not job:   # crashed inside (cannot happen today; be safe)
                 return
-        if job.rd.entries or job.phases == [("yield", 0)]:
+        if job.rd.entries:
             node.busy = None
         else:
             # Node._ready_loop: `await asyncio.sleep(0)` after a Ready that did no I/O, so
@@ -442,11 +463,12 @@ class Sim:
             assert m is not None
             loaded = decode_snapshot(m.data, f"from {m.sender}")
             invariant(loaded.index == m.index, "snapshot payload does not match its header")
-            snap = DurableSnapshot(m.index, m.snap_term, m.data)
+            snap = DurableSnapshot(m.index, m.snap_term, m.data, installed=True)
             # the runtime writes the snapshot file, then a WAL reset marker, then syncs
             if node.d_snap is None or node.d_snap.index <= m.index:
                 node.d_snap = snap
             node.d_log = []
+            node.d_reset = m.index
             node.state.load(loaded.index, loaded.term, iter(loaded.items), loaded.dedup)
             node.snap_meta = snap
             self.obs.on_install(self, node, snap)

