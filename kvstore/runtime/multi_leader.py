@@ -30,7 +30,6 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
-import msgpack
 from aiohttp import web
 
 from kvstore.api.app import KVResult, ReadOpts, WriteOpts
@@ -151,7 +150,7 @@ class MultiLeaderNode:
         fd = config.failure_detector
         self.heartbeat_s = fd.heartbeat_interval_ms / 1000.0
         self.timeout_s = fd.timeout_ms / 1000.0
-        self.transport = PeerRPC(self.id, self.peer_urls, config.security.cluster_token,
+        self.transport = PeerRPC(self.id, {str(k): v for k, v in self.peer_urls.items()}, config.security.cluster_token,
                                  timeout_s=max(2.0, 2 * self.timeout_s))
         self.core: MultiLeaderCore | None = None
         self.wal: WAL | None = None
@@ -326,7 +325,7 @@ class MultiLeaderNode:
         log.info("stopped cleanly")
 
     def add_routes(self, app: web.Application) -> None:
-        members = set(self.peers)
+        members: set[str] = set(self.peers)
         app.router.add_post("/internal/" + REPLICATE_PATH, rpc_handler(self.transport, members, self._on_replicate))
         app.router.add_post("/internal/" + STATE_PATH, rpc_handler(self.transport, members, self._on_state))
 
@@ -503,14 +502,14 @@ class MultiLeaderNode:
             # that the peers still hold and have not sent back yet
             waited = time.monotonic() - self._reseed_since
             limit = 3 * self.timeout_s
-            missing = ", ".join(sorted(core.reseed_from))
+            waiting_for = ", ".join(sorted(core.reseed_from))
             if waited < limit:
                 raise Unavailable(f"this node lost data and is being reseeded: waiting up to "
-                                  f"{int((limit - waited) * 1000)} ms more for the store of {missing}",
+                                  f"{int((limit - waited) * 1000)} ms more for the store of {waiting_for}",
                                   retry_after_ms=200)
             self._reseed_gave_up = True
             log.warning("still waiting for the store of %s after %d ms: taking writes anyway (a write may "
-                        "supersede this node's own lost versions of its key)", missing, int(limit * 1000))
+                        "supersede this node's own lost versions of its key)", waiting_for, int(limit * 1000))
         if not core.awaiting_positions:
             return
         waited = time.monotonic() - self.started_at
