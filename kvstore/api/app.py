@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import re
 import logging
 import uuid
@@ -79,6 +80,7 @@ FORWARDED = "KV-Forwarded-By"
 ACKS = ("async", "semi-sync", "sync")
 _CTRL = {chr(c) for c in range(0x20)} | {"\x7f"}
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_key(request: web.Request, max_key_bytes: int) -> str:
@@ -100,7 +102,7 @@ def parse_key(request: web.Request, max_key_bytes: int) -> str:
         key = b.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("key is not valid UTF-8") from None
-    if any(ch in _CTRL for ch in key):
+    if _CTRL_RE.search(key):
         raise BadRequest("key contains control characters")
     return key
 
@@ -221,7 +223,11 @@ def _write_answer(request: web.Request, node: Node, key: str, version: str, toke
     headers = {"KV-Version": version, "KV-Token": token, "KV-Node": node.id}
     if node.leader_id:
         headers["KV-Leader"] = node.leader_id
-    return body_response(request, {"key": key, "version": version, "token": token}, 200, headers)
+    if wants_msgpack(request):
+        return body_response(request, {"key": key, "version": version, "token": token}, 200, headers)
+    # the hot path: versions and tokens are digits and dots, only the key needs escaping
+    text = f'{{"key": {json.dumps(key)}, "version": "{version}", "token": "{token}"}}'
+    return web.Response(text=text, content_type="application/json", headers=headers)
 
 
 def _read_opts(request: web.Request) -> ReadOpts:
@@ -381,7 +387,7 @@ async def kv_batch(request: web.Request) -> web.Response:
             raise BadRequest("each op is [\"put\", key, value] or [\"delete\", key]")
         key = op[1] if len(op) > 1 else None
         if not isinstance(key, str) or not key or len(key.encode()) > lim.max_key_bytes \
-                or any(ch in _CTRL for ch in key):
+                or _CTRL_RE.search(key):
             raise BadRequest(f"invalid key in batch: {key!r}")
         if op[0] == "put":
             if len(op) != 3:
