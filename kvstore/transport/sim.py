@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from kvstore.errors import KVError, NotLeader, invariant
