@@ -37,6 +37,7 @@ kvstore.replication.versions. Pure: no I/O, no asyncio, no time, no global rando
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,6 +52,7 @@ from kvstore.replication.versions import (
     HybridClock,
     Sibling,
     VersionVector,
+    digest,
     max_timestamp,
     resolve_lww,
     sync,
@@ -172,6 +174,9 @@ class MultiLeaderCore:
     # started with empty storage (new, or lost its disk): until every peer has told us how
     # much of our log it holds, we must not issue sequence numbers (see runtime)
     awaiting_positions: bool = False
+    # XOR of a hash of every (key, container): equal on two replicas that hold the same
+    # store (anti-entropy compares it when their positions are equal), O(1) to keep up
+    store_digest: int = 0
     reseed_from: set[NodeId] = field(default_factory=set)   # peers whose whole store we still need
 
     def __post_init__(self) -> None:
@@ -181,6 +186,13 @@ class MultiLeaderCore:
             self.progress.setdefault(p, _PeerProgress())
             self.applied.setdefault(p, 0)
         self.applied.setdefault(self.node_id, 0)
+
+    def _put(self, key: str, c: DVVSet) -> None:
+        old = self.store.get(key)
+        if old is not None:
+            self.store_digest ^= key_digest(key, old)
+        self.store[key] = c
+        self.store_digest ^= key_digest(key, c)
 
     # ---- queries -----------------------------------------------------------------------
     @property
@@ -234,7 +246,7 @@ class MultiLeaderCore:
         superseded = tuple(s for s in current.siblings if ctx.covers(s.dot))
         counter = new.context.get(self.node_id)
         sib = next(s for s in new.siblings if s.dot.node == self.node_id and s.dot.counter == counter)
-        self.store[key] = new
+        self._put(key, new)
         rec = LogRecord(self.node_id, self.last_seq + 1, key, new)
         self.log.append(rec)
         return WriteOutcome(rec, sib, superseded)
@@ -275,7 +287,7 @@ class MultiLeaderCore:
         if merged == local:
             return None                       # local descends incoming: ignore
         if merged == rec.container:
-            self.store[rec.key] = merged      # incoming descends local: replace
+            self._put(rec.key, merged)        # incoming descends local: replace
             return None
         # concurrent
         ev: ConflictEvent | None = None
@@ -299,7 +311,7 @@ class MultiLeaderCore:
                 self.sibling_conflicts += 1
         if ev is not None and count and rec.origin in self.progress:
             self.progress[rec.origin].conflicts_seen += 1
-        self.store[rec.key] = merged
+        self._put(rec.key, merged)
         return ev
 
     # ---- sending -------------------------------------------------------------------------
@@ -414,7 +426,7 @@ class MultiLeaderCore:
                 ts = max_timestamp(rec.container)
                 if ts is not None:
                     self.clock.update(ts)
-                self.store[rec.key] = sync(self.get(rec.key), rec.container)
+                self._put(rec.key, sync(self.get(rec.key), rec.container))
                 self.log.append(rec)
         else:
             pos = self.applied.get(origin)
@@ -450,6 +462,18 @@ def decode_record(data: bytes) -> tuple[str, NodeId, list[LogRecord], str | None
     if not isinstance(origin, str) or not isinstance(recs, list) or (rid is not None and not isinstance(rid, str)):
         raise BadRequest("multi-leader record: bad fields")
     return kind, NodeId(origin), [LogRecord.from_plain(NodeId(origin), r) for r in recs], rid
+
+
+def key_digest(key: str, c: DVVSet) -> int:
+    """64-bit hash of one key's container (see MultiLeaderCore.store_digest)."""
+    return int.from_bytes(hashlib.blake2b(key.encode() + b"\0" + digest(c), digest_size=8).digest(), "big")
+
+
+def recompute_digest(store: dict[str, DVVSet]) -> int:
+    out = 0
+    for k, c in store.items():
+        out ^= key_digest(k, c)
+    return out
 
 
 # special `upto` values of a state record about ourselves (origin == this node)
@@ -533,7 +557,7 @@ def load_snapshot(core: MultiLeaderCore, payloads: Iterable[bytes]) -> dict[str,
             raise BadRequest("snapshot: unreadable chunk") from None
         if kind == "K":
             for k, c in items_from_wire(body):
-                core.store[k] = c
+                core._put(k, c)  # noqa: SLF001 - restoring the core's own state
                 keys += 1
         elif kind == "L":
             recs = [LogRecord.from_plain(core.node_id, r) for r in body]

@@ -187,6 +187,7 @@ class MultiLeaderNode:
         self._compact_upto = 0
         self._capture_waiters: list[asyncio.Future[tuple[Any, ...]]] = []
         self._reseed_wanted: set[NodeId] = set()     # peers that asked for our whole store
+        self._diverged: dict[NodeId, int] = {}       # anti-entropy: heartbeats in a row that differed
         # A node that starts with nothing on disk is new -- or lost its disk. Until every
         # peer has told it how much of its log they hold (or 3 x timeout_ms passed), it
         # takes no writes: a wiped node must not reissue sequence numbers and versions.
@@ -571,7 +572,7 @@ class MultiLeaderNode:
             try:
                 ans = await self.transport.call(peer, REPLICATE_PATH, {
                     "o": self.id, "r": records_to_wire(entries), "pos": dict(core.positions().entries),
-                    "reseed": peer in core.reseed_from})
+                    "reseed": peer in core.reseed_from, "dig": core.store_digest})
             except KVError as e:
                 if prog.acked is not None or entries:
                     log.debug("replicate to %s failed: %s", peer, e.message)
@@ -617,7 +618,7 @@ class MultiLeaderNode:
         longer keeps, or when it lost its data and asked for it (reseed)."""
         core = self.core
         assert core is not None
-        why = "asked for it (it lost its data)" if peer in self._reseed_wanted else \
+        why = "wants it (it lost data, or anti-entropy found our stores differ)" if peer in self._reseed_wanted else \
             f"is at {core.progress[peer].acked} of our log, which now starts after {core.log_base}"
         log.warning("%s %s: sending it our whole store", peer, why)
         cap = await self._capture()
@@ -697,8 +698,33 @@ class MultiLeaderNode:
             self._positions_changed.set()
             self.metrics.inc("kv_received_entries_total", len(out.new))
             await self._durable(idx)
+        self._anti_entropy(origin, obj)
         return {"applied": self._durable_applied.get(origin, 0), "gap": out.gap,
                 "pos": dict(core.positions().entries)}
+
+    def _anti_entropy(self, origin: NodeId, obj: dict[str, Any]) -> None:
+        """Anti-entropy on heartbeats: a peer that has merged exactly the same positions
+        must hold exactly the same store (merging is a join). Same positions but another
+        store digest, several heartbeats in a row, means the stores diverged (an edge the
+        log protocol does not cover, e.g. two lost disks at once): send it our whole store
+        (a join on its side; it does the same towards us), which makes them equal again."""
+        core = self.core
+        assert core is not None
+        dig, pos = obj.get("dig"), obj.get("pos")
+        if not isinstance(dig, int) or not isinstance(pos, dict) or core.reseed_from:
+            return
+        same_positions = {str(k): v for k, v in pos.items()} == {str(k): v for k, v in core.positions().entries}
+        if not same_positions or dig == core.store_digest or origin in self._reseed_wanted:
+            self._diverged.pop(origin, None)
+            return
+        self._diverged[origin] = self._diverged.get(origin, 0) + 1
+        if self._diverged[origin] >= 5:
+            self._diverged.pop(origin, None)
+            log.warning("anti-entropy: %s has merged the same positions (%s) but holds another store; "
+                        "sending it ours", origin, encode_vv(core.positions()))
+            self.metrics.inc("kv_anti_entropy_repairs_total")
+            self._reseed_wanted.add(origin)
+            self._send_wake[origin].set()
 
     def _report_conflict(self, ev: ConflictEvent) -> None:
         if ev.resolution == "lww":
@@ -963,6 +989,8 @@ class MultiLeaderNode:
             "kv_snapshots_total": "snapshots written (the WAL before them is deleted)",
             "kv_state_transfers_total": "whole-store transfers to a peer (behind our trimmed log, or reseeding)",
             "kv_data_loss_detected_total": "times a peer held more of our log than we had (we lost data)",
+            "kv_anti_entropy_repairs_total": "whole-store pushes after a peer with equal positions held "
+                                             "another store",
         }
         for name, help_ in known.items():
             g(name, self.metrics.counters.get(name, 0.0), help_, "counter")

@@ -35,6 +35,7 @@ from kvstore.replication.multi_leader import (
     encode_local_record,
     encode_remote_record,
     encode_state_record,
+    recompute_digest,
     AWAIT_POSITIONS,
     HEARD_ALL,
 )
@@ -355,6 +356,8 @@ class Sim:
         first = nodes[0].core
         for n in nodes[1:]:
             assert n.core.store == first.store, self.report(f"{n.nid} differs from {first.node_id}")
+            assert n.core.store_digest == first.store_digest == recompute_digest(first.store), \
+                self.report("store digests differ")
             assert n.core.positions() == first.positions(), self.report("positions differ")
         acked = [w for w in self.writes if w.acked and w.wid not in self.lost_by_wipe]
         # a version (key, dot) names one write: a node that lost its disk must not reissue one
@@ -421,6 +424,6 @@ def test_the_checker_catches_a_silently_dropped_write() -> None:
     victim = next(w for w in sim.writes if w.acked and any(s.dot == w.dot for s in store[w.key].siblings))
     for n in sim.nodes.values():
         c = n.core.store[victim.key]
-        n.core.store[victim.key] = type(c)(tuple(s for s in c.siblings if s.dot != victim.dot), c.context)
+        n.core._put(victim.key, type(c)(tuple(s for s in c.siblings if s.dot != victim.dot), c.context))
     with pytest.raises(AssertionError, match="vanished"):
         sim.check()

@@ -320,6 +320,9 @@ def test_replicas_converge_whatever_the_delivery_order(policy: str, seed: int) -
         assert other.store == first.store, f"seed {seed}: replicas differ"
     for other in nodes[1:]:
         assert all(other.visible(k) == first.visible(k) for k in first.store)
+    from kvstore.replication.multi_leader import recompute_digest
+    for n in nodes:   # the running digest (anti-entropy) is exactly the store's
+        assert n.store_digest == recompute_digest(n.store) == first.store_digest
     if policy == "lww":
         assert all(len(first.visible(k)) <= 1 for k in first.store)
 
