@@ -188,6 +188,7 @@ class MultiLeaderNode:
         self._capture_waiters: list[asyncio.Future[tuple[Any, ...]]] = []
         self._reseed_wanted: set[NodeId] = set()     # peers that asked for our whole store
         self._diverged: dict[NodeId, int] = {}       # anti-entropy: heartbeats in a row that differed
+        self._last_repair: dict[NodeId, float] = {}  # anti-entropy: at most one push per 10 x timeout
         # A node that starts with nothing on disk is new -- or lost its disk. Until every
         # peer has told it how much of its log they hold (or 3 x timeout_ms passed), it
         # takes no writes: a wiped node must not reissue sequence numbers and versions.
@@ -718,7 +719,9 @@ class MultiLeaderNode:
             self._diverged.pop(origin, None)
             return
         self._diverged[origin] = self._diverged.get(origin, 0) + 1
-        if self._diverged[origin] >= 5:
+        recent = time.monotonic() - self._last_repair.get(origin, -1e9) < 10 * self.timeout_s
+        if self._diverged[origin] >= 5 and not recent:
+            self._last_repair[origin] = time.monotonic()
             self._diverged.pop(origin, None)
             log.warning("anti-entropy: %s has merged the same positions (%s) but holds another store; "
                         "sending it ours", origin, encode_vv(core.positions()))
