@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "kvstore"
 
 PURE_GLOBS = ["replication/*.py", "cluster/*.py", "protocol/*.py"]
-PURE_FILES = ["storage/state.py", "errors.py", "ids.py"]
+PURE_FILES = ["storage/state.py", "errors.py", "ids.py", "transport/sim.py"]
 FORBIDDEN_MODULES = {"asyncio", "aiohttp", "time", "socket", "os", "threading"}
 RANDOM_ALLOWED = {"Random"}   # random.Random(seed) / a random.Random annotation
 

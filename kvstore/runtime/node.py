@@ -52,7 +52,7 @@ from kvstore.storage.state import (
     encode_put,
     version_str,
 )
-from kvstore.storage.wal import WAL
+from kvstore.storage.wal import WAL, fsync_dir
 
 log = logging.getLogger("kvstore.node")
 
@@ -183,6 +183,17 @@ class Node:
         if entries and entries[0].index > snap_index + 1:
             raise StorageError(f"WAL in {self.data_dir / 'wal'} starts at {entries[0].index} but the "
                                f"snapshot ends at {snap_index}: entries are missing")
+        if entries and snap_index and entries[0].index <= snap_index <= entries[-1].index \
+                and entries[snap_index - entries[0].index].term != snap_term:
+            # A snapshot installed from the leader became durable but the crash came before
+            # the WAL reset marker: the WAL still holds this node's old, divergent history
+            # (already saved to rollback/ before the install). Drop it and record the reset.
+            log.warning("WAL entries after the installed snapshot %d belong to an older history "
+                        "(term %d there, snapshot term %d): dropping them", snap_index,
+                        entries[snap_index - entries[0].index].term, snap_term)
+            entries = []
+            self.wal.append_reset(snap_index, snap_term)
+            self.wal.sync()
         if entries and entries[0].index <= snap_index:
             entries = [e for e in entries if e.index > snap_index]
         self.core = SingleLeaderCore(self.core_cfg, HardState(Term(term), NodeId(vote) if vote else None),
@@ -283,13 +294,14 @@ class Node:
             self._wake.clear()
             while core.has_ready():
                 rd = core.ready()
+                if rd.truncated:
+                    # before an install wipes the WAL: a crash in between must not lose them
+                    await loop.run_in_executor(None, self._save_rollback, rd.truncated)
+                    self._fail_truncated(rd.truncated)
                 if rd.install is not None:
                     await self._install_snapshot(rd.install)
                 if rd.early_outbox:
                     self.transport.send(rd.early_outbox)
-                if rd.truncated:
-                    await loop.run_in_executor(None, self._save_rollback, rd.truncated)
-                    self._fail_truncated(rd.truncated)
                 if rd.hard_state is not None:
                     hs = rd.hard_state
                     await loop.run_in_executor(None, save_hard_state, self.data_dir, hs.term, hs.vote)
@@ -469,11 +481,14 @@ class Node:
         d.mkdir(parents=True, exist_ok=True)
         name = f"rollback-{time.strftime('%Y%m%dT%H%M%S')}-{truncated[0].index}-{truncated[0].term}.jsonl"
         path = d / name
-        with open(path, "w") as f:
+        tmp = d / (name + ".tmp")
+        with open(tmp, "w") as f:   # whole or nothing: readers never see half a file
             for r in rows:
                 f.write(json.dumps(r) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(d)
         self._rollback_total += len(rows)
         self.metrics.inc("kv_rollback_entries_total", len(rows))
         log.warning("rollback: removed %d write(s) (indexes %d..%d) that the new leader does not have; "
