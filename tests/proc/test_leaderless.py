@@ -263,6 +263,8 @@ async def test_strict_quorum_refuses_what_it_cannot_place_on_owners(tmp_path: Pa
     try:
         c.start(wait_leader=False)
         assert http_json(c.urls["n1"] + "/kv/a", "PUT", b"1")[0] == 200
+        # W=2 may have been met without n1's copy: let it arrive before the others go
+        wait_for(lambda: local_copy(c, "n1", "a")[0] == 200, 5.0, "n1's own copy of a")
         c.kill("n2")
         c.kill("n3")
         st, body = http_json(c.urls["n1"] + "/kv/a", "PUT", b"2")
