@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from kvstore.errors import ConfigError, KVError, NotFound
+from kvstore.errors import ConfigError, KVError, NotFound, Unavailable
 
 from .aio import AsyncClient
 from .errors import Conflict
 from .results import NodeStatus, Result
 from .wire import DEFAULT_URL
 
-COMMANDS = ("get", "put", "delete", "status", "watch-status")
+COMMANDS = ("get", "put", "delete", "status", "watch-status", "ring")
 _VALUE_OPTS = {"--url", "--token", "--timeout", "--count", "--interval", "--if-match",
                "--consistency", "--acks", "--read-preference"}
 _FLAG_OPTS = {"--json", "--help", "-h"}
@@ -114,7 +114,7 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Args:
     if command not in COMMANDS:
         raise UsageError(f"unknown command {command!r} (one of: {', '.join(COMMANDS)})")
     expected = {"get": (["KEY"], 1), "delete": (["KEY"], 1), "put": (["KEY", "VALUE"], 2),
-                "status": ([], 0), "watch-status": ([], 0)}[command]
+                "status": ([], 0), "watch-status": ([], 0), "ring": (["KEY"], 1)}[command]
     names, n = expected
     if len(rest) < n:
         raise UsageError(f"{command}: missing {names[len(rest)]} "
@@ -223,6 +223,30 @@ def _rows_json(rows: list[NodeStatus]) -> list[dict[str, Any]]:
 
 # ---- commands -----------------------------------------------------------------------
 
+async def _ring(client: AsyncClient, args: Args, out: TextIO) -> int:
+    """kvstore ring KEY: where a key lives (leaderless mode; GET /ring?key=KEY)."""
+    from urllib.parse import quote
+    last: KVError | None = None
+    for url in args.urls:
+        try:
+            reply = await client._send("GET", url, "/ring?key=" + quote(args.positionals[0], safe=""),
+                                       write=False, timeout=min(2.0, args.timeout))
+        except KVError as e:
+            last = e
+            if e.details.get("status") == 404:
+                raise ConfigError("ring: this cluster is not in leaderless mode (no /ring endpoint)") from None
+            continue
+        info = reply.payload()
+        if args.json or not isinstance(info, dict):
+            out.write(json.dumps(info) + "\n")
+        else:
+            pref = info.get("preference_list") or info.get("owners") or []
+            out.write(f"{args.positionals[0]}: replicas {', '.join(map(str, pref))}"
+                      f"; coordinator {info.get('coordinator')}\n")
+        return 0
+    raise last or Unavailable("no node answered")
+
+
 async def _run(args: Args, stdin: Any, out: TextIO) -> int:
     options: dict[str, Any] = {"attempt_timeout": min(2.0, args.timeout)}
     if args.read_preference:
@@ -231,6 +255,8 @@ async def _run(args: Args, stdin: Any, out: TextIO) -> int:
     try:
         if args.command in ("status", "watch-status"):
             return await _status(client, args, out)
+        if args.command == "ring":
+            return await _ring(client, args, out)
         # Fail fast with one clear line when no URL answers at all (a typo'd --url
         # should not wait out the whole retry deadline).
         await client.status()
