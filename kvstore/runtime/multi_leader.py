@@ -772,7 +772,12 @@ class MultiLeaderNode:
             raise BadRequest(f"consistency must be local or leader (got {opts.consistency!r}); in "
                              f"multi-leader mode every node answers from its own replica")
         if opts.after:
-            await self._wait_positions(decode_vv(opts.after))
+            token = decode_vv(opts.after)
+            unknown = [n for n in token.nodes() if n not in self.peer_urls]
+            if unknown:
+                raise BadRequest(f"after: token names {unknown[0]!r}, not a member of this cluster; pass back "
+                                 f"a KV-Token value unchanged")
+            await self._wait_positions(token)
         pending = self._unsynced_keys.get(key)
         if pending is not None:
             await self._durable(pending)

@@ -89,3 +89,25 @@ async def test_anti_entropy_pushes_our_store_to_a_peer_with_equal_positions_and_
         assert NodeId("n2") in nd._reseed_wanted  # noqa: SLF001
     finally:
         await nd.stop()
+
+
+async def test_reads_with_a_token_wait_for_its_positions_and_refuse_foreign_tokens(tmp_path: Path) -> None:
+    from kvstore.errors import BadRequest
+    nd = node(tmp_path, n=1)
+    await nd.start()
+    try:
+        w = await nd.kv_put("k", b"v", opts())
+        r = await nd.kv_get("k", ReadOpts(None, w.token, None))
+        assert r.value == b"v" and r.token == w.token == "n1:1"
+        with pytest.raises(Unavailable):
+            await nd.kv_get("k", ReadOpts(None, "n1:5", None))      # never reached: 503 after timeout
+        with pytest.raises(BadRequest):
+            await nd.kv_get("k", ReadOpts(None, "zz:1", None))
+        with pytest.raises(BadRequest):
+            await nd.kv_get("k", ReadOpts(None, "3.15", None))      # a single-leader token
+        with pytest.raises(BadRequest):
+            await nd.kv_get("k", ReadOpts("linearizable", None, None))
+        with pytest.raises(BadRequest):
+            await nd.kv_put("k", b"v", WriteOpts(None, "n1:1", None, None))   # If-Match
+    finally:
+        await nd.stop()
