@@ -69,8 +69,8 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
     # hence not monotonic reads either ("sessions"). The checker has no separate
     # read-after-ack check; tests/sim/test_leaderless_sim.py and
     # tests/proc/test_leaderless.py check it. Sloppy quorums weaken it while nodes
-    # disagree on who is down (docs/leaderless.md). values_known assumes conflict: lww
-    # (the chaos client records a 300 siblings answer as one value nobody wrote).
+    # disagree on who is down (docs/leaderless.md). A 300 siblings answer counts as
+    # reading each of its live values (checker.read_values).
     ("leaderless", "w+r>n"): {
         "linearizable": "report",
         "lost_writes": "must",           # an acked write sits durably on W replicas

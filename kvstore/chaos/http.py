@@ -145,7 +145,9 @@ class NodeClient:
             if st == 300:
                 try:
                     sib = json.loads(body)["siblings"]
-                    vals = sorted(decode_value(base64.b64decode(s["value_b64"])) for s in sib)
+                    vals = sorted((decode_value(base64.b64decode(s["value_b64"])) for s in sib
+                                   if s.get("value_b64") is not None), key=str)
+                    vals += [None] * sum(1 for s in sib if s.get("value_b64") is None)
                 except (ValueError, KeyError, TypeError):
                     vals = ["<unparsable 300>"]
                 return Outcome("ok", {"siblings": vals}, None, token, node, leader, st)

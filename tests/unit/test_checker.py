@@ -483,3 +483,15 @@ def test_malformed_history_is_rejected_with_line_number() -> None:
 def test_invocation_without_completion_counts_as_info() -> None:
     (c,) = pair([Op(1, "invoke", "write", "k", "a", 0.0)])
     assert c.status == "info" and c.t_complete == float("inf")
+
+
+
+def test_a_siblings_read_counts_as_reading_each_live_value() -> None:
+    from kvstore.chaos.checker import read_values
+    assert read_values({"siblings": ["a", None, "b"]}) == ["a", "b"]
+    assert read_values(None) == [] and read_values("x") == ["x"]
+    ok = H().inv(0, "write", value="a", t=0).ok(0, 1).inv(1, "write", value="b", t=0).ok(1, 1) \
+        .inv(2, "read", t=2).ok(2, 3, {"siblings": ["a", "b"]})
+    assert check_values_known(pair(ok.ops))["valid"] is True
+    bad = H().inv(0, "write", value="a", t=0).ok(0, 1).inv(2, "read", t=2).ok(2, 3, {"siblings": ["a", "ghost"]})
+    assert check_values_known(pair(bad.ops))["count"] == 1
