@@ -51,6 +51,7 @@ class WriteOpts:
     if_match: str | None     # raw If-Match value (quotes stripped)
     context: str | None      # KV-Context from a 300 answer
     rid: str | None
+    after: str | None = None  # the session's latest KV-Token (merged into the write's token)
 
 
 @dataclass(slots=True)
@@ -241,7 +242,7 @@ def _read_opts(request: web.Request) -> ReadOpts:
 def _write_opts(request: web.Request) -> WriteOpts:
     im = request.headers.get("If-Match")
     return WriteOpts(_acks(request), im.strip().strip('"') if im is not None else None,
-                     request.headers.get("KV-Context") or None, _rid(request))
+                     request.headers.get("KV-Context") or None, _rid(request), opt(request, "after") or None)
 
 
 def _render_write(request: web.Request, node: Any, res: KVResult) -> web.Response:
