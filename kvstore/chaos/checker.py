@@ -121,6 +121,42 @@ def _hashable(v: Any) -> Any:
     return v
 
 
+def definite_stale_read(calls: Sequence[Call]) -> dict[str, Any] | None:
+    """A fast, sound refutation that needs no search: an ok read returns x although x's
+    only writer (ok) completed before another ok write/cas/delete was invoked, which in
+    turn completed before the read was invoked. That later op surely took effect after x
+    was installed and before the read, and x is never written again — so no order can
+    explain the read. Exhaustive search on a long key history can run out of budget
+    proving exactly this (a stale follower read), so try it first."""
+    writers: dict[Any, list[Call]] = {}
+    for c in calls:
+        if c.f in ("write", "cas", "delete") and c.status != "fail":
+            writers.setdefault(_hashable(c.written_value), []).append(c)
+    done = sorted((c for c in calls if c.f in ("write", "cas", "delete") and c.status == "ok"),
+                  key=lambda c: c.t_complete)
+    if not done:
+        return None
+    ends = [c.t_complete for c in done]
+    latest: list[Call] = []      # prefix: the op invoked last among those completed so far
+    for c in done:
+        latest.append(c if not latest or c.t_invoke > latest[-1].t_invoke else latest[-1])
+    for r in calls:
+        if r.f != "read" or r.status != "ok" or r.result is None or isinstance(r.result, dict):
+            continue
+        ws = writers.get(_hashable(r.result))
+        if not ws or len(ws) != 1 or ws[0].status != "ok":
+            continue
+        wx = ws[0]
+        k = bisect.bisect_left(ends, r.t_invoke)   # ops completed strictly before the read began
+        if k == 0:
+            continue
+        later = latest[k - 1]
+        if later.t_invoke > wx.t_complete:
+            return {"reason": "stale read", "op": call_to_json(r), "state_before": later.written_value,
+                    "value_written_by": call_to_json(wx), "superseded_by": call_to_json(later)}
+    return None
+
+
 def check_key_linearizable(key: str, calls: Sequence[Call], *, budget_steps: int = DEFAULT_STEP_BUDGET,
                            clock: Callable[[], float] | None = None,
                            deadline: float | None = None) -> KeyVerdict:
@@ -129,6 +165,9 @@ def check_key_linearizable(key: str, calls: Sequence[Call], *, budget_steps: int
     n = len(ops)
     if n == 0:
         return KeyVerdict(key, True, 0, 0, pruned)
+    stale = definite_stale_read(ops)
+    if stale is not None:
+        return KeyVerdict(key, False, n, 0, pruned, stale)
 
     # Intern values: None -> 0; every other value -> 1, 2, ...
     intern: dict[Any, int] = {None: 0}

@@ -99,8 +99,12 @@ def test_sync_cluster_refuses_writes_while_a_follower_is_paused(make_cluster):
     finally:
         c.signal(paused, signal.SIGCONT)
     wait_for(lambda: put(c.urls[lead], "after", b"1")[0] == 200, 10, "sync write after resume")
-    status, value, _ = get_raw(c.urls[paused], "after", "?consistency=local")
-    assert (status, value) == (200, b"1")
+    # acked under sync = durable on the paused follower too; it applies it once it learns
+    # the commit (next message), so read with the write's token
+    st, body = put(c.urls[lead], "after", b"2")
+    assert st == 200
+    status, value, _ = get_raw(c.urls[paused], "after", f"?consistency=local&after={body['token']}")
+    assert (status, value) == (200, b"2")
 
 
 def test_after_token_read_on_a_follower_sees_the_write_every_time(make_cluster):

@@ -495,3 +495,25 @@ def test_a_siblings_read_counts_as_reading_each_live_value() -> None:
     assert check_values_known(pair(ok.ops))["valid"] is True
     bad = H().inv(0, "write", value="a", t=0).ok(0, 1).inv(2, "read", t=2).ok(2, 3, {"siblings": ["a", "ghost"]})
     assert check_values_known(pair(bad.ops))["count"] == 1
+
+
+def test_stale_read_is_refuted_without_search_even_with_a_tiny_budget() -> None:
+    """A long sequential history with one stale read: exhaustive search would need a huge
+    budget; the direct refutation (a later completed write surely overwrote the value)
+    finds it at once."""
+    h = H()
+    t = 0.0
+    for i in range(300):
+        h.inv(0, "write", value=f"v{i}", t=t).ok(0, t + 0.5)
+        h.inv(1, "read", t=t + 0.6).ok(1, t + 0.7, f"v{i}")
+        t += 1.0
+    h.inv(1, "read", t=t).ok(1, t + 0.1, "v10")        # stale: v11..v299 surely came after
+    r = lin(h.ops, budget_steps=10)
+    assert r.valid is False
+    assert r.keys[0].explanation["reason"] == "stale read"
+
+
+def test_no_stale_read_refutation_when_the_newer_write_overlaps_the_read() -> None:
+    h = H().inv(0, "write", value="a", t=0).ok(0, 1).inv(0, "write", value="b", t=2) \
+        .inv(1, "read", t=2.5).ok(1, 3, "a").ok(0, 4)
+    assert lin(h.ops).valid is True
