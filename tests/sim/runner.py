@@ -44,9 +44,9 @@ def make_sim(name: str, seed: int, **overrides: object) -> tuple[Sim, Checker]:
     acks, n = CONFIGS[name]
     cfg = SimConfig(n=n, acks=acks, sync_followers=1)   # type: ignore[arg-type]
     cfg = randomize(cfg, random.Random(f"weather/{seed}"))
-    # Two crash windows of kvstore/runtime/node.py's snapshot install are known and pinned
-    # by xfail scenarios in test_single_leader_sim.py; random runs model the proposed fix
-    # so they keep testing the replication core. Set these to False once node.py is fixed.
+    # node.py saves rollback files before an install and drops a WAL tail from an older
+    # history at recovery (both fixed after the simulation found them); model that.
+    # The xfail scenarios in test_single_leader_sim.py model the old order on purpose.
     cfg.rollback_before_install = True
     cfg.recover_drops_stale_tail = True
     for k, v in overrides.items():
