@@ -247,3 +247,20 @@ async def read_all(url: str, keys: list[str], params: str = "?consistency=leader
                     assert r.status in (200, 404), (r.status, body)
         await asyncio.gather(*(one(k) for k in keys))
     return out
+
+
+def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Body of the make_cluster fixture: make(n, **sections) starts a cluster; all are
+    closed (every process killed) when the generator finishes."""
+    made: list[Cluster] = []
+
+    def make(n: int = 3, **sections: Any) -> Cluster:
+        c = Cluster(tmp_path / f"c{len(made)}", n, sections)
+        made.append(c)
+        return c.start()
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.close()

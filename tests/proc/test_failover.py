@@ -16,18 +16,6 @@ from tests.proc.harness import Cluster, WriteLog, http_json, read_all, wait_for,
 pytestmark = pytest.mark.proc
 
 
-@pytest.fixture
-def make_cluster(tmp_path):
-    made: list[Cluster] = []
-
-    def make(n: int = 3, **sections) -> Cluster:
-        c = Cluster(tmp_path / f"c{len(made)}", n, sections)
-        made.append(c)
-        return c.start()
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def test_kill_leader_under_load_semi_sync(make_cluster):
