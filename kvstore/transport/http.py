@@ -26,6 +26,7 @@ from kvstore.errors import NotLeader, Unavailable
 from kvstore.ids import NodeId
 from kvstore.protocol.codec import encode_batch
 from kvstore.protocol.messages import Envelope, Message, SnapshotRequest
+from kvstore.transport.rpc import probe_health
 
 if TYPE_CHECKING:
     from kvstore.runtime.node import Node
@@ -252,19 +253,7 @@ class HttpTransport:
 
     async def probe_peers(self) -> None:
         assert self.session is not None
-
-        async def one(peer: NodeId, url: str) -> None:
-            if peer in self.drop:
-                return
-            try:
-                async with self.session.get(url + "/health",  # type: ignore[union-attr]
-                                            timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
-                    if r.status == 200:
-                        self._probe_ok[peer] = time.monotonic()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                pass
-
-        await asyncio.gather(*(one(p, u) for p, u in self.urls.items()))
+        await probe_health(self.session, self.urls, self.drop, self.timeout, self._probe_ok)  # type: ignore[arg-type]
 
     def last_probe_ok(self, peer: NodeId) -> float:
         return self._probe_ok.get(peer, 0.0)

@@ -111,19 +111,7 @@ class PeerRPC:
 
     async def probe_peers(self) -> None:
         assert self.session is not None
-
-        async def one(peer: str, url: str) -> None:
-            if peer in self.drop:
-                return
-            try:
-                async with self.session.get(url + "/health",  # type: ignore[union-attr]
-                                            timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
-                    if r.status == 200:
-                        self._probe_ok[peer] = time.monotonic()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                pass
-
-        await asyncio.gather(*(one(p, u) for p, u in self.urls.items()))
+        await probe_health(self.session, self.urls, self.drop, self.timeout_s, self._probe_ok)
 
     def last_contact(self, peer: str) -> float:
         """Monotonic time of the last successful probe or call to `peer` (0: never)."""
@@ -133,6 +121,23 @@ class PeerRPC:
         if peer in self.drop:
             return False
         return time.monotonic() - self.last_contact(peer) < within_s
+
+
+async def probe_health(session: aiohttp.ClientSession, urls: dict[str, str], drop: set[str],
+                       timeout_s: float, ok_at: dict[str, float]) -> None:
+    """GET /health of every peer not cut off by fault injection; record when each answered."""
+
+    async def one(peer: str, url: str) -> None:
+        if peer in drop:
+            return
+        try:
+            async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                if r.status == 200:
+                    ok_at[peer] = time.monotonic()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+
+    await asyncio.gather(*(one(p, u) for p, u in urls.items()))
 
 
 def rpc_handler(rpc: PeerRPC, members: set[str],
