@@ -263,6 +263,10 @@ class AsyncClient:
         if view is None:
             raise Unavailable("cannot reach any node: " + "; ".join(errors))
         self.topology.apply_views([(first_url, view)])
+        if len([u for u, n in self.topology.nodes.items() if n.seed]) > 1:
+            # Learn which node each given URL is, so a node is asked at the URL the user gave
+            # (behind docker port mapping or NAT the URLs the cluster advertises don't work).
+            await self.refresh()
         entries = [n for n in view.get("nodes") or () if isinstance(n, dict) and isinstance(n.get("id"), str)]
         if not entries and isinstance(view.get("node_id"), str):
             entries = [{"id": view["node_id"], "url": first_url, "role": view.get("role"), "state": "up"}]
