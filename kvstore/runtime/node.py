@@ -723,15 +723,17 @@ class Node:
         self._catch_up_ticks()
         self._read_seq += 1
         rid = self._read_seq
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
         self._reads[rid] = fut
         core.read_index(rid)
         self._wake.set()
+        timer = loop.call_later(self.config.failure_detector.timeout_ms / 1000.0, _fail_if_pending, fut,
+                                "could not confirm leadership with a majority (read refused)")
         try:
-            return await asyncio.wait_for(fut, self.config.failure_detector.timeout_ms / 1000.0)
-        except asyncio.TimeoutError:
-            raise Unavailable("could not confirm leadership with a majority (read refused)") from None
+            return await fut
         finally:
+            timer.cancel()
             self._reads.pop(rid, None)
 
     async def linearizable_read_barrier(self) -> None:
@@ -920,6 +922,11 @@ class Node:
 
     def fault_state(self) -> dict[str, Any]:
         return self.transport.fault_state() if self.transport else {}
+
+
+def _fail_if_pending(fut: asyncio.Future[Any], message: str) -> None:
+    if not fut.done():
+        fut.set_exception(Unavailable(message))
 
 
 def node_error(e: KVError) -> dict[str, Any]:
