@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import time
 from collections import OrderedDict
@@ -79,6 +80,8 @@ class LeaderlessNode:
         self.spec = config.node(node_id)
         self.id = NodeId(node_id)
         self.data_dir = data_dir if data_dir is not None else config.data_dir_for(node_id)
+        # storage threads of its own (see runtime/node.py: never behind a peer's DNS lookup)
+        self.disk = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"kv-disk-{node_id}")
         self.metrics = Metrics()
         rep = config.replication
         self.n, self.w, self.r = config.quorum_n, config.quorum_w, config.quorum_r
@@ -152,7 +155,7 @@ class LeaderlessNode:
 
     async def start(self) -> None:
         if self.wal is None:
-            await asyncio.get_running_loop().run_in_executor(None, self.open_storage)
+            await asyncio.get_running_loop().run_in_executor(self.disk, self.open_storage)
         self._commit_wake = asyncio.Event()
         self._hint_wake = asyncio.Event()
         self._ae_wake = asyncio.Event()
@@ -220,6 +223,7 @@ class LeaderlessNode:
             self.wal.sync()
             self.wal.close()
             self.wal = None
+        self.disk.shutdown(wait=True)
         for _, fut in self._buf:
             if fut is not None and not fut.done():
                 fut.set_exception(Unavailable("node is shutting down"))
@@ -267,7 +271,7 @@ class LeaderlessNode:
             while self._buf:
                 futs = self._write_buffered()
                 if fsync == "always" or (fsync == "interval" and time.monotonic() - self._last_sync >= interval):
-                    await loop.run_in_executor(None, self.wal.sync)
+                    await loop.run_in_executor(self.disk, self.wal.sync)
                     self._last_sync = time.monotonic()
                     self.metrics.inc("kv_wal_syncs_total")
                 for f in futs:
@@ -294,8 +298,8 @@ class LeaderlessNode:
             snap.write_snapshot(self._snap_dir, upto, 0, data, hints)
             return len(data)
 
-        await loop.run_in_executor(None, self.wal.sync)
-        count = await loop.run_in_executor(None, write)
+        await loop.run_in_executor(self.disk, self.wal.sync)
+        count = await loop.run_in_executor(self.disk, write)
         self.wal.compact(LogIndex(upto))
         snap.prune_snapshots(self._snap_dir)
         self._since_snapshot = 0

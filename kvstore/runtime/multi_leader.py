@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import struct
 import time
@@ -135,6 +136,8 @@ class MultiLeaderNode:
         self.spec = config.node(node_id)
         self.id = NodeId(node_id)
         self.data_dir = data_dir if data_dir is not None else config.data_dir_for(node_id)
+        # storage threads of its own (see runtime/node.py: never behind a peer's DNS lookup)
+        self.disk = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"kv-disk-{node_id}")
         self.metrics = Metrics()
         self.peer_urls = {NodeId(n.id): n.url for n in config.cluster.nodes}
         self.peers = tuple(p for p in self.peer_urls if p != self.id)
@@ -263,7 +266,7 @@ class MultiLeaderNode:
 
     async def start(self) -> None:
         if self.core is None:
-            await asyncio.get_running_loop().run_in_executor(None, self.open_storage)
+            await asyncio.get_running_loop().run_in_executor(self.disk, self.open_storage)
         self._dirty = asyncio.Event()
         self._positions_changed = asyncio.Event()
         self._acks_changed = asyncio.Event()
@@ -320,6 +323,7 @@ class MultiLeaderNode:
                 self.wal.sync()
             finally:
                 self.wal.close()
+        self.disk.shutdown(wait=True)
         while self._durable_waits:
             _, f = self._durable_waits.popleft()
             if not f.done():
@@ -391,7 +395,7 @@ class MultiLeaderNode:
         assert self.wal is not None
         batch = self._append_queue()
         if fsync == "always" or (fsync == "interval" and time.monotonic() - self._last_sync >= interval):
-            await loop.run_in_executor(None, self.wal.sync)
+            await loop.run_in_executor(self.disk, self.wal.sync)
             self._last_sync = time.monotonic()
             self.metrics.inc("kv_wal_syncs_total")
         self.metrics.inc("kv_wal_entries_total", len(batch))
@@ -446,8 +450,8 @@ class MultiLeaderNode:
         wal_index = capture[6]
         last_seq = capture[3] + len(capture[2])
         try:
-            payloads = await loop.run_in_executor(None, lambda: snapshot_payloads(*capture))
-            path = await loop.run_in_executor(None, write_snapshot_file, self.data_dir / SNAP_DIR, wal_index,
+            payloads = await loop.run_in_executor(self.disk, lambda: snapshot_payloads(*capture))
+            path = await loop.run_in_executor(self.disk, write_snapshot_file, self.data_dir / SNAP_DIR, wal_index,
                                               payloads)
             self._snap_path, self._snap_last_seq = path, last_seq
             self._compact_upto = wal_index

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
@@ -148,6 +149,9 @@ class Node:
         self._rollback_total = 0
         self.started_at = time.monotonic()
         self.ready_event = asyncio.Event()
+        # Storage work gets its own threads: in the default executor an fsync could queue
+        # behind DNS lookups of a dead peer (aiohttp resolves there) and stall the leader.
+        self.disk = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"kv-disk-{node_id}")
         self._seen: tuple[str, NodeId | None, int] = ("follower", None, 0)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -205,7 +209,7 @@ class Node:
         from kvstore.transport.http import HttpTransport
 
         if self.core is None:
-            await asyncio.get_running_loop().run_in_executor(None, self.open_storage)
+            await asyncio.get_running_loop().run_in_executor(self.disk, self.open_storage)
         self.transport = HttpTransport(self)
         await self.transport.start()
         self._tasks.append(asyncio.create_task(self._ready_loop(), name="ready-loop"))
@@ -246,6 +250,7 @@ class Node:
                 self.wal.sync()
             finally:
                 self.wal.close()
+        self.disk.shutdown(wait=True)
         for p in list(self._pending.values()):
             if not p.fut.done():
                 p.fut.set_exception(Unavailable("node is shutting down"))
@@ -296,7 +301,7 @@ class Node:
                 rd = core.ready()
                 if rd.truncated:
                     # before an install wipes the WAL: a crash in between must not lose them
-                    await loop.run_in_executor(None, self._save_rollback, rd.truncated)
+                    await loop.run_in_executor(self.disk, self._save_rollback, rd.truncated)
                     self._fail_truncated(rd.truncated)
                 if rd.install is not None:
                     await self._install_snapshot(rd.install)
@@ -304,7 +309,7 @@ class Node:
                     self.transport.send(rd.early_outbox)
                 if rd.hard_state is not None:
                     hs = rd.hard_state
-                    await loop.run_in_executor(None, save_hard_state, self.data_dir, hs.term, hs.vote)
+                    await loop.run_in_executor(self.disk, save_hard_state, self.data_dir, hs.term, hs.vote)
                 # Committed entries already durable here need not wait for this Ready's fsync:
                 # answering them now saves a whole fsync of latency under load.
                 applied_early = 0
@@ -322,10 +327,10 @@ class Node:
                             self._append_times.append((e.index, now))
                     self.metrics.inc("kv_wal_entries_total", len(rd.entries))
                     if fsync == "always":
-                        await loop.run_in_executor(None, self.wal.sync)
+                        await loop.run_in_executor(self.disk, self.wal.sync)
                         self.metrics.inc("kv_wal_syncs_total")
                     elif fsync == "interval" and time.monotonic() - self._last_sync >= interval:
-                        await loop.run_in_executor(None, self.wal.sync)
+                        await loop.run_in_executor(self.disk, self.wal.sync)
                         self._last_sync = time.monotonic()
                         self.metrics.inc("kv_wal_syncs_total")
                 if rd.outbox:
@@ -517,7 +522,7 @@ class Node:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
-            meta = await loop.run_in_executor(None, snap.write_snapshot, self.data_dir / "snapshots",
+            meta = await loop.run_in_executor(self.disk, snap.write_snapshot, self.data_dir / "snapshots",
                                               at, term, data, dedup)
             if self._snap_meta is not None and self._snap_meta.index >= at:
                 return   # a snapshot from the leader was installed meanwhile: it supersedes ours
@@ -543,14 +548,14 @@ class Node:
 
     async def _install_snapshot(self, m: SnapshotRequest) -> None:
         loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(None, snap.decode_snapshot, m.data, f"from {m.sender}")
+        loaded = await loop.run_in_executor(self.disk, snap.decode_snapshot, m.data, f"from {m.sender}")
         invariant(loaded.index == m.index, "snapshot payload does not match its header")
-        meta = await loop.run_in_executor(None, snap.write_snapshot_bytes, self.data_dir / "snapshots",
+        meta = await loop.run_in_executor(self.disk, snap.write_snapshot_bytes, self.data_dir / "snapshots",
                                           m.index, m.snap_term, [m.data], len(loaded.data))
         assert self.wal is not None
         self.wal.rotate()
         self.wal.append_reset(m.index, m.snap_term)
-        await loop.run_in_executor(None, self.wal.sync)
+        await loop.run_in_executor(self.disk, self.wal.sync)
         self.state.load(loaded.index, loaded.term, loaded.data, loaded.dedup)
         self._snap_meta = meta
         self.wal.compact(m.index)

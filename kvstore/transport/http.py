@@ -113,11 +113,13 @@ class HttpTransport:
         """Open the persistent stream to `peer` (a WebSocket on /internal/stream)."""
         assert self.session is not None
         try:
-            ws = await self.session.ws_connect(
+            # A dead peer's address may swallow SYNs (a killed container): bound the whole
+            # handshake, DNS included, by one failure-detector timeout.
+            ws = await asyncio.wait_for(self.session.ws_connect(
                 self.urls[peer] + "/internal/stream", headers=self.ws_headers,
                 timeout=aiohttp.ClientWSTimeout(ws_close=1.0), heartbeat=max(0.5, self.timeout),
                 max_msg_size=0, compress=0, autoclose=True, autoping=True,
-                params={"sender": self.node.id})
+                params={"sender": self.node.id}), self.timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self._log_fail(peer, f"{type(e).__name__}: {e}")
             return None
@@ -213,7 +215,7 @@ class HttpTransport:
         assert self.session is not None
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(None, self.node.snapshot_bytes, m.index)
+            data = await loop.run_in_executor(self.node.disk, self.node.snapshot_bytes, m.index)
         except Unavailable as e:
             log.warning("cannot send snapshot to %s: %s", peer, e.message)
             return False
