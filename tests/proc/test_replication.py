@@ -58,7 +58,8 @@ def test_semi_sync_survives_a_paused_follower_and_sync_refuses(make_cluster):
         assert st == 200, body
         assert time.monotonic() - t0 < 1.5
         # a per-request acks=sync override needs the paused follower: 503 or 504 within the timeout
-        time.sleep(c.timeout_s + 0.3)   # let the leader notice the follower is silent
+        wait_for(lambda: next(n for n in c.info(lead)["nodes"] if n["id"] == paused)["state"] != "up",
+                 3 * c.timeout_s, "the leader to notice the follower is silent")
         t0 = time.monotonic()
         st, body = put(c.urls[lead], "sync", b"1", "?acks=sync")
         took = time.monotonic() - t0
@@ -134,10 +135,8 @@ def test_lag_grows_on_a_paused_follower_and_returns_to_zero(make_cluster):
         e, ms = wait_for(lambda: lag() if lag()[0] >= 30 else None, 5, "lag to show")
         assert e >= 30 and ms > 0
         assert c.metric(lead, "kv_replication_lag_entries") >= 30
-        st = next(n for n in c.info(lead)["nodes"] if n["id"] == paused)["state"]
-        time.sleep(c.timeout_s + 0.2)
-        st = next(n for n in c.info(lead)["nodes"] if n["id"] == paused)["state"]
-        assert st in ("suspect", "down")
+        wait_for(lambda: next(n for n in c.info(lead)["nodes"] if n["id"] == paused)["state"]
+                 in ("suspect", "down"), 3 * c.timeout_s, "the paused follower to be suspected")
     finally:
         c.signal(paused, signal.SIGCONT)
     wait_for(lambda: next(n for n in c.info(lead)["nodes"] if n["id"] == paused)["lag_entries"] == 0, 10,
