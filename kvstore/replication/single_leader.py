@@ -30,7 +30,7 @@ Pure: imports dataclasses, random.Random (injected), kvstore.ids/errors/protocol
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from kvstore.errors import NotLeader, invariant

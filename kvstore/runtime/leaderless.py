@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from kvstore.runtime.tasks import exit_if_failed, spawn
 from kvstore.cluster.ring import Ring
 from kvstore.config import ClusterConfig
 from kvstore.errors import BadRequest, KVError, StorageError, Timeout, Unavailable
@@ -171,18 +172,10 @@ class LeaderlessNode:
                  self.config.storage.fsync)
 
     def _spawn(self, coro: Any, name: str) -> None:
-        t = asyncio.create_task(coro, name=name)
-        t.add_done_callback(self._task_done)
-        self._tasks.append(t)
+        spawn(coro, name, self._tasks, self._task_done)
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
-        if t.cancelled() or self._stopping:
-            return
-        exc = t.exception()
-        if exc is not None:
-            # A background loop died: a bug or a failed fsync. Crash loudly, as node.py does.
-            log.critical("fatal: task %s died: %r", t.get_name(), exc, exc_info=exc)
-            os._exit(70)
+        exit_if_failed(t, self._stopping)
 
     def _background(self, coro: Any) -> None:
         """Fire-and-track: errors are logged, the task is awaited on stop."""

@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kvstore.runtime.tasks import exit_if_failed, spawn
 from kvstore.api.app import KVResult, ReadOpts, WriteOpts
 from kvstore.config import ClusterConfig
 from kvstore.errors import BadRequest, CorruptionError, KVError, StorageError, Timeout, Unavailable, invariant
@@ -284,18 +285,10 @@ class MultiLeaderNode:
                  self.config.cluster.name, self.policy, self._default_acks(), self.config.storage.fsync)
 
     def _spawn(self, coro: Any, name: str) -> None:
-        t = asyncio.create_task(coro, name=name)
-        t.add_done_callback(self._task_done)
-        self._tasks.append(t)
+        spawn(coro, name, self._tasks, self._task_done)
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
-        if t.cancelled() or self._stopping:
-            return
-        exc = t.exception()
-        if exc is not None:
-            # a background task died: a bug or a storage failure. Crash loudly (as node.py).
-            log.critical("fatal: task %s died: %r", t.get_name(), exc, exc_info=exc)
-            os._exit(70)
+        exit_if_failed(t, self._stopping)
 
     async def stop(self) -> None:
         """Senders are cancelled; the persist loop and a snapshot being written are let

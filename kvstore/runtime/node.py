@@ -39,8 +39,8 @@ from kvstore.errors import (
     invariant,
 )
 from kvstore.ids import LogIndex, NodeId, Term
-from kvstore.protocol.messages import Entry, Envelope, Message, SnapshotRequest
-from kvstore.replication.single_leader import CoreConfig, HardState, Ready, SingleLeaderCore
+from kvstore.protocol.messages import Entry, Message, SnapshotRequest
+from kvstore.replication.single_leader import CoreConfig, HardState, SingleLeaderCore
 from kvstore.storage import snapshot as snap
 from kvstore.storage.meta import load_hard_state, save_hard_state
 from kvstore.storage.state import (
@@ -54,6 +54,7 @@ from kvstore.storage.state import (
     version_str,
 )
 from kvstore.storage.wal import WAL, fsync_dir
+from kvstore.runtime.tasks import exit_if_failed
 
 log = logging.getLogger("kvstore.node")
 
@@ -223,14 +224,9 @@ class Node:
                  self.config.replication.mode, self.config.acks, self.config.storage.fsync)
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
-        if t.cancelled() or self._stopping:
-            return
-        exc = t.exception()
-        if exc is not None:
-            # A background task died: that is a bug or a storage failure. Crash loudly.
-            log.critical("fatal: task %s died: %r", t.get_name(), exc, exc_info=exc)
-            self._fatal = exc
-            os._exit(70)
+        if not t.cancelled() and t.exception() is not None:
+            self._fatal = t.exception()   # what killed the node (kept for tests/diagnosis)
+        exit_if_failed(t, self._stopping)
 
     async def stop(self) -> None:
         self._stopping = True
