@@ -120,7 +120,7 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> i
         print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
         return 1
     app = create_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     try:
@@ -135,9 +135,38 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (signal)")
-    await runner.cleanup()
+    log.info("shutting down (signal); exiting within %.0f s", SHUTDOWN_BOUND_S)
+    # armed until the process ends: asyncio.run's own clean-up (cancelling leftover tasks,
+    # joining the default executor's threads, e.g. a DNS lookup of a dead peer) is bounded too
+    _shutdown_watchdog(SHUTDOWN_BOUND_S - 0.5, log)
+    try:
+        async with asyncio.timeout(SHUTDOWN_BOUND_S - 1.5):
+            await runner.cleanup()
+    except TimeoutError:
+        log.error("clean shutdown did not finish within %.1f s; syncing files and exiting",
+                  SHUTDOWN_BOUND_S - 1.5)
+        os.sync()
+        return 1
     return 0
+
+
+SHUTDOWN_BOUND_S = 5.0   # documented: a node exits within this long after SIGTERM/SIGINT
+
+
+def _shutdown_watchdog(after_s: float, log: logging.Logger) -> "threading.Timer":
+    """Last resort for a stuck event loop (a blocking call, a lost cancellation): after
+    `after_s` flush every written file to disk (the WAL included) and exit the process."""
+    import threading
+
+    def fire() -> None:
+        log.critical("shutdown stuck for %.1f s: syncing files and exiting now", after_s)
+        os.sync()
+        os._exit(1)
+
+    t = threading.Timer(after_s, fire)
+    t.daemon = True
+    t.start()
+    return t
 
 
 # ---- kvstore cluster up ----------------------------------------------------------------

@@ -514,8 +514,16 @@ async def internal_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _close_streams(app: web.Application) -> None:
-    for ws in list(app[WS_SET]):
-        await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutdown")
+    """Tell peers' streams we are going, without waiting on a peer that does not answer."""
+    streams = list(app[WS_SET])
+    if not streams:
+        return
+    try:
+        async with asyncio.timeout(0.5):
+            await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutdown")
+                                   for ws in streams), return_exceptions=True)
+    except TimeoutError:
+        pass
 
 
 async def internal_snapshot(request: web.Request) -> web.Response:

@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from kvstore.runtime.tasks import exit_if_failed, spawn
+from kvstore.runtime.tasks import exit_if_failed, spawn, stop_tasks
 from kvstore.cluster.ring import Ring
 from kvstore.config import ClusterConfig
 from kvstore.errors import BadRequest, KVError, StorageError, Timeout, Unavailable
@@ -59,6 +59,7 @@ HINT_BATCH = 256
 BATCH_BYTES = 8 * 1024 * 1024   # keeps every internal request far below the server's body limit
 REQUEST_IDS_MAX = 10_000
 AE_SYNC_MAX_PARTS = 64   # partitions per ae_sync call
+TASKS_STOP_S = 1.0       # background tasks get this long to end on stop
 
 
 def _now_ms() -> int:
@@ -194,32 +195,27 @@ class LeaderlessNode:
         t.add_done_callback(done)
 
     async def stop(self) -> None:
+        """Bounded: peer calls and background work are cancelled first; the commit loop
+        gets TASKS_STOP_S to drain (never cancelled mid-fsync or mid-snapshot)."""
         self._stopping = True
         others = [t for t in list(self._bg) + self._tasks if t is not self._commit_task]
-        for t in others:
-            t.cancel()
-        for t in others:
-            try:
-                await t
-            except (asyncio.CancelledError, KVError):
-                pass
+        await stop_tasks(others, TASKS_STOP_S)
         if self._commit_task is not None:
-            # never cancel the commit loop mid-fsync or mid-snapshot: let it drain and end
             self._closing = True
             assert self._commit_wake is not None
             self._commit_wake.set()
-            await self._commit_task
+            await stop_tasks([self._commit_task], TASKS_STOP_S, cancel=False)
         await self.transport.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.disk.shutdown, True)
         if self.wal is not None:
             if self._buf:
                 self._write_buffered()
             self.wal.sync()
             self.wal.close()
             self.wal = None
-        self.disk.shutdown(wait=True)
         for _, fut in self._buf:
             if fut is not None and not fut.done():
-                fut.set_exception(Unavailable("node is shutting down"))
+                fut.set_exception(Timeout("node is shutting down; the write may or may not be durable"))
         log.info("stopped cleanly")
 
     # ---- durability (group commit) ---------------------------------------------------
@@ -627,8 +623,9 @@ class LeaderlessNode:
         deadline = loop.time() + self.config.replication.write_timeout_ms / 1000.0
         while True:
             try:
-                await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await done.wait()
+            except TimeoutError:
                 break
             if holder[0].status().outcome is not Outcome.FAILURE:
                 break
@@ -737,8 +734,9 @@ class LeaderlessNode:
 
         asks = [asyncio.create_task(ask(n)) for n in targets if n != self.id]
         try:
-            await asyncio.wait_for(done.wait(), self.config.replication.write_timeout_ms / 1000.0)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.replication.write_timeout_ms / 1000.0):
+                await done.wait()
+        except TimeoutError:
             pass
         status = q.status()
         merged = q.resolve().merged
@@ -780,8 +778,9 @@ class LeaderlessNode:
         last_expiry = 0.0
         while True:
             try:
-                await asyncio.wait_for(self._hint_wake.wait(), interval)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(interval):
+                    await self._hint_wake.wait()
+            except TimeoutError:
                 pass
             self._hint_wake.clear()
             # the bounds need a scan of every hint: not more than once a second, unless over count
@@ -832,9 +831,10 @@ class LeaderlessNode:
         turn = 0
         while True:
             try:
-                await asyncio.wait_for(self._ae_wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._ae_wake.wait()
                 urgent = True
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 urgent = False
             self._ae_wake.clear()
             gc = self.replica.gc_tombstones(_now_ms(), rep.tombstone_gc_ms)

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kvstore.runtime.tasks import exit_if_failed, spawn
+from kvstore.runtime.tasks import exit_if_failed, spawn, stop_tasks
 from kvstore.api.app import KVResult, ReadOpts, WriteOpts
 from kvstore.config import ClusterConfig
 from kvstore.errors import BadRequest, CorruptionError, KVError, StorageError, Timeout, Unavailable, invariant
@@ -75,6 +75,7 @@ log = logging.getLogger("kvstore.multi_leader")
 
 SKEW_ENV = "KVSTORE_TEST_CLOCK_SKEW_MS"
 RID_CACHE_MAX = 100_000
+TASKS_STOP_S = 1.0   # background tasks get this long to end on stop
 REPLICATE_PATH = "ml/replicate"
 STATE_PATH = "ml/state"
 SNAP_DIR = "ml-snapshots"
@@ -291,24 +292,17 @@ class MultiLeaderNode:
         exit_if_failed(t, self._stopping)
 
     async def stop(self) -> None:
-        """Senders are cancelled; the persist loop and a snapshot being written are let
+        """Bounded: the transport first (no new calls, no reconnects), then senders are
+        cancelled; the persist loop and a snapshot being written get TASKS_STOP_S to
         finish (never cancelled in the middle of an fdatasync running in a thread)."""
         self._stopping = True
+        await self.transport.stop()
         draining = [t for t in self._tasks if t.get_name() in ("persist", "snapshot")]
-        for t in self._tasks:
-            if t not in draining:
-                t.cancel()
         if self._dirty is not None:
             self._dirty.set()
-        for t in self._tasks:
-            try:
-                if t in draining:
-                    await asyncio.wait_for(t, 10.0)
-                else:
-                    await t
-            except (asyncio.CancelledError, asyncio.TimeoutError):
-                pass
-        await self.transport.stop()
+        await stop_tasks([t for t in self._tasks if t not in draining], TASKS_STOP_S)
+        await stop_tasks(draining, TASKS_STOP_S, cancel=False)
+        await asyncio.get_running_loop().run_in_executor(None, self.disk.shutdown, True)
         if self.wal is not None:
             try:
                 if self._queue:
@@ -316,11 +310,10 @@ class MultiLeaderNode:
                 self.wal.sync()
             finally:
                 self.wal.close()
-        self.disk.shutdown(wait=True)
         while self._durable_waits:
             _, f = self._durable_waits.popleft()
             if not f.done():
-                f.set_exception(Unavailable("node is shutting down"))
+                f.set_exception(Timeout("node is shutting down; the write may or may not be durable"))
         log.info("stopped cleanly")
 
     def add_routes(self, app: web.Application) -> None:
@@ -562,8 +555,9 @@ class MultiLeaderNode:
             due = prog.acked is None or bool(entries) or time.monotonic() - last_call >= self.heartbeat_s
             if not due:
                 try:
-                    await asyncio.wait_for(wake.wait(), self.heartbeat_s)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.heartbeat_s):
+                        await wake.wait()
+                except TimeoutError:
                     pass
                 continue
             last_call = time.monotonic()
@@ -758,8 +752,9 @@ class MultiLeaderNode:
                                   f"from the node that served the token", positions=self._token())
             self._positions_changed.clear()
             try:
-                await asyncio.wait_for(self._positions_changed.wait(), left)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(left):
+                    await self._positions_changed.wait()
+            except TimeoutError:
                 pass
 
     async def kv_get(self, key: str, opts: ReadOpts) -> KVResult:
@@ -876,8 +871,9 @@ class MultiLeaderNode:
                               f"will replicate when they are reachable", acks=got + 1, needed=needed + 1)
             self._acks_changed.clear()
             try:
-                await asyncio.wait_for(self._acks_changed.wait(), left)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(left):
+                    await self._acks_changed.wait()
+            except TimeoutError:
                 pass
 
     def _remember_rid(self, rid: str, key: str, version: str) -> None:

@@ -54,11 +54,12 @@ from kvstore.storage.state import (
     version_str,
 )
 from kvstore.storage.wal import WAL, fsync_dir
-from kvstore.runtime.tasks import exit_if_failed
+from kvstore.runtime.tasks import exit_if_failed, stop_tasks
 
 log = logging.getLogger("kvstore.node")
 
 ACK_RANK = {"async": 0, "semi-sync": 1, "sync": 2}
+TASKS_STOP_S = 1.0   # background tasks get this long to end once cancelled
 
 
 @dataclass(slots=True)
@@ -229,27 +230,23 @@ class Node:
         exit_if_failed(t, self._stopping)
 
     async def stop(self) -> None:
+        """Bounded (see STOP_BUDGET_S): reconnect loops first, then the node's own tasks,
+        then the disk threads; the WAL is synced last. Never waits on a peer."""
         self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception as e:  # already reported by _task_done; still close storage
-                log.error("task %s had failed: %r", t.get_name(), e)
         if self.transport is not None:
             await self.transport.stop()
+        await stop_tasks(self._tasks, TASKS_STOP_S)
+        loop = asyncio.get_running_loop()
+        # a fsync still running in a disk thread finishes first (never two syncs at once)
+        await loop.run_in_executor(None, self.disk.shutdown, True)
         if self.wal is not None:
             try:
                 self.wal.sync()
             finally:
                 self.wal.close()
-        self.disk.shutdown(wait=True)
         for p in list(self._pending.values()):
             if not p.fut.done():
-                p.fut.set_exception(Unavailable("node is shutting down"))
+                p.fut.set_exception(Timeout("node is shutting down; the write may or may not be applied"))
         log.info("stopped cleanly")
 
     # ---- loops -----------------------------------------------------------------------
@@ -700,8 +697,9 @@ class Node:
             self._apply_waiters.append((index, fut))
             left = deadline - asyncio.get_running_loop().time()
             try:
-                await asyncio.wait_for(fut, max(0.0, left))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(0.0, left)):
+                    await fut
+            except TimeoutError:
                 raise Unavailable(f"this node has not applied position {term}.{index} within "
                                   f"{int(timeout * 1000)} ms (applied {self.state.applied_index}); "
                                   f"try again or read from the leader", applied=self.state.applied_index) from None

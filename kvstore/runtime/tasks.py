@@ -4,6 +4,8 @@ A node's background loops (ready/commit loop, ticker, senders, anti-entropy) mus
 die quietly: one that raises is a bug or a failed fsync, and the node exits at once
 (code 70) with the error logged — like PostgreSQL after an fsync failure — instead of
 serving on with a dead loop.
+
+Stopping is bounded: see kvstore/transport/tasks.py (`stop_tasks`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import asyncio
 import logging
 import os
 from typing import Any, Coroutine
+
+from kvstore.transport.tasks import stop_tasks
+
+__all__ = ["EXIT_FATAL", "exit_if_failed", "spawn", "stop_tasks"]
 
 log = logging.getLogger("kvstore.node")
 

@@ -26,6 +26,7 @@ from kvstore.errors import NotLeader, Unavailable
 from kvstore.ids import NodeId
 from kvstore.protocol.codec import encode_batch
 from kvstore.protocol.messages import Envelope, Message, SnapshotRequest
+from kvstore.transport.tasks import stop_tasks
 from kvstore.transport.rpc import probe_health
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore.transport")
 
 MAX_QUEUE = 50_000
+STOP_S = 1.0          # how long stop() waits for senders and connections
 CLUSTER_TOKEN_HEADER = "KV-Cluster-Token"
 MSGPACK = "application/msgpack"
 
@@ -57,10 +59,11 @@ class HttpTransport:
             self.headers[CLUSTER_TOKEN_HEADER] = token
             self.ws_headers[CLUSTER_TOKEN_HEADER] = token
         self._drains: set[asyncio.Task[None]] = set()
+        self._stopped = False
         self.timeout = node.config.failure_detector.timeout_ms / 1000.0
 
     async def start(self) -> None:
-        conn = aiohttp.TCPConnector(limit=0, limit_per_host=8, keepalive_timeout=60, enable_cleanup_closed=True)
+        conn = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=conn, headers={"User-Agent": f"kvstore-node/{self.node.id}"})
         for p in self.urls:
             t = asyncio.create_task(self._sender(p), name=f"send-{p}")
@@ -68,15 +71,18 @@ class HttpTransport:
             self._tasks.append(t)
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._drains]:
-            t.cancel()
-        for t in [*self._tasks, *self._drains]:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        """Bounded: senders stop reconnecting at once, then are cancelled and awaited for
+        at most STOP_S; the session is closed whatever they do."""
+        self._stopped = True
+        for ev in self._events.values():
+            ev.set()
+        await stop_tasks([*self._tasks, *self._drains], STOP_S)
         if self.session is not None:
-            await self.session.close()
+            try:
+                async with asyncio.timeout(STOP_S):
+                    await self.session.close()
+            except TimeoutError:
+                log.warning("closing peer connections took over %.1f s; leaving them", STOP_S)
 
     # ---- faults (testing) ------------------------------------------------------------
     def set_faults(self, drop: list[str], delay_ms: dict[str, int]) -> None:
@@ -115,11 +121,14 @@ class HttpTransport:
         try:
             # A dead peer's address may swallow SYNs (a killed container): bound the whole
             # handshake, DNS included, by one failure-detector timeout.
-            ws = await asyncio.wait_for(self.session.ws_connect(
-                self.urls[peer] + "/internal/stream", headers=self.ws_headers,
-                timeout=aiohttp.ClientWSTimeout(ws_close=1.0), heartbeat=max(0.5, self.timeout),
-                max_msg_size=0, compress=0, autoclose=True, autoping=True,
-                params={"sender": self.node.id}), self.timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+            # that races the connect's completion, and the sender would never stop.
+            async with asyncio.timeout(self.timeout):
+                ws = await self.session.ws_connect(
+                    self.urls[peer] + "/internal/stream", headers=self.ws_headers,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=1.0), heartbeat=max(0.5, self.timeout),
+                    max_msg_size=0, compress=0, autoclose=True, autoping=True,
+                    params={"sender": self.node.id})
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self._log_fail(peer, f"{type(e).__name__}: {e}")
             return None
@@ -146,10 +155,10 @@ class HttpTransport:
         ws: aiohttp.ClientWebSocketResponse | None = None
         backoff = 0.0
         try:
-            while True:
+            while not self._stopped:
                 await ev.wait()
                 ev.clear()
-                while q:
+                while q and not self._stopped:
                     msgs: list[Message] = []
                     snaps: list[SnapshotRequest] = []
                     while q:
@@ -173,7 +182,8 @@ class HttpTransport:
                             self.node.metrics.inc("kv_transport_frames_total")
                             self.node.metrics.inc("kv_transport_messages_total", len(msgs))
                             try:
-                                await asyncio.wait_for(ws.send_bytes(encode_batch(msgs)), self.timeout)
+                                async with asyncio.timeout(self.timeout):
+                                    await ws.send_bytes(encode_batch(msgs))
                             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError) as e:
                                 self._log_fail(peer, f"stream: {type(e).__name__}: {e}")
                                 await ws.close()
@@ -189,7 +199,11 @@ class HttpTransport:
                         backoff = 0.0
         finally:
             if ws is not None and not ws.closed:
-                await ws.close()
+                try:
+                    async with asyncio.timeout(STOP_S):
+                        await ws.close()
+                except (TimeoutError, aiohttp.ClientError, OSError):
+                    pass
 
     async def _post(self, peer: NodeId, url: str, body: bytes) -> bool:
         assert self.session is not None

@@ -46,14 +46,20 @@ class PeerRPC:
             self.headers[CLUSTER_TOKEN_HEADER] = cluster_token
         self.calls = 0
         self.failures = 0
+        self.stopped = False
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, limit_per_host=32, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(connector=conn)
 
     async def stop(self) -> None:
+        self.stopped = True
         if self.session is not None:
-            await self.session.close()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.session.close()
+            except TimeoutError:
+                log.warning("closing peer connections took over 1 s; leaving them")
 
     # ---- faults ----------------------------------------------------------------------
     def set_faults(self, drop: list[str], delay_ms: dict[str, int]) -> None:
@@ -81,6 +87,8 @@ class PeerRPC:
             raise BadRequest(f"unknown peer {peer!r}")
         if peer in self.drop:
             raise Unavailable(f"{peer} unreachable (fault injection)")
+        if self.stopped:
+            raise Unavailable("this node is shutting down")
         d = self.delay_ms.get(peer)
         if d:
             await asyncio.sleep(d / 1000.0)

@@ -257,7 +257,8 @@ def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     def make(n: int = 3, **sections: Any) -> Cluster:
         c = Cluster(tmp_path / f"c{len(made)}", n, sections)
         made.append(c)
-        return c.start()
+        # every node is a "leader" in multi-leader mode; leaderless has none to wait for
+        return c.start(wait_leader=sections.get("replication", {}).get("mode", "single-leader") != "leaderless")
 
     try:
         yield make
