@@ -70,7 +70,7 @@ def run_wrk(url: str, duration: float, connections: int, script: Path) -> dict[s
             "non2xx": int(m.group(5)), "socket_errors": int(m.group(6))}
 
 
-def one_start(n: int, acks: str, duration: float, script: Path) -> dict[str, Any]:
+def one_start(n: int, acks: str, duration: float, script: Path, target: str = "leader") -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="kv-fresh-"))
     procs = Procs()
     try:
@@ -90,10 +90,13 @@ def one_start(n: int, acks: str, duration: float, script: Path) -> dict[str, Any
             if all(x["state"] == "up" and x["lag_entries"] == 0 for x in info["nodes"]):
                 break
             time.sleep(0.05)
-        e0, s0 = metric(leader, "kv_wal_entries_total"), metric(leader, "kv_wal_syncs_total")
-        res = run_wrk(leader, duration, 64, script)
-        e1, s1 = metric(leader, "kv_wal_entries_total"), metric(leader, "kv_wal_syncs_total")
+        url = leader if target == "leader" else urls[int(target.lstrip("n")) - 1]
+        e0, s0 = metric(url, "kv_wal_entries_total"), metric(url, "kv_wal_syncs_total")
+        res = run_wrk(url, duration, 64, script)
+        e1, s1 = metric(url, "kv_wal_entries_total"), metric(url, "kv_wal_syncs_total")
         res["entries_per_fsync"] = (e1 - e0) / max(1.0, s1 - s0)
+        with urllib.request.urlopen(url + "/cluster", timeout=2) as r:
+            res["role"] = json.loads(r.read())["role"]
         return res
     finally:
         procs.stop_all()
@@ -105,6 +108,9 @@ def main() -> int:
     ap.add_argument("--starts", type=int, default=8)
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--modes", default="async,semi-sync")
+    ap.add_argument("--target", default="leader",
+                    help="node to load: 'leader' (found after start), or a fixed id like n1 (what a "
+                         "user who always uses the first URL sees: a follower two times in three)")
     ap.add_argument("--out", default=str(RESULTS / "fresh_starts.json"))
     a = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -114,7 +120,7 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_PUT)
         script = Path(f.name)
-    results: dict[str, Any] = {"starts": a.starts, "duration_s": a.duration, "modes": {}}
+    results: dict[str, Any] = {"starts": a.starts, "duration_s": a.duration, "target": a.target, "modes": {}}
     one = one_start(1, "async", a.duration, script)
     results["one_node"] = one
     print(f"one node: {one['rate']:8.0f} PUT/s  p50 {one['p50_ms']:6.2f} ms  p99 {one['p99_ms']:6.2f} ms  "
@@ -123,7 +129,7 @@ def main() -> int:
     for mode in modes:
         rows = []
         for i in range(a.starts):
-            r = one_start(3, mode, a.duration, script)
+            r = one_start(3, mode, a.duration, script, a.target)
             rows.append(r)
             print(f"{mode:9s} start {i + 1}: {r['rate']:8.0f} PUT/s  p50 {r['p50_ms']:6.2f} ms  "
                   f"p99 {r['p99_ms']:6.2f} ms  {r['entries_per_fsync']:5.1f} entries/fsync"
