@@ -30,6 +30,9 @@ OP_CAS = 3
 OP_BATCH = 4
 
 DEDUP_MAX = 100_000
+# compare-and-set expectations besides a version (>= 1) and 0 ("the key must be absent")
+EXPECT_EXISTS = -1     # If-Match: *  — the key must exist
+EXPECT_NEVER = -2      # an If-Match that names no version this key can have: always a mismatch
 _INDEX_BITS = 40
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
 
@@ -71,8 +74,9 @@ def encode_delete(key: str, rid: str | None) -> bytes:
 
 
 def encode_cas(key: str, expected: int, value: bytes | None, rid: str | None) -> bytes:
-    """Compare-and-set: apply only if the key's version is `expected` (0: key must be absent).
-    `value` None makes it a compare-and-delete."""
+    """Compare-and-set: apply only if the key's version is `expected` (0: key must be
+    absent; EXPECT_EXISTS: key must exist; EXPECT_NEVER: never). `value` None makes it a
+    compare-and-delete."""
     return msgpack.packb((OP_CAS, key, expected, value, rid), use_bin_type=True)
 
 
@@ -175,7 +179,11 @@ class KVState:
             key, expected, value = cmd[1], cmd[2], cmd[3]
             cur = data.get(key)
             cur_ver = cur[1] if cur is not None else 0
-            if cur_ver != expected:
+            if expected == EXPECT_EXISTS:
+                matched = cur is not None
+            else:
+                matched = cur_ver == expected and expected != EXPECT_NEVER
+            if not matched:
                 if record_undo:
                     self._undo.append((e.index, None, None, rid))
                 res = Result(False, cur_ver)

@@ -6,8 +6,13 @@ stores (term, index, data) entries and "reset" markers.
 
 Durability contract: `append()` only write()s; an entry is durable once a later
 `sync()` has returned (fdatasync of every segment written since the last sync, and
-of the directory after a segment was created). The caller (runtime/node.py) acks
-nothing before that under `fsync: always`; it runs `sync()` off the event loop.
+of the directory after a segment was created). The caller (storage/log.py's FileLog)
+acks nothing before that under `fsync: always`; it runs `sync()` off the event loop.
+
+Threads: `append`/`append_reset` run on the caller's thread; `sync`, `compact`,
+`rotate` and `close` may run on another thread while appends go on, as long as the
+caller never runs two of THOSE at once (FileLog holds one lock around them). A sync
+covers at least everything appended before it started.
 
 Record frame: u32 length | u32 crc32(payload) | payload, payload = msgpack
   [0, term, index, data]      a log entry
@@ -50,6 +55,15 @@ def _seg_name(seq: int) -> str:
     return f"{_SEG_PREFIX}{seq:010d}{_SEG_SUFFIX}"
 
 
+def discard(path: Path) -> None:
+    """Remove a temp file after a failed write; a disk that refuses even that is already
+    being reported by the caller's own error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -83,7 +97,10 @@ class WAL:
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._unsynced_fds: list[int] = []   # rotated-out segments awaiting their final sync
-        self._dir_dirty = False
+        # directory changes (segment created/deleted) vs the last one a sync covered: a
+        # counter, not a flag, so a rotation racing with a sync is never marked synced
+        self._dir_changes = 0
+        self._dir_synced = 0
         self.bytes_written = 0
         self.syncs = 0
 
@@ -96,6 +113,7 @@ class WAL:
         if not wal._segments:
             wal._new_segment(1)
             fsync_dir(directory)
+            wal._dir_synced = wal._dir_changes
         else:
             seg = wal._segments[-1]
             wal._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
@@ -237,7 +255,7 @@ class WAL:
         path = self.dir / _seg_name(seq)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
         self._segments.append(_Segment(seq, path))
-        self._dir_dirty = True
+        self._dir_changes += 1
 
     def _write(self, blob: bytes) -> None:
         invariant(self._fd is not None, "WAL is closed")
@@ -278,20 +296,28 @@ class WAL:
         self._write(frame(msgpack.packb((1, snap_index, snap_term), use_bin_type=True)))
 
     def sync(self) -> None:
-        """fdatasync everything written so far. Safe to run in a worker thread (the caller
-        serialises WAL calls). Raises StorageError: the node must stop, as PostgreSQL does."""
+        """fdatasync everything written so far. Safe to run in a worker thread while the
+        caller's thread appends (see the module's "Threads"). Raises StorageError: the
+        node must stop, as PostgreSQL does (a failed fsync may have dropped dirty pages)."""
+        # Read the current segment BEFORE the rotated-out ones: a rotation in between moves
+        # it into _unsynced_fds, so it is synced either way.
+        fd = self._fd
+        pending = list(self._unsynced_fds)
+        dir_changes = self._dir_changes
         try:
-            for fd in self._unsynced_fds:
+            for f in pending:
+                os.fdatasync(f)
+            if fd is not None:
                 os.fdatasync(fd)
-                os.close(fd)
-            self._unsynced_fds.clear()
-            if self._fd is not None:
-                os.fdatasync(self._fd)
-            if self._dir_dirty:
+            if dir_changes != self._dir_synced:
                 fsync_dir(self.dir)
-                self._dir_dirty = False
+                self._dir_synced = dir_changes
         except OSError as e:
-            raise StorageError(f"fsync of the WAL in {self.dir} failed: {e}") from e
+            raise StorageError(f"fsync of the WAL in {self.dir} failed: {e}. The node stops: "
+                               f"check the disk, then restart it (what earlier syncs covered is safe)") from e
+        for f in pending:
+            self._unsynced_fds.remove(f)
+            os.close(f)
         self.syncs += 1
 
     def compact(self, upto: LogIndex) -> int:
@@ -304,7 +330,7 @@ class WAL:
             self._segments.pop(0)
             removed += 1
         if removed:
-            self._dir_dirty = True
+            self._dir_changes += 1
         return removed
 
     def rotate(self) -> None:
