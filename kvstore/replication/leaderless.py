@@ -1,506 +1,801 @@
-"""Leaderless (Dynamo-style) replication: the replica state and the coordinator's
-decisions, as pure code. The runtime (kvstore/runtime/leaderless.py) does the I/O:
-it persists the records this module returns, sends the messages, runs the timers.
+"""Leaderless (Dynamo-style) replication as a pure core: `LeaderlessCore`, built by
+`build_core`, is the whole protocol of the mode behind kvstore/replication/core.py's
+`Core` contract. Its parts: ll_replica.py (the replica state and the pure decisions,
+re-exported here), ll_effects.py (what the next Ready carries, requests in flight),
+ll_background.py (liveness, hinted handoff, anti-entropy), protocol/leaderless.py
+(the messages).
 
 Owns:
-- `Replica`: one node's durable state — the per-key `DVVSet` containers of the key
-  ranges it owns, the hints it holds for down owners (sloppy quorum / hinted handoff),
-  and one incremental Merkle tree per ring partition over (key, container digest).
-  Every mutation returns the WAL record that makes it durable (`None`: nothing
-  changed); `apply_record` replays them after a crash. Records merge with
-  `versions.sync` (commutative, associative, idempotent), so replaying a record twice,
-  or one a snapshot already covers, is harmless.
-- Coordination: `coordinators` (which up owner coordinates a write: the first up
-  member of the preference list, so one node orders a key's writes while it is
-  healthy), `plan_write` (the replicas a write goes to: the sloppy placement, or only
-  the up owners in strict mode), `WriteQuorum` / `ReadQuorum` (the W / R trackers,
-  read repair targets), `render` (what a read answers: one version, siblings, or the
-  LWW winner).
-- Anti-entropy helpers: `shared_partitions` (what two nodes both replicate).
+- writes: a non-owner forwards to the key's first up owner (`LLCoord`), the next one
+  when that one is unreachable; the owner coordinates: its own record first, the
+  container to the plan's other replicas (`LLReplicate`), the answer after W durable
+  acks, more replicas when some refuse, a hint for every owner that misses the write.
+  KV-Request-Id retries apply once per coordinator (remembered durably, bounded).
+- reads: R answers merged (`LLRead`), read repair of the stale ones afterwards; a
+  read `after` a token of the same key waits for a replica that has that version.
+- the replica side of every request, recovery, snapshots, status.
 
-Why a write is coordinated by an OWNER: `versions.update` derives the new dot from
-the coordinator's own container, which must hold every dot that node ever issued for
-the key; only an owner keeps the key's container for good. A non-owner forwards the
-write. The coordinator persists its own copy before sending (a dot must never be
-reissued after a crash, which could happen if peers held a dot the coordinator lost).
+Durability (the shell sends `outbox` and answers `results` only after `entries` are
+durable): a coordinator's own record rides the Ready whose outbox carries the
+replicate messages (a dot is never seen by a peer before it is durable here, so it is
+never reissued after a crash); a replica's ack rides the Ready that persists what it
+acknowledges; every container sent (replicate, read answer, anti-entropy) and every
+client answer goes out after the Ready that made the state it shows durable. Only
+requests that expose no state (pings, read requests, forwards, Merkle roots) and
+answers that depend on nothing (refusals) travel early.
 
-May import: the standard library, msgpack, kvstore.ids, kvstore.errors,
-kvstore.cluster.ring, kvstore.replication.{versions, quorum, merkle}. Pure: no I/O, no
-asyncio, no time, no global random.
+May import: the standard library, kvstore.ids/errors/protocol, kvstore.cluster.ring,
+kvstore.replication.{core, ll_*, versions, quorum, merkle}; kvstore.config for types
+only. Pure: no I/O, no asyncio, no time, no global random (time is ticks + the
+injected `now_ms`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, assert_never
 
-import msgpack
-
-from kvstore.cluster.ring import Placement, Ring
-from kvstore.errors import BadRequest, Unavailable, invariant
-from kvstore.ids import NodeId
-from kvstore.replication.merkle import MerkleShape, MerkleTree
-from kvstore.replication.quorum import QuorumStatus, Reply, ReadResolution, quorum_status, read_resolve
+from kvstore.cluster.ring import Ring
+from kvstore.errors import BadRequest, CorruptionError, KVError, Timeout, Unavailable, invariant
+from kvstore.ids import LogIndex, NodeId, Term
+from kvstore.protocol.leaderless import (
+    LLAERoots, LLAERootsAnswer, LLAESync, LLAESyncAnswer, LLCoord, LLCoordAnswer, LLCoordItem, LLMessage,
+    LLPing, LLPong, LLRead, LLReadAnswer, LLReplicate, LLReplicateAck,
+)
+from kvstore.protocol.messages import Entry, HardState, SnapshotImage
+from kvstore.protocol.wire import Plain
+from kvstore.replication.core import (
+    CoreConfig, CoreStatus, PeerStatus, ReadRequest, ReadResult, Ready, RequestId, Version, WriteRequest,
+    WriteResult,
+)
+from kvstore.replication.ll_background import AntiEntropy, HintHandoff, Liveness
+from kvstore.replication.ll_effects import (
+    COUNTERS, ClientOrigin, Dedup, Effects, ForHint, Forward, ForWrite, LeaderlessSettings, Origin, Parked,
+    PeerOrigin, Purpose, ReadOp, ReadSpec, RepWait, Write, WriteOp, bounded_put, coord_outcome, no_quorum,
+    no_version, rebuild_error, write_of,
+)
+from kvstore.replication.ll_replica import *  # noqa: F403  (the pure pieces, re-exported)
+from kvstore.replication.ll_replica import (
+    NULL_TOKEN, REC_WRITE, ReadQuorum, Replica, WriteQuorum, check_read_quorum, coordinators, decode_record,
+    key_hash, key_placement, make_token, parse_context, parse_token, plan_write, read_targets, render,
+    ring_layout,
+)
+from kvstore.replication.ll_replica import __all__ as _replica_all
+from kvstore.replication.quorum import Outcome, Reply, failure_error
 from kvstore.replication.versions import (
-    DVVSet,
-    HlcTimestamp,
-    VersionVector,
-    digest,
-    decode_vv,
-    encode_dot,
-    encode_vv,
-    is_deleted,
-    lww_collapse,
-    purge_tombstones,
-    sync,
-    update,
+    DVVSet, Dot, HlcTimestamp, HybridClock, VersionVector, encode_dot, encode_vv, max_timestamp, sync,
 )
 
-__all__ = [
-    "MERKLE_FANOUT",
-    "MERKLE_DEPTH",
-    "Replica",
-    "ReadView",
-    "render",
-    "coordinators",
-    "plan_write",
-    "WritePlan",
-    "WriteQuorum",
-    "ReadQuorum",
-    "shared_partitions",
-    "encode_record",
-    "decode_record",
-]
+if TYPE_CHECKING:
+    from kvstore.config import ClusterConfig
 
-MERKLE_FANOUT = 16
-MERKLE_DEPTH = 1  # 16 leaves per partition: 1024 partitions x 16 = 16384 buckets in all
+__all__ = ["LeaderlessCore", "LeaderlessSettings", "build_core", "COUNTERS", *_replica_all]
 
-# WAL record tags (msgpack arrays in Entry.data)
-_PUT = "c"          # ["c", key, container]: merge into the store
-_HINT = "h"         # ["h", owner, key, container, created_ms]: merge into the hints for owner
-_HINT_DONE = "hd"   # ["hd", owner, key, digest]: the owner acked this hint
+REQUEST_IDS_MAX = 10_000         # KV-Request-Ids remembered (least recently used dropped)
+PROBE_MS = 1000                  # how long a request waits for down owners to answer a ping
+HINT_PASS_MIN_MS = 100           # hint passes: every max(this, 5 heartbeats)
+HINT_EXPIRY_EVERY_MS = 1000      # the hint bounds need a scan of every hint: not more often
 
 
-def encode_record(rec: list[Any]) -> bytes:
-    return msgpack.packb(rec, use_bin_type=True)
+def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState, image: SnapshotImage | None,
+               entries: Sequence[Entry], fresh: bool, rng: random.Random,
+               now_ms: Callable[[], int]) -> LeaderlessCore:
+    """The core of a node recovered from `image` + the WAL `entries` after it (the hard
+    state is unused: this mode has no terms). Raises CorruptionError for a record or a
+    snapshot it cannot read."""
+    core = LeaderlessCore(cfg, LeaderlessSettings.of(config), rng=rng, now_ms=now_ms)
+    core.restore(image, entries)
+    return core
 
 
-def decode_record(data: bytes) -> list[Any]:
-    try:
-        rec = msgpack.unpackb(data, raw=False)
-    except Exception:
-        raise BadRequest("leaderless record: not msgpack") from None
-    if not isinstance(rec, list) or not rec or rec[0] not in (_PUT, _HINT, _HINT_DONE):
-        raise BadRequest(f"leaderless record: unknown shape {str(rec)[:80]}")
-    return rec
+class LeaderlessCore:
+    """One node of a leaderless cluster: replica, coordinator and background work."""
 
+    mode = "leaderless"
 
-# ---------------------------------------------------------------------------------------
-# The replica
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Hint:
-    container: DVVSet
-    created_ms: int
-
-
-class Replica:
-    """One node's replica state. `lww`: the store keeps only the LWW winner of each key
-    (conflict: lww), so siblings never accumulate on disk."""
-
-    def __init__(self, node_id: NodeId, ring: Ring, n: int, *, lww: bool) -> None:
-        self.id = node_id
-        self.ring = ring
-        self.n = n
-        self.lww = lww
-        self.store: dict[str, DVVSet] = {}
-        self.hints: dict[NodeId, dict[str, Hint]] = {}
-        self._digests: dict[str, bytes] = {}
-        self._trees: dict[int, MerkleTree] = {}
-        self._keys_of: dict[int, set[str]] = {}   # partition -> keys held (anti-entropy listing)
-        self._tombstoned: set[str] = set()        # keys whose container is only tombstones (GC candidates)
-        self._empty = MerkleTree(MerkleShape(0, ring.range_bounds(0)[1], MERKLE_FANOUT, MERKLE_DEPTH))
-
-    # ---- queries ---------------------------------------------------------------------
-    def get(self, key: str) -> DVVSet:
-        return self.store.get(key, DVVSet.empty())
-
-    def owns(self, key: str) -> bool:
-        return self.id in self.ring.preference_list(key, self.n)
-
-    def hinted(self, key: str) -> DVVSet:
-        """Every hint this node holds for `key`, merged (what a fallback answers)."""
-        out = DVVSet.empty()
-        for per_owner in self.hints.values():
-            h = per_owner.get(key)
-            if h is not None:
-                out = sync(out, h.container)
-        return out
-
-    def hint_count(self) -> int:
-        return sum(len(v) for v in self.hints.values())
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    # ---- store mutations -------------------------------------------------------------
-    def _set(self, key: str, container: DVVSet) -> None:
-        old = self._digests.get(key)
-        new = digest(container)
-        p = self.ring.range_of(key)
-        tree = self._trees.get(p)
-        if tree is None:
-            lo, hi = self.ring.range_bounds(p)
-            tree = self._trees[p] = MerkleTree(MerkleShape(lo, hi, MERKLE_FANOUT, MERKLE_DEPTH))
-        tree.replace(key, old, new)
-        self._keys_of.setdefault(p, set()).add(key)
-        if container.siblings and is_deleted(container):
-            self._tombstoned.add(key)
-        else:
-            self._tombstoned.discard(key)
-        self._digests[key] = new
-        self.store[key] = container
-
-    def merge(self, key: str, incoming: DVVSet) -> list[Any] | None:
-        """Sync a container received from a peer (replication, read repair, anti-entropy,
-        hint delivery) into ours. Returns the record to persist, or None if nothing
-        changed (the ack may then be sent at once: what we hold is already durable)."""
-        cur = self.store.get(key)
-        merged = sync(cur if cur is not None else DVVSet.empty(), incoming)
-        if self.lww:
-            merged = lww_collapse(merged)
-        if cur is not None and merged == cur:
-            return None
-        if cur is None and merged == DVVSet.empty():
-            return None
-        self._set(key, merged)
-        return [_PUT, key, merged.to_plain()]
-
-    def coordinate(self, key: str, value: bytes | None, ctx: VersionVector | None,
-                   ts: HlcTimestamp) -> tuple[DVVSet, list[Any]]:
-        """A client write coordinated here (value None: delete). `ctx` is the client's
-        KV-Context; None (a blind write) supersedes what this replica holds. Returns the
-        new container (to replicate whole) and the record to persist first."""
-        invariant(self.owns(key), f"{self.id} coordinates a write of {key!r} it does not own")
-        cur = self.get(key)
-        new = update(cur, cur.context if ctx is None else ctx, self.id, value, ts)
-        if self.lww:
-            new = lww_collapse(new)
-        self._set(key, new)
-        return new, [_PUT, key, new.to_plain()]
-
-    def gc_tombstones(self, now_ms: int, gc_ms: int) -> list[list[Any]]:
-        """Purge tombstones older than gc_ms (by their HLC time): the context stays, so
-        no older copy can come back (versions.purge_tombstones). The purged container
-        wins every later sync, so the purge itself spreads by anti-entropy."""
-        out: list[list[Any]] = []
-        for key in list(self._tombstoned):
-            c = self.store[key]
-            if all(now_ms - s.timestamp.physical_ms >= gc_ms for s in c.siblings):
-                purged = purge_tombstones(c)
-                self._set(key, purged)
-                out.append([_PUT, key, purged.to_plain()])
-        return out
-
-    # ---- hints -----------------------------------------------------------------------
-    def add_hint(self, owner: NodeId, key: str, container: DVVSet, now_ms: int) -> list[Any] | None:
-        invariant(owner != self.id, "a node holds no hints for itself")
-        per = self.hints.setdefault(owner, {})
-        h = per.get(key)
-        merged = container if h is None else sync(h.container, container)
-        if h is not None and merged == h.container:
-            return None
-        created = now_ms if h is None else h.created_ms
-        per[key] = Hint(merged, created)
-        return [_HINT, owner, key, merged.to_plain(), created]
-
-    def hint_delivered(self, owner: NodeId, key: str, delivered: DVVSet) -> list[Any] | None:
-        """The owner durably holds `delivered`: drop the hint unless it grew meanwhile."""
-        per = self.hints.get(owner)
-        h = per.get(key) if per else None
-        if h is None or not delivered.descends(h.container):
-            return None
-        del per[key]  # type: ignore[union-attr]
-        if not per:
-            del self.hints[owner]
-        return [_HINT_DONE, owner, key, digest(delivered)]
-
-    def expire_hints(self, now_ms: int, max_age_ms: int, max_count: int) -> list[list[Any]]:
-        """Drop hints older than max_age_ms, then the oldest beyond max_count. A dropped
-        hint is not lost data: anti-entropy repairs the owner later."""
-        out: list[list[Any]] = []
-        everything = sorted(((h.created_ms, owner, key) for owner, per in self.hints.items()
-                             for key, h in per.items()))
-        excess = max(0, len(everything) - max_count)
-        for i, (created, owner, key) in enumerate(everything):
-            if i < excess or now_ms - created >= max_age_ms:
-                h = self.hints[owner].pop(key)
-                if not self.hints[owner]:
-                    del self.hints[owner]
-                out.append([_HINT_DONE, owner, key, digest(h.container)])
-        return out
-
-    # ---- recovery --------------------------------------------------------------------
-    def apply_record(self, rec: list[Any]) -> None:
-        tag = rec[0]
-        if tag == _PUT:
-            _, key, plain = rec
-            self.merge(key, DVVSet.from_plain(plain))
-        elif tag == _HINT:
-            _, owner, key, plain, created = rec
-            per = self.hints.setdefault(NodeId(owner), {})
-            c = DVVSet.from_plain(plain)
-            h = per.get(key)
-            per[key] = Hint(c if h is None else sync(h.container, c),
-                            created if h is None else min(created, h.created_ms))
-        else:
-            invariant(tag == _HINT_DONE, f"unknown record {tag!r}")
-            _, owner, key, dig = rec
-            found = self.hints.get(NodeId(owner))
-            h = found.get(key) if found else None
-            if found is not None and h is not None and digest(h.container) == dig:
-                del found[key]
-                if not found:
-                    del self.hints[NodeId(owner)]
-
-    def snapshot_hints(self) -> list[list[Any]]:
-        return [[owner, key, h.container.to_plain(), h.created_ms]
-                for owner, per in self.hints.items() for key, h in per.items()]
-
-    def load_hints(self, rows: Iterable[list[Any]]) -> None:
-        for owner, key, plain, created in rows:
-            self.apply_record([_HINT, owner, key, plain, created])
-
-    # ---- anti-entropy ----------------------------------------------------------------
-    def tree(self, partition: int) -> MerkleTree:
-        t = self._trees.get(partition)
-        if t is None:
-            lo, hi = self.ring.range_bounds(partition)
-            t = self._trees[partition] = MerkleTree(MerkleShape(lo, hi, MERKLE_FANOUT, MERKLE_DEPTH))
-        return t
-
-    def roots(self, partitions: Iterable[int]) -> dict[int, bytes]:
-        # an empty tree's hashes do not depend on its token range: share one
-        empty = self._empty.root
-        trees = self._trees
-        return {p: trees[p].root if p in trees else empty for p in partitions}
-
-    def leaves(self, partition: int) -> tuple[bytes, ...]:
-        t = self._trees.get(partition, self._empty)
-        return t.level(MERKLE_DEPTH)
-
-    def keys_in(self, partition: int, buckets: Iterable[int]) -> dict[str, DVVSet]:
-        """Our containers for the keys of some leaves of a partition (the keys to
-        exchange when those leaves differ)."""
-        wanted = set(buckets)
-        tree = self._trees.get(partition)
-        if tree is None:
-            return {}
-        store = self.store
-        return {k: store[k] for k in self._keys_of.get(partition, ()) if tree.bucket_of(k) in wanted}
-
-
-# ---------------------------------------------------------------------------------------
-# What a read answers
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReadView:
-    """`value` None with no `siblings`: absent or deleted (404). `siblings`: more than
-    one concurrent version (300): (value or None for a delete, version) pairs."""
-
-    value: bytes | None
-    version: str | None
-    context: str
-    siblings: tuple[tuple[bytes | None, str], ...] = ()
-
-
-def render(container: DVVSet, *, lww: bool) -> ReadView:
-    ctx = encode_vv(container.context)
-    c = lww_collapse(container) if lww else container
-    if is_deleted(c):
-        return ReadView(None, None, ctx)
-    if len(c.siblings) == 1:
-        s = c.siblings[0]
-        return ReadView(s.value, encode_dot(s.dot), ctx)
-    return ReadView(None, None, ctx, tuple((s.value, encode_dot(s.dot)) for s in c.siblings))
-
-
-# ---------------------------------------------------------------------------------------
-# Coordination
-# ---------------------------------------------------------------------------------------
-
-
-def coordinators(ring: Ring, key: str, n: int, me: NodeId, is_up: Callable[[NodeId], bool]) -> list[NodeId]:
-    """Owners that may coordinate a write of `key`, best first: the up members of the
-    preference list in ring order (this node counts as up). The first one takes every
-    write of the key while it is healthy, so blind writes follow one another there
-    instead of turning into siblings."""
-    return [o for o in ring.preference_list(key, n) if o == me or is_up(o)]
-
-
-@dataclass(frozen=True, slots=True)
-class WritePlan:
-    """`targets`: the replicas (besides the coordinator) a write goes to, each with the
-    owner it stands in for (sloppy quorum). `unplaced`: owners that get no copy now —
-    the coordinator keeps a hint for each (delivered when they return)."""
-
-    key: str
-    coordinator: NodeId
-    targets: tuple[Placement, ...]
-    unplaced: tuple[NodeId, ...]
-    w: int
+    def __init__(self, cfg: CoreConfig, settings: LeaderlessSettings, *, rng: random.Random,
+                 now_ms: Callable[[], int]) -> None:
+        invariant(cfg.node_id in cfg.nodes, f"{cfg.node_id} is not a member")
+        self.cfg, self.s, self.id, self.rng, self.now_ms = cfg, settings, cfg.node_id, rng, now_ms
+        self.lww = settings.conflict == "lww"
+        self.ring = Ring.of(cfg.nodes)
+        self.replica = Replica(self.id, self.ring, settings.n, lww=self.lww)
+        self.clock = HybridClock(self.id, now_ms, max_drift_ms=None)
+        self.peers = tuple(p for p in cfg.nodes if p != self.id)
+        # correlation ids start past every id of an earlier run (65536 per ms of wall time)
+        first_id = (max(0, now_ms()) << 16) + rng.getrandbits(16) + 1
+        self.fx = Effects(self.id, cfg.write_timeout_ticks, COUNTERS, first_id=first_id)
+        self.fx.on_replicate_expired = self._replicate_expired
+        self.live = Liveness(self.id, self.peers, self.fx, heartbeat_ticks=cfg.heartbeat_ticks,
+                             timeout_ticks=cfg.election_ticks)
+        self.handoff = HintHandoff(self.replica, self.fx, self.is_up, now_ms, max_age_ms=settings.hint_max_age_ms,
+                                   max_count=settings.hint_max_count,
+                                   every_ticks=max(self._ticks(HINT_PASS_MIN_MS), 5 * cfg.heartbeat_ticks),
+                                   expiry_ticks=self._ticks(HINT_EXPIRY_EVERY_MS))
+        self.ae = AntiEntropy(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms, self._merge,
+                              interval_ticks=self._ticks(settings.anti_entropy_interval_ms),
+                              tombstone_gc_ms=settings.tombstone_gc_ms)
+        self._probe_ticks = max(1, min(self._ticks(PROBE_MS), cfg.election_ticks))
+        self._dedup: OrderedDict[str, Dedup] = OrderedDict()
+        self._coord_seen: OrderedDict[PeerOrigin, None] = OrderedDict()   # forwards taken (duplicates)
+        self._writes: dict[int, WriteOp] = {}
+        self._reads: dict[int, ReadOp] = {}
+        self._forwards: dict[int, Forward] = {}
+        self._parked: dict[int, Parked] = {}
 
     @property
-    def replicas(self) -> int:
-        return 1 + len(self.targets)
+    def now(self) -> int:
+        return self.fx.now
 
+    def _ticks(self, ms: int) -> int:
+        return max(1, -(-ms // self.cfg.tick_ms))
 
-def plan_write(ring: Ring, key: str, n: int, w: int, me: NodeId, is_up: Callable[[NodeId], bool],
-               *, sloppy: bool) -> WritePlan:
-    """Where a write coordinated by `me` (an owner) goes. Raises Unavailable — nothing
-    was applied — when fewer than W replicas are reachable at all."""
-    def up(x: NodeId) -> bool:
-        return x == me or is_up(x)
+    # ---- recovery and snapshots -----------------------------------------------------
+    def restore(self, image: SnapshotImage | None, entries: Sequence[Entry]) -> None:
+        """Load a snapshot image, then replay the WAL records after it. Snapshot rows:
+        "containers" [key, container]; "hints" [owner, key, container, created_ms];
+        "dedup" [rid, key, version, context] (least recently used first); meta "hlc"."""
+        snap = image.index if image is not None else 0
+        replayed = 0
+        try:
+            if image is not None:
+                if image.mode != self.mode:
+                    raise BadRequest(f"a {image.mode} snapshot")
+                for key, plain in image.sections.get("containers", ()):
+                    self.replica.merge(key, DVVSet.from_plain(plain))
+                self.replica.load_hints(image.sections.get("hints", ()))
+                for rid, key, version, ctx in image.sections.get("dedup", ()):
+                    self._remember(rid, key, version, parse_context(ctx) or VersionVector())
+                if image.meta.get("hlc") is not None:
+                    self.clock.update(HlcTimestamp.from_plain(image.meta["hlc"]))
+            for e in entries:
+                if e.index > snap:
+                    self._replay(decode_record(e.data))
+                    replayed += 1
+        except (BadRequest, ValueError, TypeError, KeyError) as err:
+            raise CorruptionError(f"leaderless state unreadable ({err}); restore this node's data directory "
+                                  "or wipe it (anti-entropy refills it from the replicas)") from None
+        for c in self.replica.store.values():
+            self._observe(c)     # no timestamp issued here may be below one already stored
+        self.fx.restored(max([snap, *(e.index for e in entries[-1:])]))
+        self.fx.event("info", f"recovered: snapshot={image.index if image else 0} replayed={replayed} "
+                              f"keys={len(self.replica)} hints={self.replica.hint_count()}")
 
-    owners = ring.preference_list(key, n)
-    invariant(me in owners, f"{me} plans a write of {key!r} it does not own")
-    if sloppy:
-        placed = ring.fallback(key, n, up)
-    else:
-        placed = [Placement(o) for o in owners if up(o)]
-    covered = {p.node for p in placed if p.hint_for is None} | {p.hint_for for p in placed if p.hint_for}
-    unplaced = tuple(o for o in owners if o not in covered)
-    targets = tuple(p for p in placed if p.node != me)
-    if 1 + len(targets) < w:
-        raise Unavailable(
-            f"write quorum unreachable: {1 + len(targets)} replica(s) of {key!r} up, w={w} needed"
-            + ("" if sloppy else " (strict quorum: sloppy_quorum is false)"),
-            acks=0, needed=w, replicas=1 + len(targets))
-    return WritePlan(key, me, targets, unplaced, w)
+    def _replay(self, rec: list[Any]) -> None:
+        self.replica.apply_record(rec)
+        if rec[0] == REC_WRITE and rec[3] is not None:
+            c = DVVSet.from_plain(rec[2])
+            self._remember(rec[3], rec[1], encode_dot(Dot(self.id, c.context.get(self.id))), c.context)
 
+    def snapshot_image(self) -> SnapshotImage:
+        """The state as of the last index handed out (records made since then are in it
+        too; they replay idempotently on top). Rows: see `restore`. Immutable: fresh
+        plain lists."""
+        return SnapshotImage(
+            mode=self.mode, index=LogIndex(self.fx.handed), term=Term(0),
+            sections={"containers": [[k, c.to_plain()] for k, c in self.replica.store.items()],
+                      "hints": self.replica.snapshot_hints(),
+                      "dedup": [[rid, d.key, d.version, encode_vv(d.context)] for rid, d in self._dedup.items()]},
+            meta={"hlc": self.clock.last().to_plain()})
 
-@dataclass(slots=True)
-class WriteQuorum:
-    """Tracks the acks of one write. The coordinator's own durable copy is the first."""
+    def compacted(self, index: LogIndex, term: Term) -> None:
+        """Nothing to free: the state is the containers, not the log."""
 
-    plan: WritePlan
-    replies: dict[NodeId, Reply] = field(default_factory=dict)
+    def installed(self, image: SnapshotImage) -> None:
+        invariant(False, "leaderless mode never installs a snapshot")
 
-    def __post_init__(self) -> None:
-        self.replies[self.plan.coordinator] = Reply.ACK
+    # ---- the Ready / Advance cycle ----------------------------------------------------
+    def has_ready(self) -> bool:
+        return self.fx.has_ready()
 
-    def on_reply(self, node: NodeId, reply: Reply) -> QuorumStatus:
-        invariant(node not in self.replies, f"two replies from {node}")
-        invariant(any(t.node == node for t in self.plan.targets), f"reply from {node}, not a target")
-        self.replies[node] = reply
-        return self.status()
+    def ready(self) -> Ready:
+        rd = self.fx.take_ready()
+        self.live.sent(rd.early_outbox)
+        self.live.sent(rd.outbox)
+        return rd
 
-    def status(self) -> QuorumStatus:
-        return quorum_status(self.plan.replicas, self.plan.w, self.replies.values())
+    def advance(self, rd: Ready) -> None:
+        self.fx.advance(rd)
 
-    def untried(self, plan: WritePlan) -> list[Placement]:
-        """Targets of a fresh `plan` (made with a newer liveness view) not asked yet."""
-        asked = {t.node for t in self.plan.targets} | {self.plan.coordinator}
-        return [t for t in plan.targets if t.node not in asked]
+    def tick(self) -> None:
+        """Timers (deadlines, probes), liveness by silence, pings to quiet peers, and
+        the background passes that are due."""
+        self.fx.advance_time()
+        self.live.tick()
+        if self.handoff.due():
+            self.handoff.run()
+        if self.ae.due():
+            self.ae.run()
 
-    def extended(self, plan: WritePlan) -> WriteQuorum:
-        """Dynamo's "move on to the next node": when replicas refused the write, ask the
-        ones a newer plan adds. Replies so far are kept (a refusal still counts against
-        the quorum only through the larger replica count)."""
-        more = tuple(self.untried(plan))
-        merged = WritePlan(self.plan.key, self.plan.coordinator, self.plan.targets + more,
-                           plan.unplaced, self.plan.w)
-        return WriteQuorum(merged, dict(self.replies))
+    # ---- liveness -----------------------------------------------------------------------
+    def is_up(self, peer: NodeId) -> bool:
+        return self.live.is_up(peer)
 
-    def owners_to_hint(self) -> list[NodeId]:
-        """Owners that do not hold the write (yet): unplaced ones, and owner targets that
-        failed or timed out. Fallbacks that failed leave their owner unhinted, so the
-        coordinator hints for it too."""
-        out = list(self.plan.unplaced)
-        for t in self.plan.targets:
-            r = self.replies.get(t.node)
-            if r is not None and r is not Reply.ACK:
-                out.append(t.hint_for if t.hint_for is not None else t.node)
-        return out
+    def unreachable(self, peer: NodeId) -> None:
+        """A send to `peer` failed (a refused connection): it is down now, and every
+        request waiting on it fails (a write moves on to other replicas / owners)."""
+        if peer not in self.live.view:
+            return
+        self.live.mark_down(peer)
+        fx = self.fx
+        for req in [r for r, w in fx.rep_waits.items() if w.peer == peer]:
+            self._replicate_failed(fx.rep_waits.pop(req), Reply.FAIL, f"{peer} is unreachable")
+        for req in [r for r, w in fx.read_waits.items() if w.peer == peer]:
+            for op_id in fx.read_waits.pop(req).ops:
+                self._read_reply(op_id, peer, None, Reply.FAIL)
+        for fw in [f for f in self._forwards.values() if f.waiting_on == peer]:
+            fw.waiting_on = None
+            self._route(fw, None)
+        self.ae.lost(peer, f"{peer} is unreachable")
 
+    def _heard(self, peer: NodeId) -> None:
+        """Any message from `peer`. Back from down: hand off its hints, run anti-entropy
+        with every up peer, retry the requests waiting for owners."""
+        if self.live.heard(peer):
+            self.handoff.wake = self.ae.wake = True
+            parked, self._parked = self._parked, {}
+            for p in parked.values():
+                p.retry(p.until)
 
-@dataclass(slots=True)
-class ReadQuorum:
-    """Tracks the answers of one read. `targets`: node -> the owner it answers for
-    (None: itself), as placed by `Ring.fallback`."""
+    def _park(self, until: int | None, key: str, req: RequestId | None, retry: Callable[[int], None]) -> bool:
+        """Before refusing for want of replicas, ping the key's owners believed down and
+        wait up to PROBE_MS for one to answer (a node that just started, a view that
+        lags): `retry(until)` runs when any peer comes up, and once at `until`. False:
+        nothing to wait for (refuse now)."""
+        if until is None:
+            down = [o for o in self.ring.preference_list(key, self.s.n) if not self.is_up(o)]
+            if not down:
+                return False
+            for o in down:
+                self.fx.send_early(o, LLPing(self.id))
+            until = self.now + self._probe_ticks
+        if self.now >= until:
+            return False
+        pid = self.fx.next_id()
+        self._parked[pid] = Parked(until, req, retry)
+        self.fx.at(until, lambda: self._unpark(pid))
+        return True
 
-    targets: dict[NodeId, NodeId | None]
-    r: int
-    lww: bool
-    answers: dict[NodeId, DVVSet | None] = field(default_factory=dict)
-    replies: dict[NodeId, Reply] = field(default_factory=dict)
+    def _unpark(self, pid: int) -> None:
+        p = self._parked.pop(pid, None)
+        if p is not None:
+            p.retry(p.until)
 
-    def on_answer(self, node: NodeId, container: DVVSet | None) -> QuorumStatus:
-        invariant(node in self.targets and node not in self.replies, f"unexpected answer from {node}")
-        self.answers[node] = container
-        self.replies[node] = Reply.ACK
-        return self.status()
+    # ---- messages -----------------------------------------------------------------------
+    def step(self, msg: object) -> None:
+        """A peer's message. A malformed one is ignored (counted, a warning event); a
+        malformed request is refused in its answer where it has one."""
+        if not isinstance(msg, LLMessage) or msg.sender not in self.live.view:
+            self._reject(None, f"unexpected {type(msg).__name__} (sender {getattr(msg, 'sender', None)!r:.40})")
+            return
+        m = msg
+        self._heard(m.sender)
+        try:
+            match m:
+                case LLPing():
+                    self.fx.send_early(m.sender, LLPong(self.id))
+                case LLPong():
+                    pass
+                case LLReplicate():
+                    self._on_replicate(m)
+                case LLReplicateAck():
+                    self._on_replicate_ack(m)
+                case LLRead():
+                    self.fx.send(m.sender, LLReadAnswer(self.id, m.req, tuple(
+                        Plain(None if (c := self._local_answer(k)) is None else c.to_plain()) for k in m.keys)))
+                case LLReadAnswer():
+                    self._on_read_answer(m)
+                case LLCoord():
+                    for item in m.items:
+                        self._on_coord(m.sender, item)
+                case LLCoordAnswer():
+                    self._on_coord_answer(m)
+                case LLAERoots():
+                    self.ae.on_roots(m)
+                case LLAESync():
+                    self.ae.on_sync(m)
+                case LLAERootsAnswer() | LLAESyncAnswer():
+                    self.ae.on_answer(m)
+                case _:
+                    assert_never(m)
+        except BadRequest as e:
+            self._reject(m.sender, f"{type(m).__name__}: {e.message}")
 
-    def on_failure(self, node: NodeId, reply: Reply = Reply.FAIL) -> QuorumStatus:
-        invariant(node in self.targets and node not in self.replies, f"unexpected failure of {node}")
-        self.replies[node] = reply
-        return self.status()
+    def _reject(self, sender: NodeId | None, why: str) -> None:
+        self.fx.count("kv_peer_messages_rejected_total")
+        self.fx.event("warning", f"ignored a malformed message from {sender or 'a non-member'}: {why}")
 
-    def status(self) -> QuorumStatus:
-        return quorum_status(len(self.targets), min(self.r, len(self.targets)), self.replies.values())
+    def _observe(self, c: DVVSet) -> None:
+        """Feed a container's newest timestamp to the clock (causally later writes get
+        larger timestamps)."""
+        ts = max_timestamp(c)
+        if ts is not None:
+            self.clock.update(ts)
 
-    def resolve(self) -> ReadResolution:
-        return read_resolve(self.answers, lww=self.lww)
+    def _merge(self, key: str, c: DVVSet) -> int:
+        """Merge a peer's container into the store (durable with the next Ready);
+        1 if it changed anything."""
+        self._observe(c)
+        rec = self.replica.merge(key, c)
+        if rec is not None:
+            self.fx.persist(rec, key)
+        return 0 if rec is None else 1
 
-    def repairs(self) -> dict[NodeId, tuple[DVVSet, NodeId | None]]:
-        """Read repair: stale answerers -> (merged container, owner it stands in for)."""
-        res = self.resolve()
-        return {node: (res.merged, self.targets[node]) for node in res.stale}
+    def _local_answer(self, key: str) -> DVVSet | None:
+        """What this replica answers a read with: its store merged with its hints."""
+        c = sync(self.replica.get(key), self.replica.hinted(key))
+        return None if c == DVVSet.empty() else c
 
+    def _on_replicate(self, m: LLReplicate) -> None:
+        """Merge the containers; the ack rides the Ready that persists them. A malformed
+        batch is refused whole (nothing merged)."""
+        try:
+            parsed = [(it.key, DVVSet.from_plain(it.container), self._owner(it.hint_for)) for it in m.items]
+        except BadRequest as e:
+            self.fx.send(m.sender, LLReplicateAck(self.id, m.req, False, e.message))
+            raise
+        now_ms = self.now_ms()
+        for key, c, hint_for in parsed:
+            if hint_for is None:
+                self._merge(key, c)
+                continue
+            self._observe(c)
+            if (rec := self.replica.add_hint(hint_for, key, c, now_ms)) is not None:
+                self.fx.persist(rec)
+        self.fx.count("kv_replica_writes_total", len(parsed))
+        self.fx.send(m.sender, LLReplicateAck(self.id, m.req, True, ""))
 
-def read_targets(ring: Ring, key: str, n: int, me: NodeId,
-                 is_up: Callable[[NodeId], bool], *, sloppy: bool) -> dict[NodeId, NodeId | None]:
-    """The replicas a read asks: up owners, plus (sloppy) the fallbacks standing in for
-    the down ones — they hold the hints of writes the owners missed."""
-    def up(x: NodeId) -> bool:
-        return x == me or is_up(x)
+    def _owner(self, hint_for: NodeId | None) -> NodeId | None:
+        if hint_for is None or hint_for == self.id:
+            return None
+        if hint_for not in self.live.view:
+            raise BadRequest(f"a hint for {hint_for!r}, not a member")
+        return hint_for
 
-    if sloppy:
-        return {p.node: p.hint_for for p in ring.fallback(key, n, up)}
-    return {o: None for o in ring.preference_list(key, n) if up(o)}
+    # ---- writes: entry and forwarding --------------------------------------------------
+    def propose(self, req: WriteRequest) -> None:
+        try:
+            w = write_of(req, self._after, self.cfg.write_timeout_ticks)
+        except BadRequest as e:
+            self.fx.early_results.append((req.req, e))
+            return
+        self.fx.count("kv_writes_total")
+        self._route(Forward(self.fx.next_id(), w), None)
 
+    def _route(self, fw: Forward, until: int | None) -> None:
+        """Coordinate here if this node is the first up owner not tried yet, else
+        forward to that owner; refuse when no owner is reachable (after a probe)."""
+        w = fw.write
+        for cand in coordinators(self.ring, w.key, self.s.n, self.id, self.is_up):
+            if cand in fw.tried:
+                continue
+            self._forwards.pop(fw.id, None)
+            if cand == self.id:
+                self._coordinate(w, None)
+                return
+            fw.tried.add(cand)
+            # the owner answers within its probe window + the write timeout; + one failure
+            # timeout for the network
+            fw.waiting_on = cand
+            fw.wait_until = self.now + w.timeout + self._probe_ticks + self.cfg.election_ticks
+            self._forwards[fw.id] = fw
+            self.fx.forward(cand, LLCoordItem(fw.id, w.key, w.value, w.context_text, w.rid))
+            self.fx.at(fw.wait_until, lambda: self._forward_expired(fw.id, cand))
+            return
+        self._forwards.pop(fw.id, None)
+        if self._park(until, w.key, w.req, lambda u: self._route(fw, u)):
+            return
+        self.fx.count("kv_writes_refused_total")
+        prefs = ", ".join(self.ring.preference_list(w.key, self.s.n))
+        self._answer(w.origin, w.key, None, Unavailable(
+            f"no replica of {w.key!r} is reachable to coordinate the write (preference list: {prefs})",
+            acks=0, needed=self.s.w))
 
-def shared_partitions(ring: Ring, n: int, a: NodeId, b: NodeId) -> list[int]:
-    """Partitions both a and b replicate: what their Merkle trees are compared over."""
-    mine = set(ring.ranges_for(a, n))
-    return [p for p in ring.ranges_for(b, n) if p in mine]
+    def _forward_expired(self, fid: int, cand: NodeId) -> None:
+        fw = self._forwards.get(fid)
+        if fw is not None and fw.waiting_on == cand and self.now >= fw.wait_until:
+            del self._forwards[fid]
+            self.fx.count("kv_write_timeouts_total")
+            self._answer(fw.write.origin, fw.write.key, None, Timeout(
+                f"coordinator {cand} did not answer; the write may or may not have been applied"))
 
+    def _on_coord(self, sender: NodeId, item: LLCoordItem) -> None:
+        """A write forwarded to this owner: coordinate it, answer the forwarder later. A
+        duplicate delivery of one forward is ignored (it would make a second version)."""
+        origin = PeerOrigin(sender, item.req)
+        if origin in self._coord_seen:
+            return
+        bounded_put(self._coord_seen, origin, None, REQUEST_IDS_MAX)
+        try:
+            ctx = parse_context(item.context)
+            if self.id not in self.ring.preference_list(item.key, self.s.n):
+                raise BadRequest(f"{self.id} does not own {item.key!r}")
+        except BadRequest as e:
+            self._answer(origin, item.key, None, e)
+            return
+        self._coordinate(Write(origin, item.key, item.value, ctx, item.context, item.rid,
+                               self.cfg.write_timeout_ticks), None)
 
-def placement_of(ring: Ring, key: str, n: int) -> dict[str, Any]:
-    """For GET /ring?key=K: the key's partition and preference list."""
-    return {"key": key, "partition": ring.range_of(key), "preference_list": ring.preference_list(key, n)}
+    def _on_coord_answer(self, m: LLCoordAnswer) -> None:
+        for out in m.items:
+            fw = self._forwards.get(out.req)
+            if fw is None or fw.waiting_on != m.sender:
+                continue   # answered already (timed out, cancelled, a duplicate)
+            del self._forwards[out.req]
+            if out.status == "ok":
+                self.fx.count("kv_forwarded_total")
+                self._answer(fw.write.origin, fw.write.key, (out.version, parse_context(out.context)), None)
+            else:
+                self._answer(fw.write.origin, fw.write.key, None, rebuild_error(out))
 
+    def _answer(self, origin: Origin | None, key: str, ok: tuple[str, VersionVector | None] | None,
+                err: KVError | None) -> None:
+        """A write's outcome — (version, context) or an error — to its client (after
+        this Ready's records: `results`) or to the node that forwarded it."""
+        match origin:
+            case None:
+                pass
+            case ClientOrigin():
+                if ok is None:
+                    invariant(err is not None, "a write answered with neither outcome nor error")
+                    self.fx.results.append((origin.req, err))
+                    return
+                ctx = ok[1] or VersionVector()
+                tok = ctx if origin.after is None else ctx.merge(origin.after)
+                self.fx.results.append((origin.req, WriteResult(key, ok[0], make_token(key, tok),
+                                                                context=encode_vv(ctx))))
+            case PeerOrigin():
+                self.fx.answer_forward(origin.peer, coord_outcome(origin.req, ok, err))
+            case _:
+                assert_never(origin)
 
-def parse_context(text: str | None) -> VersionVector | None:
-    return None if text is None else decode_vv(text)
+    # ---- writes: the coordinator ----------------------------------------------------------
+    def _coordinate(self, w: Write, until: int | None) -> None:
+        """This owner coordinates: its own record first (durable before any replica sees
+        the new dot), then the container to the planned replicas. A KV-Request-Id seen
+        before for this key makes no new version: answered -> the same answer; not yet
+        -> this replica's container (which covers that version) is driven to W again."""
+        seen = self._dedup.get(w.rid) if w.rid else None
+        if seen is not None and seen.key != w.key:
+            seen = None
+        if seen is not None and seen.answered:
+            self._dedup.move_to_end(seen.rid)
+            self.fx.count("kv_write_retries_deduplicated_total")
+            self._answer(w.origin, w.key, (seen.version, seen.context), None)
+            return
+        try:
+            plan = plan_write(self.ring, w.key, self.s.n, self.s.w, self.id, self.is_up, sloppy=self.s.sloppy_quorum)
+        except Unavailable as e:
+            if not self._park(until, w.key, w.req, lambda u: self._coordinate(w, u)):
+                self.fx.count("kv_writes_refused_total")
+                self._answer(w.origin, w.key, None, e)
+            return
+        if seen is not None:
+            self.fx.count("kv_write_retries_deduplicated_total")
+            container, version, ctx = self.replica.get(w.key), seen.version, seen.context
+        else:
+            container, rec = self.replica.coordinate(w.key, w.value, w.context, self.clock.now())
+            version, ctx = encode_dot(Dot(self.id, container.context.get(self.id))), container.context
+            if w.rid:
+                rec = [REC_WRITE, w.key, rec[2], w.rid]
+                self._remember(w.rid, w.key, version, ctx)
+            self.fx.persist(rec, w.key)
+        op = WriteOp(self.fx.next_id(), w.origin, w.key, container, version, ctx, WriteQuorum(plan),
+                     self.now + w.timeout, w.rid)
+        self._writes[op.id] = op
+        self.fx.at(op.deadline, lambda: self._write_expired(op.id))
+        for t in plan.targets:
+            self.fx.replicate(t.node, w.key, container, t.hint_for, ForWrite(op.id))
+        self._progress_write(op)
 
+    def _remember(self, rid: str, key: str, version: str, ctx: VersionVector) -> None:
+        bounded_put(self._dedup, rid, Dedup(rid, key, version, ctx), REQUEST_IDS_MAX)
 
-def check_read_quorum(r: int | None, n: int, default_r: int) -> int:
-    if r is None:
-        return default_r
-    if r > n:
-        raise BadRequest(f"r={r} is more than n={n} replicas")
-    return r
+    def _progress_write(self, op: WriteOp) -> None:
+        """Answer at W acks; on a FAILED quorum move on to the replicas a fresh plan
+        adds, else fail (504: this owner holds the write); once answered and every
+        replica replied, finish (hints)."""
+        st = op.quorum.status()
+        if not op.answered and st.outcome is Outcome.SUCCESS:
+            self._write_answered(op, None)
+        elif not op.answered and st.outcome is Outcome.FAILURE and not self._extend(op):
+            self._write_answered(op, failure_error(st))
+        if op.answered and op.quorum.status().outstanding == 0:
+            self._finish_write(op)
 
+    def _extend(self, op: WriteOp) -> bool:
+        """Dynamo's "next node": ask the replicas a plan made with today's liveness adds;
+        if there are none, wait (up to PROBE_MS) for a down owner to answer a ping.
+        False: nothing more to try."""
+        try:
+            fresh = plan_write(self.ring, op.key, self.s.n, self.s.w, self.id, self.is_up,
+                               sloppy=self.s.sloppy_quorum)
+        except Unavailable:
+            fresh = None
+        more = op.quorum.untried(fresh) if fresh is not None else []
+        if fresh is not None and more:
+            op.quorum = op.quorum.extended(fresh)
+            for t in more:
+                self.fx.replicate(t.node, op.key, op.container, t.hint_for, ForWrite(op.id))
+            return True
+        return self._park(op.probe_until, op.key, None, lambda u: self._retry_write(op.id, u))
 
-def merged_answers(answers: Mapping[NodeId, DVVSet | None]) -> DVVSet:
-    out = DVVSet.empty()
-    for c in answers.values():
-        if c is not None:
-            out = sync(out, c)
-    return out
+    def _retry_write(self, op_id: int, until: int) -> None:
+        op = self._writes.get(op_id)
+        if op is not None and not op.answered:
+            op.probe_until = until
+            self._progress_write(op)
+
+    def _write_answered(self, op: WriteOp, err: KVError | None) -> None:
+        op.answered = True
+        if err is not None:
+            self.fx.count("kv_write_timeouts_total")
+        elif op.rid is not None and (d := self._dedup.get(op.rid)) is not None and d.version == op.version:
+            d.answered = True
+        self._answer(op.origin, op.key, None if err else (op.version, op.context), err)
+
+    def _write_expired(self, op_id: int) -> None:
+        """The deadline: replicas still silent count as timeouts (they may hold the
+        write); an unanswered write fails."""
+        op = self._writes.get(op_id)
+        if op is None:
+            return
+        for t in op.quorum.plan.targets:
+            op.quorum.replies.setdefault(t.node, Reply.TIMEOUT)
+        if not op.answered:
+            self._write_answered(op, failure_error(op.quorum.status()))
+        self._finish_write(op)
+
+    def _finish_write(self, op: WriteOp) -> None:
+        """Keep a hint (durable) for every owner that does not hold the write."""
+        del self._writes[op.id]
+        now_ms, stored = self.now_ms(), 0
+        for owner in op.quorum.owners_to_hint():
+            if owner != self.id and (rec := self.replica.add_hint(owner, op.key, op.container, now_ms)):
+                self.fx.persist(rec)
+                stored += 1
+        self.fx.count("kv_hints_stored_total", stored)
+
+    def _on_replicate_ack(self, m: LLReplicateAck) -> None:
+        wait = self.fx.rep_waits.get(m.req)
+        if wait is None or wait.peer != m.sender:
+            return   # late (expired, failed) or not ours
+        del self.fx.rep_waits[m.req]
+        if not m.ok:
+            self._replicate_failed(wait, Reply.FAIL, f"{m.sender} refused: {m.error}")
+            return
+        for why in wait.purposes:
+            self._replicated(why, m.sender, Reply.ACK, "")
+
+    def _replicate_expired(self, req: int) -> None:
+        wait = self.fx.rep_waits.pop(req, None)
+        if wait is not None:
+            self._replicate_failed(wait, Reply.TIMEOUT, f"{wait.peer} did not answer")
+
+    def _replicate_failed(self, wait: RepWait, reply: Reply, why: str) -> None:
+        for p in wait.purposes:
+            self._replicated(p, wait.peer, reply, why)
+
+    def _replicated(self, why: Purpose, node: NodeId, reply: Reply, error: str) -> None:
+        match why:
+            case None:
+                pass   # read repair: nobody waits
+            case ForWrite():
+                op = self._writes.get(why.op)
+                if op is not None and node not in op.quorum.replies \
+                        and any(t.node == node for t in op.quorum.plan.targets):
+                    op.quorum.on_reply(node, reply)
+                    self._progress_write(op)
+            case ForHint():
+                self.handoff.replicated(why, reply is Reply.ACK, error)
+            case _:
+                assert_never(why)
+
+    # ---- reads ----------------------------------------------------------------------------
+    def read(self, req: ReadRequest) -> ReadResult | KVError | None:
+        """consistency local: this replica alone, now; None / quorum / leader: a quorum
+        read of r replicas (answered in a later Ready)."""
+        self.fx.count("kv_reads_total")
+        try:
+            if req.consistency not in (None, "", "local", "quorum", "leader"):
+                # "leader" (a single-leader client's default) is the strongest read there is here
+                raise BadRequest(f"consistency must be local (this replica alone), or quorum / omitted for "
+                                 f"a quorum read in leaderless mode (got {req.consistency!r})")
+            after = self._after(req.key, req.after)
+            if req.consistency == "local":
+                return self._local_read(req, after)
+            if req.r is not None and req.r < 1:
+                raise BadRequest(f"r={req.r}: a read needs at least one replica")
+            r = check_read_quorum(req.r, self.s.n, self.s.r)
+        except BadRequest as e:
+            return e
+        self._start_read(ReadSpec(req.req, req.key, r, after, req.timeout_ticks or self.cfg.write_timeout_ticks),
+                         None)
+        return None
+
+    def _after(self, key: str, token: str | None) -> VersionVector | None:
+        """The context an `after` token requires of `key`'s answer. Tokens are per key:
+        one that names another key (or "ll:") constrains nothing — read-your-writes
+        and monotonic reads hold for the key a token came from; W + R > N gives
+        read-your-writes for every key. BadRequest if it is not a token of this mode."""
+        if token is None:
+            return None
+        parsed = parse_token(token)
+        return None if parsed is None or parsed[0] != key_hash(key) else parsed[1]
+
+    def token_reached(self, token: str) -> bool:
+        """Validates `token` (BadRequest if it is not one of this mode); True: tokens
+        are per key here and the read path enforces them."""
+        parse_token(token)
+        return True
+
+    def _local_read(self, req: ReadRequest, after: VersionVector | None) -> ReadResult | KVError | None:
+        c = self.replica.get(req.key)
+        if after is not None and not c.context.descends(after):
+            self.fx.count("kv_read_failures_total")
+            return Unavailable("this replica does not have the version the token names yet "
+                               "(consistency=local reads this replica alone)")
+        res = self._render(req.key, c)
+        if not self.fx.durable(req.key):
+            self.fx.results.append((req.req, res))   # shown only once durable: after the next flush
+            return None
+        return res
+
+    def _render(self, key: str, c: DVVSet) -> ReadResult:
+        view = render(c, lww=self.lww)
+        return ReadResult(key, view.value, view.version, make_token(key, c.context),
+                          tuple(Version(v, ver) for v, ver in view.siblings), view.context)
+
+    def _start_read(self, spec: ReadSpec, until: int | None) -> None:
+        targets = read_targets(self.ring, spec.key, self.s.n, self.id, self.is_up, sloppy=self.s.sloppy_quorum)
+        if len(targets) < spec.r:
+            if not self._park(until, spec.key, spec.req, lambda u: self._start_read(spec, u)):
+                self.fx.early_results.append((spec.req, Unavailable(
+                    f"read quorum unreachable: {len(targets)} replica(s) of {spec.key!r} up, r={spec.r} needed",
+                    acks=0, needed=spec.r, replicas=len(targets))))
+            return
+        op = ReadOp(self.fx.next_id(), spec.req, spec.key, ReadQuorum(targets, spec.r, self.lww), spec.after,
+                    self.now + spec.timeout)
+        self._reads[op.id] = op
+        self.fx.at(op.deadline, lambda: self._read_expired(op.id))
+        for node in targets:
+            if node != self.id:
+                self.fx.ask_read(node, spec.key, op.id)
+        if self.id in targets:
+            self._read_reply(op.id, self.id, self._local_answer(spec.key), Reply.ACK)
+        else:
+            self._progress_read(op)
+
+    def _on_read_answer(self, m: LLReadAnswer) -> None:
+        wait = self.fx.read_waits.pop(m.req, None)
+        if wait is None:
+            return
+        if wait.peer != m.sender:
+            self.fx.read_waits[m.req] = wait
+            return
+        if len(m.containers) != len(wait.ops):
+            for op_id in wait.ops:
+                self._read_reply(op_id, m.sender, None, Reply.FAIL)
+            raise BadRequest(f"{len(m.containers)} answers to {len(wait.ops)} keys")
+        bad: BadRequest | None = None
+        for op_id, plain in zip(wait.ops, m.containers):
+            try:
+                c = None if plain is None else DVVSet.from_plain(plain)
+            except BadRequest as e:
+                bad = e
+                self._read_reply(op_id, m.sender, None, Reply.FAIL)
+                continue
+            if c is not None:
+                self._observe(c)
+            self._read_reply(op_id, m.sender, c, Reply.ACK)
+        if bad is not None:
+            raise bad
+
+    def _read_reply(self, op_id: int, node: NodeId, c: DVVSet | None, reply: Reply) -> None:
+        op = self._reads.get(op_id)
+        if op is None or node in op.quorum.replies:
+            return
+        if reply is Reply.ACK:
+            op.quorum.on_answer(node, c)
+        else:
+            op.quorum.on_failure(node, reply)
+        self._progress_read(op)
+
+    def _progress_read(self, op: ReadOp) -> None:
+        """Answer once R replied with a merged container that has the token's version
+        (else wait for more replicas, up to every one asked); read repair once every
+        replica asked has replied."""
+        st = op.quorum.status()
+        if not op.answered and st.outcome is Outcome.SUCCESS:
+            merged = op.quorum.resolve().merged
+            if op.after is None or merged.context.descends(op.after):
+                op.answered = True
+                if op.req is not None:
+                    self.fx.results.append((op.req, self._render(op.key, merged)))
+            elif st.outstanding == 0:
+                self._read_failed(op, no_version(op))
+        elif not op.answered and st.outcome is Outcome.FAILURE:
+            self._read_failed(op, no_quorum(op))
+        if st.outstanding == 0:
+            self._finish_read(op)
+
+    def _read_failed(self, op: ReadOp, err: Unavailable) -> None:
+        op.answered = True
+        self.fx.count("kv_read_failures_total")
+        if op.req is not None:
+            self.fx.results.append((op.req, err))
+
+    def _read_expired(self, op_id: int) -> None:
+        op = self._reads.get(op_id)
+        if op is None:
+            return
+        if not op.answered:
+            quorum = op.quorum.status().outcome is Outcome.SUCCESS
+            self._read_failed(op, no_version(op) if quorum else no_quorum(op))
+        for node in op.quorum.targets:
+            if node not in op.quorum.replies:
+                op.quorum.on_failure(node, Reply.TIMEOUT)
+        self._finish_read(op)
+
+    def _finish_read(self, op: ReadOp) -> None:
+        """Read repair: the merged container to every replica that answered stale."""
+        del self._reads[op.id]
+        repairs = op.quorum.repairs()
+        self.fx.count("kv_read_repairs_total", len(repairs))
+        for node, (c, hint_for) in repairs.items():
+            if node != self.id:
+                self.fx.replicate(node, op.key, c, hint_for, None)
+            elif hint_for is None:
+                self._merge(op.key, c)
+            elif (rec := self.replica.add_hint(hint_for, op.key, c, self.now_ms())) is not None:
+                self.fx.persist(rec)
+
+    def cancel(self, req: RequestId) -> None:
+        """The client is gone: no answer; a write already coordinated still replicates
+        (and a forwarded one may still be applied by its owner)."""
+        for op in self._writes.values():
+            if isinstance(op.origin, ClientOrigin) and op.origin.req == req:
+                op.origin = None
+        for fid in [f for f, fw in self._forwards.items() if fw.write.req == req]:
+            del self._forwards[fid]
+        for rop in self._reads.values():
+            if rop.req == req:
+                rop.req = None
+        for pid in [p for p, parked in self._parked.items() if parked.req == req]:
+            del self._parked[pid]
+
+    # ---- observation ------------------------------------------------------------------
+    def status(self) -> CoreStatus:
+        """GET /cluster and /metrics. `extra`: commit, hints, n, w, r, conflict,
+        sloppy_quorum, ring {partitions, vnodes_per_node}, anti_entropy_last_run (wall
+        seconds or None); per node `extra`: hints, partitions; lag: the hints held for
+        it and the age of the oldest."""
+        now_ms, nodes = self.now_ms(), []
+        for nid in self.cfg.nodes:
+            hints = self.replica.hints.get(nid, {})
+            oldest = min((h.created_ms for h in hints.values()), default=None)
+            age_ms = 0 if oldest is None else max(0, now_ms - oldest)
+            nodes.append(PeerStatus(nid, "peer", self.live.state(nid), len(hints), age_ms // self.cfg.tick_ms,
+                                    {"hints": len(hints), "partitions": len(self.ring.ranges_for(nid, self.s.n))}))
+        ae = self.ae
+        gauges = {"kv_keys": float(len(self.replica)), "kv_hints": float(self.replica.hint_count()),
+                  "kv_ae_last_run_timestamp_seconds": ae.last_ok_s}
+        gauges.update({f'kv_peer_up{{peer="{p}"}}': float(self.live.state(p) == "up") for p in self.peers})
+        gauges.update({f'kv_ae_last_run_peer_timestamp_seconds{{peer="{p}"}}': t for p, t in ae.last_run.items()})
+        return CoreStatus(
+            mode=self.mode, role="peer", term=0, leader_id=None, applied=self.fx.handed, token=NULL_TOKEN,
+            keys=len(self.replica), nodes=tuple(nodes),
+            extra={"commit": self.fx.handed, "hints": self.replica.hint_count(), "n": self.s.n, "w": self.s.w,
+                   "r": self.s.r, "conflict": self.s.conflict, "sloppy_quorum": self.s.sloppy_quorum,
+                   "ring": {"partitions": self.ring.partitions, "vnodes_per_node": self.ring.vnodes_per_node},
+                   "anti_entropy_last_run": ae.last_ok_s or None},
+            counters=dict(self.fx.counters), gauges=gauges)
+
+    def ring_info(self, key: str | None) -> dict[str, Any]:
+        """GET /ring (the layout) and GET /ring?key=K (the key's placement as this node
+        sees it now). The shell validates the key."""
+        if key is None:
+            return ring_layout(self.ring, self.s.n, self.s.w, self.s.r)
+        return key_placement(self.ring, key, self.s.n, self.id, self.is_up)

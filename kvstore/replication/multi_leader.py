@@ -1,593 +1,804 @@
-"""Multi-leader replication core: every node takes writes, each node replicates its OWN
-writes to every other node (all-to-all) as a numbered per-origin log, and a receiver
-merges what it gets with the per-key dotted version vector sets of versions.py.
+"""Multi-leader replication core: the whole protocol of multi-leader mode as a pure
+`Core` (kvstore/replication/core.py) around the replica of ml_store.py.
 
-Owns:
-- the replica state: key -> `DVVSet` (siblings + causal context), per-origin applied
-  positions (origin -> highest sequence number of that origin's log merged here), this
-  node's own log (the records it still may have to send) and what each peer has
-  durably acknowledged of it;
-- local writes (`local_write`): a PUT/DELETE coordinated here becomes record `seq` of
-  this node's log, carrying the key's WHOLE container after the write (never a lone
-  sibling: a lone sibling's context would have gaps, see versions.py);
-- remote writes (`receive`): records of another origin's log, taken strictly in
-  sequence order (duplicates skipped, gaps refused), merged with `sync`. Incoming
-  descends local -> replaced; local descends incoming -> ignored; concurrent -> a
-  conflict, resolved by the policy: `siblings` keeps every concurrent version, `lww`
-  serves only the one with the greatest (HLC timestamp, dot) (`visible`) and reports the
-  discarded ones; the losers stay in the container (so merging stays a join and replicas
-  converge in any order) until the next local write of the key supersedes them;
-- the wire/WAL encoding of records (msgpack, versioned, validated on decode).
+Every node takes writes; each pushes its OWN log to every peer (all-to-all), in
+order, with one `MLReplicate` outstanding per peer (sent again after 2 x timeout
+without an answer, backed off after `unreachable`: ml_link.py); an empty one every
+`heartbeat_ticks` is the heartbeat. The answer reports the peer's durable position of
+our log, its whole positions vector and whether our records left a gap.
 
-The caller (runtime/multi_leader.py) persists what these methods return before it
-acknowledges anything: a local write before answering the client, a received batch
-before answering the origin (so the origin's per-peer position is exact). A node
-sends only records it has synced (`entries_for(..., upto=synced)`), so no peer ever
-holds a dot its origin could lose and reissue.
+Owns: local writes (acks, dedup by request id, the writability gates), reads (waiting
+for a token; a key's unsynced write), the per-peer senders, whole-store transfers
+(`MLState` chunks: when a peer needs records our log no longer keeps, asks for our
+store, or anti-entropy finds our stores differ), the empty-start gate, data-loss
+detection and reseeding, tombstone collection (a tombstone goes once every member has
+merged it and every write any member made before that: see _collect_tombstones),
+snapshots, status.
 
-Why a write without KV-Context supersedes what this node has of the key: in multi-
-leader mode every node is a full replica and a leader; writes to ONE leader are
-ordered on it as in a single-leader store. Conflicts are writes to two leaders that
-had not seen each other. A write WITH a context supersedes exactly what the context
-covers (a sibling written concurrently with the resolve survives).
+Durability (the shell persists a Ready's entries before it sends its `outbox` or
+answers its `results`):
+- a local write's record is in the entries of the Ready whose `results` answer it
+  (async acks), or is answered only after peers acknowledged it — peers only ever get
+  synced records (`advance` moves `_synced_seq`), so no peer holds a dot its origin
+  could lose and reissue;
+- a received batch's (or state chunk's) answer is in the `outbox` of the Ready whose
+  entries persist it: an origin's position of a peer never runs ahead of the peer's
+  disk. For the same reason every position this node reports is durable here;
+- a read of a key whose latest local write is not synced is answered in `results` (so
+  after the flush that makes the write durable), never earlier.
 
-May import: the standard library, msgpack, kvstore.ids, kvstore.errors,
-kvstore.replication.versions. Pure: no I/O, no asyncio, no time, no global random.
+Time is ticks; the HLC reads the injected `now_ms`. Events an operator should see are
+`CoreEvent`s; every counter is in `status().counters` (events carry none).
+
+Pure: imports kvstore.config/errors/ids/protocol/replication. No asyncio, no time,
+no global random.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import heapq
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, assert_never
 
-import msgpack
-
-from kvstore.errors import BadRequest, invariant
-from kvstore.ids import NodeId
-from kvstore.replication.versions import (
-    DVVSet,
-    HlcTimestamp,
-    HybridClock,
-    Sibling,
-    VersionVector,
-    digest,
-    max_timestamp,
-    resolve_lww,
-    sync,
-    update,
+from kvstore.config import ClusterConfig
+from kvstore.errors import BadRequest, CorruptionError, KVError, Timeout, Unavailable, invariant
+from kvstore.ids import LogIndex, NodeId, Term
+from kvstore.protocol.messages import Entry, Envelope, HardState, SnapshotImage
+from kvstore.protocol.wire import Plain
+from kvstore.protocol.multi_leader import ML_MESSAGES, MLReplicate, MLReplicateResponse, MLState, MLStateResponse
+from kvstore.replication.core import (
+    CoreConfig,
+    CoreEvent,
+    CoreStatus,
+    Outcome,
+    PeerState,
+    PeerStatus,
+    ReadRequest,
+    ReadResult,
+    Ready,
+    RequestId,
+    WriteRequest,
+    WriteResult,
 )
+from kvstore.replication.ml_link import PeerLink, Transfer
+from kvstore.replication.ml_client import DedupTable, parse_token, parse_write, read_result, write_result, write_token
+from kvstore.replication.ml_store import (
+    HEARD_ALL,
+    AWAIT_POSITIONS,
+    ConflictEvent,
+    MultiLeaderStore,
+    StoreMark,
+    WriteOutcome,
+    decode_record,
+    decode_state_record,
+    encode_local_record,
+    encode_remote_record,
+    encode_state_record,
+    items_from_wire,
+    items_to_wire,
+    records_from_wire,
+    records_to_wire,
+)
+from kvstore.replication.versions import HybridClock, VersionVector, encode_dot, encode_vv
 
-__all__ = [
-    "Policy",
-    "LogRecord",
-    "WriteOutcome",
-    "ConflictEvent",
-    "ReceiveOutcome",
-    "MultiLeaderCore",
-    "encode_local_record",
-    "encode_remote_record",
-    "decode_record",
-    "encode_state_record",
-    "AWAIT_POSITIONS",
-    "HEARD_ALL",
-    "decode_state_record",
-    "snapshot_payloads",
-    "load_snapshot",
-    "records_to_wire",
-    "records_from_wire",
-]
-
-Policy = Literal["lww", "siblings"]
-_RECORD_VERSION = 1
-MAX_BATCH_RECORDS = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    """Entry `seq` of `origin`'s log: the key's whole container after origin's write."""
-
-    origin: NodeId
-    seq: int
-    key: str
-    container: DVVSet
-
-    def to_plain(self) -> list[Any]:
-        return [self.seq, self.key, self.container.to_plain()]
-
-    @classmethod
-    def from_plain(cls, origin: NodeId, obj: object) -> LogRecord:
-        if not isinstance(obj, (list, tuple)) or len(obj) != 3:
-            raise BadRequest("record: expected [seq, key, container]")
-        seq, key, c = obj
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-            raise BadRequest(f"record: bad sequence number {seq!r:.40}")
-        if not isinstance(key, str) or not key:
-            raise BadRequest("record: key must be a non-empty string")
-        return cls(origin, seq, key, DVVSet.from_plain(c))
-
-    def approx_bytes(self) -> int:
-        return 64 + len(self.key) + sum(len(s.value or b"") + 48 for s in self.container.siblings)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteOutcome:
-    """A local write: the record to persist (and later send) and what to answer."""
-
-    record: LogRecord
-    sibling: Sibling             # the new version (tombstone for a delete)
-    superseded: tuple[Sibling, ...]   # local versions this write replaced
-
-
-@dataclass(frozen=True, slots=True)
-class ConflictEvent:
-    """Concurrent versions of `key` met on this node (from `origin`'s record `seq`).
-    `kept` are the versions left after resolution; `discarded` the ones the policy
-    dropped (always empty under `siblings`)."""
-
-    key: str
-    origin: NodeId
-    seq: int
-    resolution: Policy
-    local: tuple[Sibling, ...]
-    incoming: tuple[Sibling, ...]
-    kept: tuple[Sibling, ...]
-    discarded: tuple[Sibling, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ReceiveOutcome:
-    """What a received batch did: the records to persist (new ones, in order; empty when
-    everything was a duplicate), the origin's position after them, conflicts seen, and
-    `gap` = the first record did not follow the position (sender must rewind)."""
-
-    origin: NodeId
-    new: tuple[LogRecord, ...]
-    applied: int
-    conflicts: tuple[ConflictEvent, ...]
-    gap: bool = False
+MODE = "multi-leader"
+GATE_TIMEOUTS = 3                  # empty start / reseed: wait up to 3 x timeout for peers
+REPAIR_EVERY_TIMEOUTS = 10         # anti-entropy: at most one push per peer per 10 x timeout
+MAX_POSITION = 2**62               # sanity bound of a position a peer reports (dots must stay in int64)
 
 
 @dataclass(slots=True)
-class _PeerProgress:
-    acked: int | None = None      # highest seq of OUR log the peer has durably (None: unknown)
-    conflicts_seen: int = 0       # conflicts this node found in records from this peer
+class _Write:
+    """A durable local write waiting for `needed` peers to confirm its record."""
+
+    req: RequestId
+    out: WriteOutcome
+    acks: str
+    needed: int
+    deadline: int
+    ticks: int
+    after: str | None
 
 
 @dataclass(slots=True)
+class _Read:
+    """A read waiting until this node has reached the client's token."""
+
+    req: ReadRequest
+    token: VersionVector
+    deadline: int
+    ticks: int
+
+
 class MultiLeaderCore:
-    """One node's multi-leader replica. Not thread-safe; the runtime calls it from one loop."""
+    """One node of a multi-leader cluster (see the module docstring). Built by
+    `build_core`; driven by the node shell through the `Core` protocol."""
 
-    node_id: NodeId
-    peers: tuple[NodeId, ...]
-    policy: Policy
-    clock: HybridClock
-    store: dict[str, DVVSet] = field(default_factory=dict)
-    applied: dict[NodeId, int] = field(default_factory=dict)
-    log: list[LogRecord] = field(default_factory=list)   # own records, log[i].seq == log_base + i + 1
-    log_base: int = 0
-    progress: dict[NodeId, _PeerProgress] = field(default_factory=dict)
-    lww_discarded: int = 0
-    sibling_conflicts: int = 0
-    dot_floor: int = 0                  # after data loss: new dots of ours start above this
-    # started with empty storage (new, or lost its disk): until every peer has told us how
-    # much of our log it holds, we must not issue sequence numbers (see runtime)
-    awaiting_positions: bool = False
-    # XOR of a hash of every (key, container): equal on two replicas that hold the same
-    # store (anti-entropy compares it when their positions are equal), O(1) to keep up
-    store_digest: int = 0
-    reseed_from: set[NodeId] = field(default_factory=set)   # peers whose whole store we still need
+    mode = MODE
 
-    def __post_init__(self) -> None:
-        invariant(self.node_id not in self.peers, "a node is not its own peer")
-        invariant(self.policy in ("lww", "siblings"), f"unknown conflict policy {self.policy!r}")
-        for p in self.peers:
-            self.progress.setdefault(p, _PeerProgress())
-            self.applied.setdefault(p, 0)
-        self.applied.setdefault(self.node_id, 0)
+    def __init__(self, cfg: CoreConfig, config: ClusterConfig, store: MultiLeaderStore, rng: random.Random) -> None:
+        self.cfg = cfg
+        self.id = cfg.node_id
+        self.store = store
+        self.members = tuple(cfg.nodes)
+        self.peers = store.peers
+        self._regions = {NodeId(n.id): n.region for n in config.cluster.nodes}
+        self._acks: str = config.replication.acks or "async"
+        self._sync_followers = config.replication.sync_followers
+        self._fsync = config.storage.fsync
+        self._hb = max(1, cfg.heartbeat_ticks)
+        self._timeout = max(1, cfg.election_ticks)
+        rpc_timeout = max(2 * self._hb, 2 * self._timeout)
+        backoff_max = max(self._hb, min(-(-250 // cfg.tick_ms), self._timeout // 2))
+        # call and transfer numbers start at random: an answer to a call of an earlier
+        # incarnation of this node never matches one of this incarnation
+        self._peers = {p: PeerLink(p, self._hb, rpc_timeout, backoff_max, round=rng.randrange(1 << 31))
+                       for p in self.peers}
+        self.now = 0
+        # the WAL: entries handed out, durable, and waiting to be handed out
+        self._next_index = 1
+        self._synced_index = 0
+        self._synced_seq = 0
+        self._entries: list[Entry] = []
+        self._pending_own_seq = 0
+        self._handed: deque[tuple[int, int]] = deque()      # per Ready: (last index, own seq)
+        self._out: list[Envelope] = []
+        self._results: list[tuple[RequestId, Outcome]] = []
+        self._early: list[tuple[RequestId, Outcome]] = []
+        self._events: list[CoreEvent] = []
+        # clients
+        self._unsynced_keys: dict[str, int] = {}            # key -> WAL index of its unsynced local write
+        self._unsynced_order: deque[tuple[int, str]] = deque()
+        self._writes: dict[RequestId, _Write] = {}          # waiting for peer acks...
+        self._by_needed: dict[int, OrderedDict[RequestId, _Write]] = {}   # ... by acks needed, in seq order
+        self._deadlines: list[tuple[int, RequestId]] = []   # heap of the waiting writes' deadlines
+        self._reads: dict[RequestId, _Read] = {}
+        self._rids = DedupTable()
+        # snapshots
+        self._mark: StoreMark = store.mark()
+        self._mark_index = 0
+        self._snap_index = 0
+        self._snap_last_seq = 0
+        self._images: dict[int, int] = {}                   # image index -> own last seq it covers
+        # gates and observation
+        self._heard: set[NodeId] = set()
+        self._gate_since = 0
+        self._reseed_since = 0
+        self._reseed_gave_up = False
+        self._write_ticks: deque[tuple[int, int]] = deque(maxlen=1_000_000)
+        self._transfers = rng.randrange(1 << 31)
+        self._c: dict[str, float] = {}
 
-    def _put(self, key: str, c: DVVSet) -> None:
-        old = self.store.get(key)
-        if old is not None:
-            self.store_digest ^= key_digest(key, old)
-        self.store[key] = c
-        self.store_digest ^= key_digest(key, c)
+    # ================================================================ inputs ==========
+    def tick(self) -> None:
+        self.now += 1
+        for p in self._peers.values():
+            if p.timed_out(self.now) and p.transfer is not None:
+                self._abort_transfer(p, "no answer")
+        self._check_gates()
+        self._expire()
+        if self.now % self._hb == 0:
+            self._collect_tombstones()
+        self._pump_all()
 
-    # ---- queries -----------------------------------------------------------------------
-    @property
-    def last_seq(self) -> int:
-        return self.log_base + len(self.log)
+    def step(self, msg: object) -> None:
+        sender = getattr(msg, "sender", "?")
+        if not isinstance(msg, ML_MESSAGES):
+            self._reject(sender, f"{type(msg).__name__} is not a multi-leader message")
+            return
+        p = self._peers.get(msg.sender)
+        if p is None:
+            self._reject(sender, "the sender is not a peer of this node")
+            return
+        reported = [*getattr(msg, "positions", {}).values(), getattr(msg, "applied", 0), getattr(msg, "upto", 0) or 0]
+        if any(v >= MAX_POSITION for v in reported):
+            self._reject(sender, "a position out of range")
+            return
+        p.contact, p.refused = self.now, False
+        match msg:
+            case MLReplicate():
+                self._on_replicate(p, msg)
+            case MLReplicateResponse():
+                self._on_replicate_response(p, msg)
+            case MLState():
+                self._on_state(p, msg)
+            case MLStateResponse():
+                self._on_state_response(p, msg)
+            case _:
+                assert_never(msg)
 
-    def get(self, key: str) -> DVVSet:
-        return self.store.get(key, DVVSet.empty())
+    def unreachable(self, peer: NodeId) -> None:
+        p = self._peers.get(peer)
+        if p is None:
+            return
+        p.failed(self.now)
+        if p.transfer is not None:
+            self._abort_transfer(p, "unreachable")
 
-    def visible(self, key: str) -> tuple[Sibling, ...]:
-        """The versions a read serves: every sibling (siblings), or the LWW winner (lww)."""
-        c = self.get(key)
-        if self.policy == "lww" and len(c.siblings) > 1:
-            winner, _ = resolve_lww(c)
-            assert winner is not None
-            return (winner,)
-        return c.siblings
-
-    def positions(self) -> VersionVector:
-        """Per-origin positions merged here (own: last seq) — the KV-Token of this node."""
-        return VersionVector.of({**self.applied, self.node_id: self.last_seq})
-
-    def has_positions(self, token: VersionVector) -> bool:
-        """True when this node has merged at least `token` from every origin it names."""
-        mine = self.positions()
-        return mine.descends(token)
-
-    def lag_entries(self, peer: NodeId) -> int | None:
-        acked = self.progress[peer].acked
-        return None if acked is None else max(0, self.last_seq - acked)
-
-    def sibling_keys(self) -> int:
-        """Keys holding concurrent versions (under lww: losers not yet superseded)."""
-        return sum(1 for c in self.store.values() if len(c.siblings) > 1)
-
-    # ---- local writes ------------------------------------------------------------------
-    def local_write(self, key: str, value: bytes | None, client_context: VersionVector | None) -> WriteOutcome:
-        """PUT (value) or DELETE (None) coordinated here. Without a client context the write
-        supersedes every version this node holds; with one (siblings) exactly those the
-        context covers. Under lww a local write always supersedes the local versions."""
-        current = self.get(key)
-        if client_context is None or self.policy == "lww":
-            ctx = current.context if client_context is None else current.context.merge(client_context)
+    def propose(self, req: WriteRequest) -> None:
+        try:
+            key, value, ctx = parse_write(req)
+        except KVError as e:
+            self._early.append((req.req, e))
+            return
+        hit = self._rids.get(req.rid) if req.rid is not None else None
+        if hit is not None and hit[0] == key:
+            # answered after this Ready's flush: the original record may be in it
+            self._inc("kv_deduplicated_writes_total")
+            self._results.append((req.req, WriteResult(key, hit[1], write_token(self.store.positions(), req.after),
+                                                       context=encode_vv(self.store.get(key).context))))
+            return
+        acks = req.acks or self._acks
+        needed = self._needed(acks)
+        refused = self._writable() or self._too_few_peers(acks, needed)
+        if refused is not None:
+            self._early.append((req.req, refused))
+            return
+        out = self.store.local_write(key, value, ctx)
+        seq = out.record.seq
+        idx = self._append(encode_local_record(out.record, req.rid), own_seq=seq)
+        self._unsynced_keys[key] = idx
+        self._unsynced_order.append((idx, key))
+        self._write_ticks.append((seq, self.now))
+        if req.rid is not None:
+            self._rids.remember(req.rid, key, encode_dot(out.sibling.dot))
+        self._inc("kv_writes_total")
+        if len(out.superseded) > 1:
+            self._inc("kv_siblings_resolved_total", len(out.superseded))
+        ticks = req.timeout_ticks or self.cfg.write_timeout_ticks
+        w = _Write(req.req, out, acks, needed, self.now + ticks, ticks, req.after)
+        if needed:
+            self._writes[req.req] = w
+            self._by_needed.setdefault(needed, OrderedDict())[req.req] = w
+            heapq.heappush(self._deadlines, (w.deadline, req.req))
         else:
-            ctx = client_context
-        if self.dot_floor and ctx.get(self.node_id) < self.dot_floor:
-            # we lost our own log once: dots up to the floor may exist elsewhere, never reuse one
-            ctx = ctx.with_counter(self.node_id, self.dot_floor)
-        ts = self.clock.now()
-        new = update(current, ctx, self.node_id, value, ts)
-        superseded = tuple(s for s in current.siblings if ctx.covers(s.dot))
-        counter = new.context.get(self.node_id)
-        sib = next(s for s in new.siblings if s.dot.node == self.node_id and s.dot.counter == counter)
-        self._put(key, new)
-        rec = LogRecord(self.node_id, self.last_seq + 1, key, new)
-        self.log.append(rec)
-        return WriteOutcome(rec, sib, superseded)
+            self._results.append((req.req, self._write_result(w)))
+        self._try_reads()       # a token naming our new position
 
-    # ---- remote writes -----------------------------------------------------------------
-    def receive(self, origin: NodeId, records: Iterable[LogRecord]) -> ReceiveOutcome:
-        """Merge a batch of `origin`'s log. Records at or below the position are
-        duplicates (skipped); a record past position + 1 is a gap (nothing after it is
-        taken, the outcome says so and where we are)."""
-        invariant(origin != self.node_id, "received our own log")
-        invariant(origin in self.applied, f"record from non-member {origin!r}")
-        pos = self.applied[origin]
-        new: list[LogRecord] = []
-        conflicts: list[ConflictEvent] = []
-        gap = False
-        for rec in records:
-            invariant(rec.origin == origin, "record of another origin in a batch")
-            if rec.seq <= pos:
-                continue
-            if rec.seq != pos + 1:
-                gap = True
-                break
-            ev = self._merge(rec, count=True)
-            if ev is not None:
-                conflicts.append(ev)
-            pos = rec.seq
-            new.append(rec)
-        self.applied[origin] = pos
-        return ReceiveOutcome(origin, tuple(new), pos, tuple(conflicts), gap)
-
-    def _merge(self, rec: LogRecord, *, count: bool) -> ConflictEvent | None:
-        ts = max_timestamp(rec.container)
-        if ts is not None and ts.node_id != self.node_id:
-            # causally later local writes must get larger timestamps than anything seen
-            self.clock.update(ts)
-        local = self.get(rec.key)
-        merged = sync(local, rec.container)
-        if merged == local:
-            return None                       # local descends incoming: ignore
-        if merged == rec.container:
-            self._put(rec.key, merged)        # incoming descends local: replace
+    def read(self, req: ReadRequest) -> ReadResult | KVError | None:
+        if req.consistency not in (None, "", "local", "leader"):
+            return BadRequest(f"consistency must be local or leader (got {req.consistency!r}); in multi-leader "
+                              f"mode every node answers from its own replica")
+        try:
+            token = parse_token(req.after, self.members) if req.after else None
+        except BadRequest as e:
+            return e
+        if token is not None and not self.store.has_positions(token):
+            ticks = req.timeout_ticks or self._timeout
+            self._reads[req.req] = _Read(req, token, self.now + ticks, ticks)
             return None
-        # concurrent
-        ev: ConflictEvent | None = None
-        if self.policy == "lww":
-            # The store keeps the sync of both (a join: replicas converge whatever the
-            # order); reads serve the LWW winner and the next local write of the key
-            # supersedes the losers for good. Collapsing here instead is NOT order-
-            # independent: two replicas can each drop the other's survivor.
-            winner, _ = resolve_lww(merged)
-            before = {w for w in (resolve_lww(local)[0], resolve_lww(rec.container)[0]) if w is not None}
-            losers = tuple(sorted((s for s in before if s != winner), key=lambda s: s.dot))
-            if losers and winner is not None:
-                ev = ConflictEvent(rec.key, rec.origin, rec.seq, "lww", local.siblings, rec.container.siblings,
-                                   (winner,), losers)
-                if count:
-                    self.lww_discarded += len(losers)
-        elif len(merged.siblings) > 1:
-            ev = ConflictEvent(rec.key, rec.origin, rec.seq, "siblings", local.siblings, rec.container.siblings,
-                               merged.siblings, ())
-            if count:
-                self.sibling_conflicts += 1
-        if ev is not None and count and rec.origin in self.progress:
-            self.progress[rec.origin].conflicts_seen += 1
-        self._put(rec.key, merged)
-        return ev
+        return self._serve(req)
 
-    # ---- sending -------------------------------------------------------------------------
-    def entries_for(self, peer: NodeId, upto: int, max_records: int = 512,
-                    max_bytes: int = 4 * 1024 * 1024) -> list[LogRecord]:
-        """Our records after what `peer` acknowledged, up to `upto` (the synced seq)."""
-        acked = self.progress[peer].acked
-        if acked is None:
-            return []
-        start = max(acked, self.log_base) + 1
-        out: list[LogRecord] = []
-        size = 0
-        for seq in range(start, min(upto, self.last_seq) + 1):
-            rec = self.log[seq - self.log_base - 1]
-            size += rec.approx_bytes()
-            if out and (len(out) >= max_records or size > max_bytes):
-                break
-            out.append(rec)
+    def cancel(self, req: RequestId) -> None:
+        self._forget_write(req)
+        self._reads.pop(req, None)
+
+    # ================================================================ Ready ===========
+    def has_ready(self) -> bool:
+        return bool(self._entries or self._out or self._results or self._early or self._events)
+
+    def ready(self) -> Ready:
+        rd = Ready(entries=tuple(self._entries), outbox=tuple(self._out), results=tuple(self._results),
+                   early_results=tuple(self._early), events=tuple(self._events))
+        last = self._entries[-1].index if self._entries else self._mark_index
+        self._handed.append((last, self._pending_own_seq))
+        self._entries, self._out, self._results, self._early, self._events = [], [], [], [], []
+        self._pending_own_seq = 0
+        # the state now is the state at `last`: the base of the next snapshot image
+        self._mark, self._mark_index = self.store.mark(), last
+        self._rids.mark()
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        invariant(bool(self._handed), "advance without a Ready")
+        last, own_seq = self._handed.popleft()
+        invariant(not rd.entries or rd.entries[-1].index == last, "advance of another Ready than the oldest")
+        if rd.entries:
+            self._synced_index = last
+        self._synced_seq = max(self._synced_seq, own_seq)
+        while self._unsynced_order and self._unsynced_order[0][0] <= self._synced_index:
+            idx, key = self._unsynced_order.popleft()
+            if self._unsynced_keys.get(key) == idx:
+                del self._unsynced_keys[key]
+        self._pump_all()
+
+    def _append(self, data: bytes, own_seq: int = 0) -> int:
+        idx = self._next_index
+        self._next_index += 1
+        self._entries.append(Entry(Term(0), LogIndex(idx), data))
+        self._pending_own_seq = max(self._pending_own_seq, own_seq)
+        return idx
+
+    def _send(self, to: NodeId, msg: object) -> None:
+        self._out.append(Envelope(to, msg))
+
+    def _event(self, level: Literal["info", "warning", "critical"], message: str) -> None:
+        self._events.append(CoreEvent(level, message))
+
+    def _inc(self, name: str, n: float = 1.0) -> None:
+        self._c[name] = self._c.get(name, 0.0) + n
+
+    def _reject(self, sender: object, what: str) -> None:
+        self._inc("kv_peer_messages_rejected_total")
+        self._event("warning", f"ignored a message from {sender}: {what}")
+
+    # ================================================================ sending =========
+    def _pump_all(self) -> None:
+        for p in self._peers.values():
+            self._pump(p)
+
+    def _pump(self, p: PeerLink) -> None:
+        """Send `p` what it needs next, if nothing is in flight to it: a store chunk, our
+        synced records after its position, a probe (position unknown) or a heartbeat."""
+        if not p.can_send(self.now):
+            return
+        if p.transfer is not None or p.reseed_wanted or self.store.needs_state_transfer(p.id):
+            self._pump_transfer(p)
+            return
+        acked = self.store.progress[p.id].acked
+        records = self.store.entries_for(p.id, self._synced_seq)
+        if acked is not None and not records and not p.heartbeat_due(self.now):
+            return
+        rnd = p.sent(self.now, len(records))
+        self._send(p.id, MLReplicate(self.id, rnd, Plain(records_to_wire(records)), self._positions_plain(),
+                                     p.id in self.store.reseed_from, self.store.store_digest))
+
+    def _positions_plain(self) -> dict[NodeId, int]:
+        return dict(self.store.positions().entries)
+
+    def _pump_transfer(self, p: PeerLink) -> None:
+        t = p.transfer or self._start_transfer(p)
+        if self._synced_index < t.ready_index:
+            return                     # the captured store is not durable yet
+        chunk, last = t.next_chunk()
+        p.sent(self.now)
+        self._send(p.id, MLState(self.id, t.id, t.chunk, Plain(items_to_wire(chunk)), t.upto if last else None))
+
+    def _start_transfer(self, p: PeerLink) -> Transfer:
+        """Capture our store for `p` (durable once the WAL is, through the last index)."""
+        store = self.store
+        why = "wants it (it lost data, or anti-entropy found our stores differ)" if p.reseed_wanted else \
+            f"is at {store.progress[p.id].acked} of our log, which now starts after {store.log_base}"
+        self._event("warning", f"{p.id} {why}: sending it our whole store")
+        self._transfers += 1
+        # while we are reseeded ourselves our store may lack some of our own old records:
+        # send the data, but vouch for no position (0)
+        upto = 0 if store.reseed_from else store.last_seq
+        p.transfer = Transfer(self._transfers, list(store.store.items()), upto, self._next_index - 1)
+        return p.transfer
+
+    def _abort_transfer(self, p: PeerLink, why: str) -> None:
+        invariant(p.transfer is not None, "no transfer to abort")
+        self._event("info", f"state transfer to {p.id} failed ({why}); starting over")
+        p.transfer = None
+
+    # ================================================================ receiving =======
+    def _on_replicate(self, p: PeerLink, msg: MLReplicate) -> None:
+        try:
+            recs = records_from_wire(p.id, msg.records)
+        except BadRequest as e:
+            self._reject(p.id, f"replicate: {e.message}")
+            return
+        self._note_positions(p, msg.positions)
+        if msg.reseed and not p.reseed_wanted:
+            p.reseed_wanted = True
+        out = self.store.receive(p.id, recs)
+        self._report_conflicts(out.conflicts)
+        if out.new:
+            self._append(encode_remote_record(p.id, out.new))
+            self._inc("kv_received_entries_total", len(out.new))
+            self._try_reads()
+        self._anti_entropy(p, msg)
+        self._send(p.id, MLReplicateResponse(self.id, msg.round, self.store.applied[p.id], out.gap,
+                                             self._positions_plain()))
+        self._pump(p)
+
+    def _on_replicate_response(self, p: PeerLink, msg: MLReplicateResponse) -> None:
+        if not p.inflight or p.transfer is not None or msg.round != p.round:
+            return                     # the answer to a call we gave up on
+        p.answered(self.now)
+        self._note_positions(p, msg.positions)       # before on_ack clamps the position
+        prog = self.store.progress[p.id]
+        before = prog.acked
+        self.store.on_ack(p.id, msg.applied)
+        if p.sent_records:
+            self._inc("kv_replicated_entries_total", max(0, msg.applied - (before or 0)))
+        if before != prog.acked:
+            self._answer_writes()
+        if msg.gap:
+            self._event("info", f"{p.id} is at {msg.applied} of our log (gap); resending from there")
+        self._trim_write_ticks()
+        if p.sent_records and self._snap_last_seq > self.store.log_base:
+            self._trim_log()
+        self._pump(p)
+
+    def _on_state(self, p: PeerLink, msg: MLState) -> None:
+        try:
+            items = items_from_wire(msg.items)
+        except BadRequest as e:
+            self._reject(p.id, f"state: {e.message}")
+            return
+        conflicts, _ = self.store.receive_state(p.id, items, msg.upto)
+        self._report_conflicts(conflicts)
+        self._append(encode_state_record(p.id, items, msg.upto))
+        self._send(p.id, MLStateResponse(self.id, msg.transfer, msg.chunk, self.store.applied[p.id]))
+        self._try_reads()
+
+    def _on_state_response(self, p: PeerLink, msg: MLStateResponse) -> None:
+        t = p.transfer
+        if t is None or not p.inflight or msg.transfer != t.id or msg.chunk != t.chunk:
+            return
+        p.answered(self.now)
+        if not t.confirmed():
+            self._pump(p)
+            return
+        before = self.store.progress[p.id].acked
+        self.store.on_ack(p.id, msg.applied)
+        p.transfer, p.reseed_wanted = None, False
+        self._inc("kv_state_transfers_total")
+        self._event("warning", f"state transfer to {p.id} done ({len(t.items)} keys): it is at "
+                               f"{self.store.progress[p.id].acked} of our log")
+        if before != self.store.progress[p.id].acked:
+            self._answer_writes()
+        self._pump(p)
+
+    def _note_positions(self, p: PeerLink, positions: dict[NodeId, int]) -> None:
+        """A peer's positions vector (durable on its side when it sent it)."""
+        theirs = {n: v for n, v in positions.items() if n in self._regions and type(v) is int and v > 0}
+        held = theirs.get(self.id, 0)
+        if held > self.store.last_seq:
+            self._lost_data(p.id, held)
+        self._heard_from(p.id)
+        p.report(theirs)
+
+    def _report_conflicts(self, conflicts: Sequence[ConflictEvent]) -> None:
+        for ev in conflicts:
+            self._event("info", ev.describe())
+
+    # ================================================================ recovery paths ==
+    def _lost_data(self, peer: NodeId, held: int) -> None:
+        """`peer` merged our log further than it goes: we lost data. Continue our log after
+        that point (durably, before any new write) and ask every peer for its store."""
+        if not self.store.fast_forward(held):
+            return
+        self._event("critical", f"DATA LOSS DETECTED: {peer} holds our log up to {held} but ours ends before it "
+                                f"(wiped disk, or fsync: {self._fsync} and a crash). Continuing our log after "
+                                f"{held}; asking every peer for its store.")
+        self._inc("kv_data_loss_detected_total")
+        self._reseed_since, self._reseed_gave_up = self.now, False
+        self._append(encode_state_record(self.id, [], held), own_seq=held)
+        for w in [w for w in self._writes.values() if w.out.record.seq <= held]:
+            # its record was cut from our log before it was sent: peers skip that seq
+            self._forget_write(w.req)
+            self._results.append((w.req, Timeout("this node found it had lost data while the write was in "
+                                                 "flight; the write is durable here but may not replicate")))
+
+    def _heard_from(self, peer: NodeId) -> None:
+        if not self.store.awaiting_positions:
+            return
+        self._heard.add(peer)
+        if self._heard >= set(self.peers):
+            self._positions_known(f"every peer told us our log position ({self.store.last_seq}): taking writes")
+
+    def _positions_known(self, why: str) -> None:
+        self.store.awaiting_positions = False
+        self._append(encode_state_record(self.id, [], HEARD_ALL))
+        self._event("info", f"started empty; {why}")
+
+    def _check_gates(self) -> None:
+        """Give up waiting (3 x timeout) for the peers' positions or stores."""
+        limit = GATE_TIMEOUTS * self._timeout
+        ms = limit * self.cfg.tick_ms
+        if self.store.awaiting_positions and self.now - self._gate_since >= limit:
+            missing = ", ".join(sorted(set(self.peers) - self._heard))
+            self._event("warning", f"started empty and did not hear from {missing} within {ms} ms: taking writes "
+                                   f"anyway (if this node lost its disk and those peers hold its newest writes, "
+                                   f"they would skip the new ones)")
+            self._positions_known("gave up waiting")
+        if self.store.reseed_from and not self._reseed_gave_up and self.now - self._reseed_since >= limit:
+            self._reseed_gave_up = True
+            self._event("warning", f"still waiting for the store of {', '.join(sorted(self.store.reseed_from))} "
+                                   f"after {ms} ms: taking writes anyway (a write may supersede this node's own "
+                                   f"lost versions of its key)")
+
+    def _writable(self) -> Unavailable | None:
+        limit = GATE_TIMEOUTS * self._timeout
+        if self.store.reseed_from and not self._reseed_gave_up:
+            # we lost data: a write now would supersede our own lost versions of its key
+            # that the peers still hold and have not sent back yet
+            left = (limit - (self.now - self._reseed_since)) * self.cfg.tick_ms
+            return Unavailable(f"this node lost data and is being reseeded: waiting up to {left} ms more for the "
+                               f"store of {', '.join(sorted(self.store.reseed_from))}", retry_after_ms=200)
+        if self.store.awaiting_positions:
+            left = (limit - (self.now - self._gate_since)) * self.cfg.tick_ms
+            missing = ", ".join(sorted(set(self.peers) - self._heard))
+            return Unavailable(f"this node started with empty storage: waiting up to {left} ms more to hear from "
+                               f"{missing} whether it lost data", retry_after_ms=200)
+        return None
+
+    def _anti_entropy(self, p: PeerLink, msg: MLReplicate) -> None:
+        """A peer that has merged exactly our positions must hold exactly our store
+        (merging is a join). Same positions but another digest, several heartbeats in a
+        row, means the stores diverged (an edge the log protocol does not cover, e.g. two
+        lost disks at once): send it our whole store (it does the same towards us)."""
+        if self.store.reseed_from:
+            return
+        same = {n: v for n, v in msg.positions.items() if v} == self._positions_plain()
+        if not same or msg.digest == self.store.store_digest or p.reseed_wanted:
+            p.diverged = 0
+            return
+        if p.differs(self.now, REPAIR_EVERY_TIMEOUTS * self._timeout):
+            self._event("warning", f"anti-entropy: {p.id} has merged the same positions "
+                                   f"({encode_vv(self.store.positions())}) but holds another store; sending it ours")
+            self._inc("kv_anti_entropy_repairs_total")
+
+    # ================================================================ clients =========
+    def _needed(self, acks: str) -> int:
+        """Peers that must confirm a write before it is answered."""
+        if acks == "async" or not self.peers:
+            return 0
+        if acks == "sync":
+            return len(self.peers)
+        return max(1, min(self._sync_followers, len(self.peers)))
+
+    def _too_few_peers(self, acks: str, needed: int) -> Unavailable | None:
+        up = sum(1 for p in self.peers if self._peer_state(p) == "up")
+        if up >= needed:
+            return None
+        self._inc("kv_writes_refused_total")
+        return Unavailable(f"acks={acks}: {up} peer(s) reachable, {needed} needed", acks=1, needed=needed + 1)
+
+    def _write_result(self, w: _Write) -> WriteResult:
+        return write_result(w.out, write_token(self.store.positions(), w.after))
+
+    def _acked_by(self, seq: int) -> int:
+        return sum(1 for p in self.store.progress.values() if (p.acked or 0) >= seq)
+
+    def _forget_write(self, req: RequestId) -> None:
+        w = self._writes.pop(req, None)
+        if w is not None:
+            del self._by_needed[w.needed][req]
+
+    def _answer_writes(self) -> None:
+        """Answer the waiting writes enough peers now hold (each group is in seq order)."""
+        acked = sorted((p.acked or 0 for p in self.store.progress.values()), reverse=True)
+        for needed, group in self._by_needed.items():
+            reached = acked[needed - 1]
+            while group:
+                w = next(iter(group.values()))
+                if w.out.record.seq > reached:
+                    break
+                self._forget_write(w.req)
+                self._results.append((w.req, self._write_result(w)))
+
+    def _expire(self) -> None:
+        while self._deadlines and self._deadlines[0][0] <= self.now:
+            _, req = heapq.heappop(self._deadlines)
+            w = self._writes.get(req)
+            if w is None or w.deadline > self.now:
+                continue               # answered or cancelled already
+            self._forget_write(req)
+            got = self._acked_by(w.out.record.seq)
+            self._inc("kv_write_timeouts_total")
+            self._results.append((w.req, Timeout(
+                f"acks={w.acks}: {got} of {w.needed} peer(s) confirmed within {w.ticks * self.cfg.tick_ms} ms; the "
+                f"write is durable here and will replicate when they are reachable", acks=got + 1,
+                needed=w.needed + 1)))
+        for rd in [rd for rd in self._reads.values() if self.now >= rd.deadline]:
+            del self._reads[rd.req.req]
+            have = encode_vv(self.store.positions())
+            self._early.append((rd.req.req, Unavailable(
+                f"this node has not received position {encode_vv(rd.token)} within {rd.ticks * self.cfg.tick_ms} ms "
+                f"(it has {have}); retry or read from the node that served the token", positions=have)))
+
+    def _serve(self, req: ReadRequest) -> ReadResult | None:
+        """Answer a read from this replica. If the key's latest local write is not synced
+        yet, the answer goes out with the next Ready's results — after a flush that makes
+        the write durable — and None is returned: no client ever sees (or takes a
+        KV-Context covering) a version a crash could lose and this node would reissue."""
+        out = read_result(self.store, req.key)
+        self._inc("kv_reads_total")
+        if out.siblings:
+            self._inc("kv_sibling_reads_total")
+        if req.key in self._unsynced_keys:
+            self._results.append((req.req, out))
+            return None
         return out
 
-    def on_ack(self, peer: NodeId, position: int) -> None:
-        """`peer` says it durably holds our log up to `position` (it may be lower than
-        what we sent: it rewound after losing data, or refused a gap)."""
-        invariant(peer in self.progress, f"ack from non-member {peer!r}")
-        self.progress[peer].acked = min(position, self.last_seq)
+    def _try_reads(self) -> None:
+        """Serve the reads whose token this node has now reached."""
+        for rd in [rd for rd in self._reads.values() if self.store.has_positions(rd.token)]:
+            del self._reads[rd.req.req]
+            out = self._serve(rd.req)
+            if out is not None:
+                self._early.append((rd.req.req, out))
 
-    def min_acked(self) -> int | None:
-        """The lowest position any peer confirmed (None while some peer's is unknown)."""
-        vals = [p.acked for p in self.progress.values()]
-        if any(v is None for v in vals):
-            return None
-        return min((v for v in vals if v is not None), default=self.last_seq)
-
-    def trim_log(self, upto: int) -> int:
-        """Forget own records <= upto (every peer has them, and a snapshot covers them).
-        A peer that later needs one of them gets a state transfer instead."""
-        upto = min(upto, self.last_seq)
-        n = upto - self.log_base
-        if n <= 0:
-            return 0
-        del self.log[:n]
-        self.log_base = upto
-        return n
-
-    def fast_forward(self, seq: int) -> bool:
-        """A peer holds our log up to `seq` but we end before it: we lost data (a wiped
-        disk, or fsync != always and a crash). Continue our log after `seq` (so peers do
-        not skip our new records as duplicates), never reuse a dot up to `seq` (a sequence
-        number bounds every per-key counter), and ask every peer for its whole store (ours
-        included: that is how our lost writes come back). Returns False if not behind."""
-        if seq <= self.last_seq:
-            return False
-        self.log.clear()
-        self.log_base = seq
-        self.dot_floor = max(self.dot_floor, seq)
-        self.reseed_from = set(self.peers)
-        return True
-
-    def needs_state_transfer(self, peer: NodeId) -> bool:
-        """`peer` needs records our log no longer keeps, so it must get our whole store.
-        Not while we are being reseeded ourselves: after we lost data, our old records up
-        to log_base live only in other peers' stores, and a store we send must cover
-        them (a peer that had fewer of them would never get them otherwise)."""
-        acked = self.progress[peer].acked
-        return acked is not None and acked < self.log_base and not self.reseed_from
-
-    # ---- state transfer ----------------------------------------------------------------------
-    def receive_state(self, origin: NodeId, items: Iterable[tuple[str, DVVSet]],
-                      upto: int | None) -> tuple[tuple[ConflictEvent, ...], int]:
-        """Merge a chunk of `origin`'s whole store (sent when we need records it no longer
-        keeps, or when we lost data and asked for it). `upto` is None on every chunk but
-        the last; on the last it is the origin's log position its store covers (it becomes
-        our position), or 0 when the origin cannot vouch for one (it is being reseeded
-        itself: its store may lack some of its own old records). Returns (conflicts,
-        position)."""
-        invariant(origin != self.node_id and origin in self.applied, f"state from {origin!r}")
-        conflicts = []
-        for key, c in items:
-            ev = self._merge(LogRecord(origin, max(1, upto or 1), key, c), count=True)
-            if ev is not None:
-                conflicts.append(ev)
-        if upto is not None:
-            self.applied[origin] = max(self.applied[origin], upto)
-            self.reseed_from.discard(origin)
-        return tuple(conflicts), self.applied[origin]
-
-    # ---- recovery ------------------------------------------------------------------------
-    def replay_state(self, origin: NodeId, items: list[tuple[str, DVVSet]], upto: int | None) -> None:
-        """Replay an "S" record: a state chunk from `origin`, or (origin == us) a fast-forward."""
-        if origin == self.node_id:
-            invariant(upto is not None and not items, "fast-forward record with items")
-            assert upto is not None
-            if upto == AWAIT_POSITIONS:
-                self.awaiting_positions = True
-            elif upto == HEARD_ALL:
-                self.awaiting_positions = False
-            else:
-                self.fast_forward(upto)
+    # ================================================================ housekeeping ====
+    def _collect_tombstones(self) -> None:
+        """Drop tombstones every member has merged, along with every write any member
+        made before merging them (see PeerLink.cut): nothing concurrent is still on its way."""
+        if not self.store.tombs:
             return
-        for key, c in items:
-            self._merge(LogRecord(origin, 1, key, c), count=False)
-        if upto is not None:
-            self.applied[origin] = max(self.applied.get(origin, 0), upto)
-            self.reseed_from.discard(origin)
+        cuts = [p.stable_cut(self.store.applied[p.id]) for p in self._peers.values()]
+        seen = {}
+        for origin in self.members:
+            mine = self._synced_seq if origin == self.id else self.store.applied[origin]
+            seen[origin] = min([mine] + [cut.get(origin, 0) for cut in cuts])
+        n = self.store.collect_tombstones(seen)
+        if n:
+            self._inc("kv_tombstones_purged_total", n)
 
-    def replay(self, record_kind: str, origin: NodeId, records: list[LogRecord]) -> None:
-        """Rebuild state from the WAL, in WAL order (no events counted, no clock reads
-        beyond `update`: the clock's high-water mark is restored from timestamps)."""
-        if record_kind == "L":
-            for rec in records:
-                invariant(rec.seq == self.last_seq + 1, f"own log gap at {rec.seq} (have {self.last_seq})")
-                ts = max_timestamp(rec.container)
-                if ts is not None:
-                    self.clock.update(ts)
-                self._put(rec.key, sync(self.get(rec.key), rec.container))
-                self.log.append(rec)
-        else:
-            pos = self.applied.get(origin)
-            invariant(pos is not None, f"WAL holds records of non-member {origin!r}")
-            for rec in records:
-                if rec.seq <= self.applied[origin]:
-                    continue
-                invariant(rec.seq == self.applied[origin] + 1, f"WAL gap in {origin}'s log at {rec.seq}")
-                self._merge(rec, count=False)
-                self.applied[origin] = rec.seq
+    def _trim_log(self) -> None:
+        """Drop own records every peer has AND the newest snapshot covers (a peer that
+        needs older ones is sent our whole store instead)."""
+        low = self.store.min_acked()
+        if low is not None:
+            self.store.trim_log(min(low, self._snap_last_seq))
 
+    def _trim_write_ticks(self) -> None:
+        low = min((p.acked or 0 for p in self.store.progress.values()), default=self.store.last_seq)
+        while self._write_ticks and self._write_ticks[0][0] <= low:
+            self._write_ticks.popleft()
 
-# ---- encodings -----------------------------------------------------------------------------
-def encode_local_record(rec: LogRecord, rid: str | None) -> bytes:
-    """WAL payload of one local write."""
-    return msgpack.packb([_RECORD_VERSION, "L", rec.origin, [rec.to_plain()], rid], use_bin_type=True)
+    # ================================================================ snapshots =======
+    def snapshot_image(self) -> SnapshotImage | None:
+        """The state as of the last WAL entry handed out (a Ready's worth of later changes
+        is undone: see MultiLeaderStore.image_parts). Sections: containers, log,
+        tombstones, dedup [rid, key, version]."""
+        if self._handed or self._mark_index <= self._snap_index:
+            return None                # a Ready is not done (not durable yet), or nothing new
+        sections, meta = self.store.image_parts(self._mark)
+        sections["dedup"] = self._rids.rows()
+        self._images[self._mark_index] = meta["last_seq"]
+        return SnapshotImage(MODE, LogIndex(self._mark_index), Term(0), sections, meta)
 
+    def compacted(self, index: LogIndex, term: Term) -> None:
+        last_seq = self._images.get(index)
+        for i in [i for i in self._images if i <= index]:
+            del self._images[i]
+        if last_seq is None or index <= self._snap_index:
+            return
+        self._snap_index, self._snap_last_seq = index, max(self._snap_last_seq, last_seq)
+        self._trim_log()
 
-def encode_remote_record(origin: NodeId, recs: Iterable[LogRecord]) -> bytes:
-    """WAL payload of one received batch (origin's records, consecutive)."""
-    return msgpack.packb([_RECORD_VERSION, "R", origin, [r.to_plain() for r in recs], None], use_bin_type=True)
+    def installed(self, image: SnapshotImage) -> None:
+        invariant(False, "multi-leader mode never installs a snapshot (peers send stores, not snapshots)")
 
+    # ================================================================ status ==========
+    def token_reached(self, token: str) -> bool:
+        return self.store.has_positions(parse_token(token, self.members))
 
-def decode_record(data: bytes) -> tuple[str, NodeId, list[LogRecord], str | None]:
-    """(kind "L"|"R", origin, records, request id). Raises BadRequest on a bad payload."""
-    try:
-        obj = msgpack.unpackb(data, raw=False)
-    except Exception:
-        raise BadRequest("multi-leader record: not msgpack") from None
-    if not isinstance(obj, list) or len(obj) != 5 or obj[0] != _RECORD_VERSION or obj[1] not in ("L", "R"):
-        raise BadRequest("multi-leader record: unknown shape or version")
-    _, kind, origin, recs, rid = obj
-    if not isinstance(origin, str) or not isinstance(recs, list) or (rid is not None and not isinstance(rid, str)):
-        raise BadRequest("multi-leader record: bad fields")
-    return kind, NodeId(origin), [LogRecord.from_plain(NodeId(origin), r) for r in recs], rid
+    def _peer_state(self, peer: NodeId) -> PeerState:
+        return self._peers[peer].state(self.now, self._timeout)
 
+    def _lag_ticks(self, peer: NodeId) -> int | None:
+        acked = self.store.progress[peer].acked
+        if acked is None:
+            return None
+        if acked >= self.store.last_seq:
+            return 0
+        for seq, t in self._write_ticks:
+            if seq > acked:
+                return self.now - t
+        return 0
 
-def key_digest(key: str, c: DVVSet) -> int:
-    """64-bit hash of one key's container (see MultiLeaderCore.store_digest)."""
-    return int.from_bytes(hashlib.blake2b(key.encode() + b"\0" + digest(c), digest_size=8).digest(), "big")
+    def status(self) -> CoreStatus:
+        store, tick_ms = self.store, self.cfg.tick_ms
+        positions = store.positions()
+        applied = sum(c for _, c in positions)
+        nodes = []
+        for nid in self.members:
+            region = self._regions.get(nid)
+            if nid == self.id:
+                nodes.append(PeerStatus(nid, "leader", "up", 0, 0, {"log_last": store.last_seq, "region": region}))
+                continue
+            prog, contact = store.progress[nid], self._peers[nid].contact
+            nodes.append(PeerStatus(nid, "leader", self._peer_state(nid), store.lag_entries(nid), self._lag_ticks(nid),
+                                    {"acked": prog.acked, "received": store.applied.get(nid, 0),
+                                     "last_contact_ms_ago": None if contact is None else (self.now - contact) * tick_ms,
+                                     "conflicts_seen": prog.conflicts_seen, "region": region}))
+        extra = {"conflict": store.policy, "acks": self._acks, "commit": applied, "positions": dict(positions.entries),
+                 "writable": self._writable() is None, "reseeding_from": sorted(store.reseed_from),
+                 "sibling_keys": store.sibling_keys() if store.policy == "siblings" else 0,
+                 "conflicts": {"lww_discarded": store.lww_discarded, "siblings": store.sibling_conflicts}}
+        return CoreStatus(MODE, "leader", 0, None, applied, encode_vv(positions), len(store.store), tuple(nodes),
+                          extra, self._counters(), self._gauges())
 
+    def _counters(self) -> dict[str, float]:
+        names = ("kv_writes_total", "kv_reads_total", "kv_sibling_reads_total", "kv_siblings_resolved_total",
+                 "kv_replicated_entries_total", "kv_received_entries_total", "kv_write_timeouts_total",
+                 "kv_writes_refused_total", "kv_deduplicated_writes_total", "kv_state_transfers_total",
+                 "kv_data_loss_detected_total", "kv_anti_entropy_repairs_total", "kv_tombstones_purged_total",
+                 "kv_peer_messages_rejected_total")
+        out = {n: self._c.get(n, 0.0) for n in names}
+        out['kv_conflicts_total{resolution="lww"}'] = float(self.store.lww_discarded)
+        out['kv_conflicts_total{resolution="siblings"}'] = float(self.store.sibling_conflicts)
+        for p in self.peers:
+            out[f'kv_peer_conflicts_total{{peer="{p}"}}'] = float(self.store.progress[p].conflicts_seen)
+        return out
 
-def recompute_digest(store: dict[str, DVVSet]) -> int:
-    out = 0
-    for k, c in store.items():
-        out ^= key_digest(k, c)
-    return out
+    def _gauges(self) -> dict[str, float]:
+        store = self.store
+        out = {"kv_log_last_seq": float(store.last_seq), "kv_sibling_keys": float(store.sibling_keys()),
+               "kv_hlc_physical_ms": float(store.clock.last().physical_ms)}
+        for p in self.peers:
+            lag_e, lag_t = store.lag_entries(p), self._lag_ticks(p)
+            if lag_e is not None:
+                out[f'kv_replication_lag_entries{{peer="{p}"}}'] = float(lag_e)
+            if lag_t is not None:
+                out[f'kv_replication_lag_seconds{{peer="{p}"}}'] = lag_t * self.cfg.tick_ms / 1000.0
+            out[f'kv_peer_up{{peer="{p}"}}'] = 1.0 if self._peer_state(p) == "up" else 0.0
+        return out
 
+    # ================================================================ recovery ========
+    def _recover(self, image: SnapshotImage | None, entries: Sequence[Entry], fresh: bool) -> None:
+        """Load the snapshot image, replay the WAL after it, then start (the empty-start
+        gate if nothing was on disk). Raises CorruptionError for data this core cannot
+        read."""
+        store = self.store
+        store.undo = None              # nothing to undo before the first mark
+        snap = 0
+        if image is not None:
+            if image.mode != MODE:
+                raise CorruptionError(f"a {image.mode} snapshot in a multi-leader node: was this data dir used by "
+                                      f"another replication mode?")
+            try:
+                store.load_image(image.sections, image.meta)
+                self._rids.load(image.sections.get("dedup", ()))
+            except BadRequest as e:
+                raise CorruptionError(f"snapshot at {image.index}: {e.message}") from None
+            snap = self._snap_index = image.index
+            self._snap_last_seq = store.last_seq
+        last = snap
+        for entry in entries:
+            if entry.index <= snap:
+                continue
+            if entry.index != last + 1:
+                raise CorruptionError(f"WAL entry {entry.index} follows {last}: records are missing")
+            self._replay(entry)
+            last = entry.index
+        self._next_index = last + 1
+        self._synced_index = self._mark_index = last
+        self._synced_seq = store.last_seq
+        self._mark = store.mark()
+        self._rids.mark()
+        self._trim_log()
+        self._event("info", f"recovered: snapshot at WAL {snap} + {last - snap} WAL records, own log "
+                            f"{store.log_base}..{store.last_seq}, positions {encode_vv(store.positions())}, "
+                            f"{len(store.store)} keys")
+        if fresh and self.peers:
+            # new, or lost its disk: take no writes until every peer told us our position
+            store.awaiting_positions = True
+            self._append(encode_state_record(self.id, [], AWAIT_POSITIONS))
 
-# special `upto` values of a state record about ourselves (origin == this node)
-AWAIT_POSITIONS = -1    # started with empty storage: take no writes until HEARD_ALL
-HEARD_ALL = -2          # every peer told us its position of our log
-
-
-def encode_state_record(origin: NodeId, items: Iterable[tuple[str, DVVSet]], upto: int | None) -> bytes:
-    """WAL payload of one received state-transfer chunk."""
-    return msgpack.packb([_RECORD_VERSION, "S", origin, items_to_wire(items), upto], use_bin_type=True)
-
-
-def decode_state_record(data: bytes) -> tuple[NodeId, list[tuple[str, DVVSet]], int | None] | None:
-    """(origin, items, upto) for an "S" record; None for any other kind."""
-    try:
-        obj = msgpack.unpackb(data, raw=False)
-    except Exception:
-        raise BadRequest("multi-leader record: not msgpack") from None
-    if not isinstance(obj, list) or len(obj) != 5 or obj[1] != "S":
-        return None
-    _, _, origin, items, upto = obj
-    if not isinstance(origin, str) or (upto is not None and not isinstance(upto, int)):
-        raise BadRequest("state record: bad fields")
-    return NodeId(origin), items_from_wire(items), upto
-
-
-def items_to_wire(items: Iterable[tuple[str, DVVSet]]) -> list[Any]:
-    return [[k, c.to_plain()] for k, c in items]
-
-
-def items_from_wire(obj: object) -> list[tuple[str, DVVSet]]:
-    if not isinstance(obj, list) or len(obj) > MAX_BATCH_RECORDS:
-        raise BadRequest("state: items must be a list")
-    out = []
-    for it in obj:
-        if not isinstance(it, (list, tuple)) or len(it) != 2 or not isinstance(it[0], str) or not it[0]:
-            raise BadRequest("state: items are [key, container]")
-        out.append((it[0], DVVSet.from_plain(it[1])))
-    return out
-
-
-SNAPSHOT_CHUNK = 2048
-
-
-def snapshot_payloads(node_id: NodeId, store: list[tuple[str, DVVSet]], log: list[LogRecord], log_base: int,
-                      applied: dict[NodeId, int], hlc: HlcTimestamp, wal_index: int, dot_floor: int = 0,
-                      reseed_from: Iterable[NodeId] = (), awaiting_positions: bool = False) -> list[bytes]:
-    """A core's whole state as msgpack payloads (header, store chunks, own-log chunks) for
-    a snapshot covering WAL entries <= wal_index. Takes copies captured when the core held
-    nothing that was not durable (the runtime flushes its queue first); containers are
-    immutable, so this may run in a worker thread."""
-    out = [msgpack.packb({"v": _RECORD_VERSION, "node": node_id, "wal_index": wal_index,
-                          "last_seq": log_base + len(log), "log_base": log_base,
-                          "applied": dict(applied), "hlc": hlc.to_plain(),
-                          "keys": len(store), "log": len(log), "dot_floor": dot_floor,
-                          "reseed_from": sorted(reseed_from), "awaiting_positions": awaiting_positions},
-                         use_bin_type=True)]
-    for i in range(0, len(store), SNAPSHOT_CHUNK):
-        out.append(msgpack.packb(["K", items_to_wire(store[i:i + SNAPSHOT_CHUNK])], use_bin_type=True))
-    for i in range(0, len(log), SNAPSHOT_CHUNK):
-        out.append(msgpack.packb(["L", records_to_wire(log[i:i + SNAPSHOT_CHUNK])], use_bin_type=True))
-    return out
-
-
-def load_snapshot(core: MultiLeaderCore, payloads: Iterable[bytes]) -> dict[str, Any]:
-    """Restore a fresh core from `snapshot_payloads` output; returns the header. Raises
-    BadRequest on a malformed snapshot."""
-    invariant(not core.store and not core.log and core.last_seq == 0, "load_snapshot needs a fresh core")
-    it = iter(payloads)
-    try:
-        head = msgpack.unpackb(next(it), raw=False)
-    except (StopIteration, Exception):
-        raise BadRequest("snapshot: missing or unreadable header") from None
-    if not isinstance(head, dict) or head.get("v") != _RECORD_VERSION or head.get("node") != core.node_id:
-        raise BadRequest(f"snapshot: not a multi-leader snapshot of {core.node_id}")
-    keys = log_n = 0
-    for raw in it:
+    def _replay(self, e: Entry) -> None:
         try:
-            kind, body = msgpack.unpackb(raw, raw=False)
-        except Exception:
-            raise BadRequest("snapshot: unreadable chunk") from None
-        if kind == "K":
-            for k, c in items_from_wire(body):
-                core._put(k, c)  # noqa: SLF001 - restoring the core's own state
-                keys += 1
-        elif kind == "L":
-            recs = [LogRecord.from_plain(core.node_id, r) for r in body]
-            core.log.extend(recs)
-            log_n += len(recs)
-        else:
-            raise BadRequest(f"snapshot: unknown chunk kind {kind!r}")
-    if keys != head["keys"] or log_n != head["log"]:
-        raise BadRequest(f"snapshot: incomplete ({keys}/{head['keys']} keys, {log_n}/{head['log']} records)")
-    core.log_base = int(head["log_base"])
-    invariant(core.last_seq == head["last_seq"], "snapshot: own log does not end at last_seq")
-    for origin, pos in head["applied"].items():
-        if origin in core.applied or origin == core.node_id:
-            core.applied[NodeId(origin)] = int(pos)
-    core.clock.update(HlcTimestamp.from_plain(head["hlc"]))
-    core.dot_floor = int(head.get("dot_floor", 0))
-    core.reseed_from = {NodeId(p) for p in head.get("reseed_from", ()) if p in core.progress}
-    core.awaiting_positions = bool(head.get("awaiting_positions", False))
-    return head
+            st = decode_state_record(e.data)
+            if st is not None:
+                self.store.replay_state(*st)
+                return
+            kind, origin, recs, rid = decode_record(e.data)
+        except BadRequest as err:
+            raise CorruptionError(f"WAL entry {e.index} is not a multi-leader record ({err.message}); was this "
+                                  f"data dir used by another replication mode?") from None
+        self.store.replay(kind, origin, recs)
+        if rid is not None and kind == "L" and recs:
+            self._rids.replay(rid, recs[0])
 
 
-def records_to_wire(recs: Iterable[LogRecord]) -> list[Any]:
-    return [r.to_plain() for r in recs]
+def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState, image: SnapshotImage | None,
+               entries: Sequence[Entry], fresh: bool, rng: random.Random,
+               now_ms: Callable[[], int]) -> MultiLeaderCore:
+    """Recover a multi-leader core: the snapshot image, then the WAL after it. The hard
+    state is unused in this mode (no terms, no votes); `rng` numbers calls to peers."""
+    peers = tuple(n for n in cfg.nodes if n != cfg.node_id)
+    store = MultiLeaderStore(cfg.node_id, peers, config.replication.conflict, HybridClock(cfg.node_id, now_ms))
+    core = MultiLeaderCore(cfg, config, store, rng)
+    core._recover(image, entries, fresh)  # noqa: SLF001 - the factory finishes the construction
+    return core
 
 
-def records_from_wire(origin: NodeId, obj: object) -> list[LogRecord]:
-    if not isinstance(obj, list) or len(obj) > MAX_BATCH_RECORDS:
-        raise BadRequest("replicate: records must be a list")
-    recs = [LogRecord.from_plain(origin, r) for r in obj]
-    for a, b in zip(recs, recs[1:]):
-        if b.seq != a.seq + 1:
-            raise BadRequest("replicate: records must be consecutive")
-    return recs
+__all__ = ["MODE", "MultiLeaderCore", "build_core"]

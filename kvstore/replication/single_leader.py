@@ -1,794 +1,760 @@
-"""Single-leader replication core: log shipping, acks modes, elections, fencing, reads.
+"""The single-leader core: the Raft log (replication/raft.py) + the key/value state
+machine (storage/state.py) + the client requests — as etcd's server wraps etcd-io/raft.
 
-A Raft variant with no I/O (etcd-io/raft's Ready/Advance shape). It takes ticks,
-messages, proposals and read requests, and returns `Ready`: what to persist, what to
-send, what to apply. The runtime persists (fsync) before it sends anything except the
-leader's own AppendRequests (a leader may ship entries while it fsyncs them — it counts
-itself only once synced, Raft thesis §10.2.1), then applies, then calls `advance`.
+Owns:
+- writes: the leader appends them (`encode_put`/`delete`/`cas`/`batch` with the client's
+  request id, so a retried write applies once); a follower forwards them to its leader
+  over the replication stream (ForwardRequest) and relays the leader's answer
+  (ForwardResponse) — no per-write HTTP hop. A write is answered when the cluster's
+  acks rule is met: it is committed (async: the leader has it durably; semi-sync: and
+  `sync_followers` followers; sync: every node) and applied. A per-request override
+  that is stronger waits until that many replicas hold it; a weaker one is answered as
+  soon as the leader has it durably (its result cannot depend on the state then: CAS
+  and preconditions always wait for the apply). Refused up front (503) when too few
+  followers answer for the acks asked; 504 at the deadline (outcome unknown).
+- reads: `local` from this node's state; `leader` (linearizable) by ReadIndex — on a
+  follower, the leader is asked for a read index over the stream (ReadIndexRequest),
+  then the follower waits until it has applied that index; `after=TOKEN` waits until
+  this node has applied the token's position with the same term there.
+- applying committed entries (only once they are durable here), undoing applied but
+  unsafe entries when a failover removes them (async acks), rollback rows for them.
+- snapshots of the state at min(applied, safe), installing a leader's snapshot.
+- status for /cluster and /metrics.
 
-Quorums (n nodes, k = followers that must ack):
-  * commit (when the leader applies and acks a write): async = leader durable;
-    semi-sync = leader + k followers durable; sync = every node durable.
-  * election quorum Qe = max(majority, n - k), so every set of voters intersects every
-    ack set: no acknowledged (semi-sync/sync) write is lost by failover.
-  * safe index: on Qc = n - Qe + 1 nodes, so on at least one voter of any future
-    election: it can never be rolled back. Snapshots are only taken at or below it.
-    In async mode the leader applies beyond it; those entries carry undo records and
-    may be rolled back (saved to rollback files) if a new leader never had them.
-  * Raft's current-term rule applies to commit and safe: an entry of an older term is
-    only committed by committing one of the current term (the leader's no-op).
-
-Leases: a follower that heard from its leader within `election_ticks` refuses votes
-(and pre-votes) unless the candidate is a switchover target; a leader that has not
-heard from a majority within `election_ticks - heartbeat_ticks` steps down (check-
-quorum), so it stops before anyone else can be elected. Linearizable reads use
-ReadIndex: a heartbeat round acknowledged by a majority after the read arrived.
-
-Pure: imports dataclasses, random.Random (injected), kvstore.ids/errors/protocol.
+Pure: imports kvstore.errors/ids/protocol/storage.state/cluster/replication.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Literal
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
-from kvstore.errors import NotLeader, invariant
+from kvstore.cluster.failure_detector import FailureDetector
+from kvstore.config import ClusterConfig
+from kvstore.errors import BadRequest, KVError, NotLeader, Timeout, Unavailable, VersionMismatch, invariant
 from kvstore.ids import LogIndex, NodeId, Term
 from kvstore.protocol.messages import (
-    AppendRequest,
-    AppendResponse,
     Entry,
     Envelope,
-    Message,
-    SnapshotRequest,
-    TimeoutNow,
-    VoteRequest,
-    VoteResponse,
+    ForwardRequest,
+    ForwardResponse,
+    HardState,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    SnapshotImage,
+)
+from kvstore.replication.core import (
+    CoreConfig,
+    CoreEvent,
+    CoreStatus,
+    Outcome,
+    PeerStatus,
+    Put,
+    ReadRequest,
+    ReadResult,
+    Ready,
+    RequestId,
+    RollbackRow,
+    WriteRequest,
+    WriteResult,
+)
+from kvstore.replication.raft import Raft, RaftConfig, RaftReady
+from kvstore.replication.sl_wire import (
+    ACK_RANK,
+    outcome_from_plain,
+    outcome_to_plain,
+    parse_token,
+    position_token,
+    rollback_rows,
+    write_from_plain,
+    write_to_plain,
+)
+from kvstore.storage.state import (
+    EXPECT_EXISTS,
+    EXPECT_NEVER,
+    KVState,
+    Result,
+    encode_batch,
+    encode_cas,
+    encode_delete,
+    encode_put,
+    parse_version,
+    version_str,
 )
 
-Role = Literal["follower", "candidate", "leader"]
-AcksMode = Literal["async", "semi-sync", "sync"]
+MODE = "single-leader"
 
 
-def election_quorum(n: int, acks: AcksMode, sync_followers: int) -> int:
-    """Votes needed to win: a majority (so two leaders never share a term) and, when acks
-    wait for k followers, at least n - k (so every election meets every ack set). Async
-    promises nothing across failover (rollback files), so a majority suffices there."""
-    majority = n // 2 + 1
-    if acks == "async":
-        return majority
-    k = sync_followers if acks == "semi-sync" else n - 1
-    return max(majority, n - k)
-
-
-def safe_quorum(n: int, acks: AcksMode, sync_followers: int) -> int:
-    return n - election_quorum(n, acks, sync_followers) + 1
-
-
-@dataclass(frozen=True, slots=True)
-class CoreConfig:
-    node_id: NodeId
-    nodes: tuple[NodeId, ...]
-    acks: AcksMode = "semi-sync"
-    sync_followers: int = 1
-    heartbeat_ticks: int = 1
-    election_ticks: int = 10
-    jitter_ticks: int = 3          # extra random delay before an election, in [0, jitter]
-    max_batch_entries: int = 2048
-    max_batch_bytes: int = 4 * 1024 * 1024
-    max_outstanding_entries: int = 32_768
-    keep_tail_entries: int = 20_000  # in-memory entries kept after a snapshot for laggards
-
-
-@dataclass(frozen=True, slots=True)
-class HardState:
+# ---- bookkeeping ---------------------------------------------------------------------
+@dataclass(slots=True)
+class _Write:
+    origin: NodeId               # this node, or the follower that forwarded it
+    req: RequestId
     term: Term
-    vote: NodeId | None
-
-
-@dataclass(slots=True)
-class Ready:
-    hard_state: HardState | None = None
-    entries: tuple[Entry, ...] = ()          # append to the WAL (first may be <= last: truncation)
-    early_outbox: tuple[Envelope, ...] = ()  # may leave before the persist completes
-    outbox: tuple[Envelope, ...] = ()        # only after persist
-    committed: tuple[Entry, ...] = ()        # apply in order, after persist
-    rollback_from: LogIndex | None = None    # undo applied state to < this before applying
-    truncated: tuple[Entry, ...] = ()        # entries removed from the log (save to rollback/)
-    install: SnapshotRequest | None = None   # replace state + log with this snapshot first
-    read_states: tuple[tuple[int, LogIndex], ...] = ()  # reads servable once applied >= index
-    reads_failed: tuple[int, ...] = ()       # reads that must be refused (not leader any more)
-    safe: LogIndex = LogIndex(0)             # entries <= safe can never be rolled back
-
-    def empty(self) -> bool:
-        return not (self.hard_state or self.entries or self.early_outbox or self.outbox or self.committed
-                    or self.truncated or self.install or self.read_states or self.reads_failed
-                    or self.rollback_from is not None)
-
-
-@dataclass(slots=True)
-class Progress:
-    match: LogIndex = LogIndex(0)
-    next: LogIndex = LogIndex(1)
-    probing: bool = True            # True: one batch at a time until the logs are known to agree
-    probe_out: bool = False         # a probe is in flight
-    last_ack_tick: int = -(10 ** 9)
-    snapshot_pending_until: int = -1
-    acked_round: int = 0
-    sent_commit: int = 0
-
-
-@dataclass(slots=True)
-class _PendingRead:
-    rid: int
     index: LogIndex
-    round: int
+    acks: str
+    needed: int                  # replicas it needs beyond the cluster's rule (0: none)
+    early: bool                  # answer once durable on the leader
+    exact: bool                  # its result depends on the state (CAS, preconditions): wait for the apply
+    deadline: int
+    key: str | None
+    ops: int
+    result: Result | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Read:
+    req: ReadRequest
+    deadline: int
+    stage: str                   # "after" | "barrier" | "index" | "apply"
+    after: tuple[int, int | None] | None
+    linearizable: bool
+    index: int = 0               # the read index to wait for (stage "apply")
+
+
+@dataclass(slots=True)
+class _Forwarded:
+    req: WriteRequest
+    leader: NodeId
+    term: Term
+    deadline: int
+
+
+@dataclass(slots=True)
+class _Counters:
+    c: dict[str, float] = field(default_factory=dict)
+
+    def inc(self, name: str, v: float = 1.0) -> None:
+        self.c[name] = self.c.get(name, 0.0) + v
 
 
 class SingleLeaderCore:
-    def __init__(self, cfg: CoreConfig, hard: HardState, entries: list[Entry],
-                 snap_index: LogIndex, snap_term: Term, applied: LogIndex, rng: random.Random) -> None:
-        invariant(cfg.node_id in cfg.nodes, f"{cfg.node_id} is not a member")
+    mode = MODE
+
+    def __init__(self, cfg: CoreConfig, raft: Raft, state: KVState) -> None:
         self.cfg = cfg
         self.id = cfg.node_id
-        self.peers = tuple(n for n in cfg.nodes if n != cfg.node_id)
+        self.raft = raft
+        self.state = state
         self.n = len(cfg.nodes)
-        self.rng = rng
-        self.qe = election_quorum(self.n, cfg.acks, cfg.sync_followers)
-        self.qc = safe_quorum(self.n, cfg.acks, cfg.sync_followers)
-        self.majority = self.n // 2 + 1
-        # persistent
-        self.term: Term = hard.term
-        self.vote: NodeId | None = hard.vote
-        self.snap_index = snap_index
-        self.snap_term = snap_term
-        self.log: list[Entry] = list(entries)     # log[i] has index log_start + i
-        self.log_start = LogIndex(entries[0].index if entries else snap_index + 1)
-        invariant(self.log_start <= snap_index + 1, "log does not reach back to the snapshot")
-        # volatile
-        self.role: Role = "follower"
-        self.leader_id: NodeId | None = None
-        self.commit: LogIndex = max(applied, snap_index)
-        self.safe: LogIndex = snap_index
-        self.applied: LogIndex = max(applied, snap_index)
-        self.stable: LogIndex = self.last_index   # persisted through here
-        self.tick_now = 0
-        self.elapsed = 0                 # ticks since we heard from a leader (or started electing)
-        self.election_deadline = self._new_election_deadline()
-        self.votes: dict[NodeId, bool] = {}
-        self.pre_voting = False
-        self.progress: dict[NodeId, Progress] = {}
-        self.transfer_to: NodeId | None = None
-        self.transfer_sent = False
-        self.transfer_deadline = 0
-        self.read_round = 0
-        self.pending_reads: list[_PendingRead] = []
-        self.waiting_reads: list[int] = []   # reads before this term's first commit
-        self.last_heartbeat_tick = 0
-        # pending output
-        self._hard_dirty = False
-        self._unstable_from: LogIndex = LogIndex(self.last_index + 1)
-        self._early: list[Envelope] = []
+        self.peers = tuple(p for p in cfg.nodes if p != cfg.node_id)
+        self.fd = FailureDetector(self.peers, cfg.election_ticks)
+        self.metrics = _Counters()
+        self._writes: dict[LogIndex, _Write] = {}
+        self._ack_waits: list[_Write] = []        # applied, waiting for more replicas
+        self._early_waits: list[_Write] = []      # waiting to be durable on the leader
+        self._forwarded: dict[RequestId, _Forwarded] = {}
+        self._reads: dict[RequestId, _Read] = {}
+        self._read_seq = 0
+        self._raft_reads: dict[int, tuple[NodeId, RequestId]] = {}   # raft read id -> (asker, request)
+        self._results: list[tuple[RequestId, Outcome]] = []
         self._out: list[Envelope] = []
-        self._truncated: list[Entry] = []
-        self._rollback_from: LogIndex | None = None
-        self._install: SnapshotRequest | None = None
-        self._read_states: list[tuple[int, LogIndex]] = []
-        self._reads_failed: list[int] = []
-        self._need_broadcast = False
-        self.stats_elections = 0
-        self.stats_leader_changes = 0
-        if self.n == 1:
-            self._campaign(pre_vote=False)
+        self._events: list[CoreEvent] = []
+        self._rollback: list[RollbackRow] = []
+        self._raft_rd: RaftReady | None = None
+        self._apply_later: tuple[Entry, ...] = ()
+        self._append_ticks: deque[tuple[int, int]] = deque(maxlen=200_000)
+        self._seen = (raft.role, raft.leader_id, raft.term)
+        self._snap_index = raft.snap_index
 
-    # ---- log helpers ---------------------------------------------------------------
-    @property
-    def last_index(self) -> LogIndex:
-        return LogIndex(self.log_start + len(self.log) - 1) if self.log else LogIndex(self.log_start - 1)
+    # ---- inputs ------------------------------------------------------------------------
+    def tick(self) -> None:
+        was_leader = self.raft.role == "leader"
+        self.raft.tick()
+        if was_leader and self.raft.role != "leader":
+            self._event("warning", f"stepping down: no contact with a majority for "
+                                   f"{self.cfg.election_ticks * self.cfg.tick_ms} ms (check-quorum)")
+        self._expire()
 
-    @property
-    def last_term(self) -> Term:
-        return self.log[-1].term if self.log else self.snap_term
+    def step(self, msg: Any) -> None:
+        sender = getattr(msg, "sender", None)
+        if sender not in self.cfg.nodes or sender == self.id:
+            return
+        self.fd.heard(sender, self.raft.tick_now)
+        match msg:
+            case ForwardRequest():
+                self._on_forward_request(msg)
+            case ForwardResponse():
+                self._on_forward_response(msg)
+            case ReadIndexRequest():
+                self._on_read_index_request(msg)
+            case ReadIndexResponse():
+                self._on_read_index_response(msg)
+            case _:
+                self.raft.step(msg)
 
-    def term_at(self, index: int) -> Term | None:
-        if index == 0:
-            return Term(0)
-        if index == self.snap_index:
-            return self.snap_term
-        i = index - self.log_start
-        if 0 <= i < len(self.log):
-            return self.log[i].term
+    def unreachable(self, peer: NodeId) -> None:
+        self.raft.report_unreachable(peer)
+
+    def propose(self, req: WriteRequest) -> None:
+        try:
+            self._validate_write(req)
+        except KVError as e:
+            self._results.append((req.req, e))
+            return
+        raft = self.raft
+        if raft.role == "leader":
+            out = self._leader_propose(self.id, req)
+            if out is not None:
+                self._results.append((req.req, out))
+            return
+        leader = raft.leader_id
+        if leader is None:
+            self._results.append((req.req, NotLeader("no leader known right now; retry shortly", leader_id=None)))
+            return
+        deadline = raft.tick_now + self._timeout(req.timeout_ticks) + self.cfg.election_ticks
+        self._forwarded[req.req] = _Forwarded(req, leader, raft.term, deadline)
+        self._out.append(Envelope(leader, ForwardRequest(raft.term, self.id, req.req, write_to_plain(req))))
+        self.metrics.inc("kv_forwarded_total")
+
+    def read(self, req: ReadRequest) -> ReadResult | KVError | None:
+        consistency = req.consistency or ("leader" if self.cfg.read_from == "leader" else "local")
+        if consistency not in ("leader", "local"):
+            return BadRequest(f"consistency must be leader or local (got {consistency!r})")
+        after = None
+        if req.after:
+            try:
+                after = parse_token(req.after)
+            except BadRequest as e:
+                return e
+        rd = _Read(req, self.raft.tick_now + (req.timeout_ticks or self.cfg.election_ticks), "after", after,
+                   consistency == "leader")
+        if not rd.linearizable and (after is None or self.has_position(*after)):
+            self.metrics.inc("kv_reads_total")
+            return self._answer_read(req.key)
+        self._reads[req.req] = rd
+        self._progress_read(rd)
         return None
 
-    def entry(self, index: int) -> Entry:
-        return self.log[index - self.log_start]
+    def cancel(self, req: RequestId) -> None:
+        self._reads.pop(req, None)
+        self._forwarded.pop(req, None)
 
-    def entries_between(self, lo: int, hi: int) -> list[Entry]:
-        """Entries lo..hi inclusive (must be in memory)."""
-        return self.log[lo - self.log_start: hi - self.log_start + 1]
+    # ---- writes --------------------------------------------------------------------
+    def _timeout(self, ticks: int) -> int:
+        return ticks or self.cfg.write_timeout_ticks
 
-    def _truncate_from(self, index: LogIndex) -> None:
-        invariant(index > self.safe,
-                  f"{self.id}: truncating log at {index} at or below the safe index {self.safe}: "
-                  f"a replicated write would be lost")
-        cut = index - self.log_start
-        invariant(cut >= 0, "truncating below the in-memory log")
-        self._truncated.extend(self.log[cut:])
-        del self.log[cut:]
-        if self.commit >= index:
-            self.commit = LogIndex(index - 1)
-        if self.applied >= index:
-            self._rollback_from = index if self._rollback_from is None else min(self._rollback_from, index)
-            self.applied = LogIndex(index - 1)
-        if self.stable >= index:
-            self.stable = LogIndex(index - 1)
-        self._unstable_from = min(self._unstable_from, index)
+    def _validate_write(self, req: WriteRequest) -> None:
+        if not req.ops:
+            raise BadRequest("a write needs at least one operation")
+        if req.precondition is not None and len(req.ops) != 1:
+            raise BadRequest("preconditions (If-Match / If-None-Match) apply to one key, not a batch")
+        if req.acks is not None and req.acks not in ACK_RANK:
+            raise BadRequest(f"acks must be one of async, semi-sync, sync (got {req.acks!r})")
 
-    def _new_election_deadline(self) -> int:
-        return self.cfg.election_ticks + self.rng.randint(0, max(0, self.cfg.jitter_ticks))
+    def _required_followers(self, acks: str) -> int:
+        eff = acks if ACK_RANK[acks] >= ACK_RANK[self.cfg.acks] else self.cfg.acks
+        if eff == "async" or self.n == 1:
+            return 0
+        if eff == "semi-sync":
+            return min(self.cfg.sync_followers, self.n - 1)
+        return self.n - 1
 
-    # ---- role changes --------------------------------------------------------------
-    def _set_term(self, term: Term) -> None:
-        if term != self.term:
-            invariant(term > self.term, "term went backwards")
-            self.term = term
-            self.vote = None
-            self._hard_dirty = True
+    def _needed_replicas(self, acks: str) -> int:
+        """Replicas a request needs beyond what the cluster's mode already guarantees."""
+        if ACK_RANK[acks] <= ACK_RANK[self.cfg.acks]:
+            return 0
+        if acks == "sync":
+            return self.n
+        return 1 + min(self.cfg.sync_followers, self.n - 1)
 
-    def become_follower(self, term: Term, leader: NodeId | None) -> None:
-        was_leader = self.role == "leader"
-        self._set_term(term)
-        self.role = "follower"
-        if leader != self.leader_id and leader is not None:
-            self.stats_leader_changes += 1
-        self.leader_id = leader
-        self.elapsed = 0
-        self.election_deadline = self._new_election_deadline()
-        self.transfer_to = None
-        self.pre_voting = False
-        if was_leader or self.pending_reads or self.waiting_reads:
-            self._reads_failed.extend(r.rid for r in self.pending_reads)
-            self._reads_failed.extend(self.waiting_reads)
-            self.pending_reads.clear()
-            self.waiting_reads.clear()
-
-    def _campaign(self, pre_vote: bool, transfer: bool = False) -> None:
-        self.stats_elections += 1
-        self.elapsed = 0
-        self.election_deadline = self._new_election_deadline()
-        self.votes = {self.id: True}
-        self.pre_voting = pre_vote
-        if pre_vote:
-            self.role = "follower"   # a pre-candidate is still a follower: it changes nothing
-            # ...except that it no longer follows anyone: `elapsed` was just reset, so keeping
-            # leader_id would put us back "in lease" and make us refuse every other node's
-            # (pre-)vote for a whole timeout. With a large election quorum (semi-sync, n=5:
-            # 4 of 5) those refusal windows almost never all close at once: no leader, ever,
-            # after the old one stepped down (etcd's becomePreCandidate clears `lead` too).
-            self.leader_id = None
-            term = Term(self.term + 1)
-        else:
-            self.become_candidate()
-            term = self.term
-        if len(self.votes) >= self.qe:
-            if pre_vote:
-                self._campaign(pre_vote=False, transfer=transfer)
+    def _encode(self, req: WriteRequest) -> tuple[bytes, bool]:
+        """The command for `req` and whether its result depends on the state (CAS)."""
+        if len(req.ops) > 1:
+            return encode_batch([("put", o.key, o.value) if isinstance(o, Put) else ("delete", o.key)
+                                 for o in req.ops], req.rid), False
+        op = req.ops[0]
+        value = op.value if isinstance(op, Put) else None
+        pre = req.precondition
+        if pre is not None and (pre.if_match is not None or pre.if_none_match):
+            if pre.if_none_match:
+                expected = 0
+            elif pre.if_match == "*":
+                expected = EXPECT_EXISTS
             else:
-                self.become_leader()
+                try:
+                    expected = parse_version(pre.if_match or "")
+                except BadRequest:
+                    expected = EXPECT_NEVER   # names no version a key can have: a mismatch
+                if expected == 0:
+                    expected = EXPECT_NEVER
+            return encode_cas(op.key, expected, value, req.rid), True
+        if isinstance(op, Put):
+            return encode_put(op.key, op.value, req.rid), False
+        return encode_delete(op.key, req.rid), False
+
+    def _leader_propose(self, origin: NodeId, req: WriteRequest) -> WriteResult | KVError | None:
+        raft = self.raft
+        if raft.transfer_to is not None:
+            return NotLeader("switchover in progress; retry shortly", leader_id=None)
+        acks = req.acks or self.cfg.acks
+        needed = self._required_followers(acks)
+        if needed:
+            recent = self.cfg.election_ticks
+            up = sum(1 for p in raft.progress.values() if raft.tick_now - p.last_ack_tick < recent)
+            if up < needed:
+                self.metrics.inc("kv_writes_refused_total")
+                return Unavailable(f"not enough replicas reachable for acks={acks}: {up} follower(s) "
+                                   f"answering, {needed} needed", acks=up + 1, needed=needed + 1)
+        data, exact = self._encode(req)
+        (index,) = raft.propose([data])
+        self._append_ticks.append((index, raft.tick_now))
+        early = ACK_RANK[acks] < ACK_RANK[self.cfg.acks] and not exact
+        w = _Write(origin, req.req, raft.term, index, acks, self._needed_replicas(acks), early, exact,
+                   raft.tick_now + self._timeout(req.timeout_ticks),
+                   req.ops[0].key if len(req.ops) == 1 else None, len(req.ops))
+        self._writes[index] = w
+        if early:
+            self._early_waits.append(w)
+        self.metrics.inc("kv_writes_total")
+        return None
+
+    def _answer_write(self, w: _Write, out: WriteResult | KVError) -> None:
+        if w.done:
             return
-        for p in self.peers:
-            self._send_late(p, VoteRequest(term, self.id, self.last_index, self.last_term, pre_vote, transfer))
-
-    def become_candidate(self) -> None:
-        self._set_term(Term(self.term + 1))
-        self.vote = self.id
-        self._hard_dirty = True
-        self.role = "candidate"
-        self.leader_id = None
-
-    def become_leader(self) -> None:
-        invariant(self.role == "candidate" or self.n == 1, "only a candidate becomes leader")
-        if self.role != "candidate":
-            self.become_candidate()
-        self.role = "leader"
-        self.leader_id = self.id
-        self.stats_leader_changes += 1
-        self.transfer_to = None
-        last = self.last_index
-        self.progress = {p: Progress(match=LogIndex(0), next=LogIndex(last + 1), probing=True,
-                                     last_ack_tick=self.tick_now) for p in self.peers}
-        # A no-op in the new term commits every earlier entry with it (Raft §5.4.2).
-        self._append_local([b""])
-        self._broadcast_append(force=True)
-
-    # ---- proposals -----------------------------------------------------------------
-    def _append_local(self, datas: list[bytes]) -> list[LogIndex]:
-        first = self.last_index + 1
-        t = self.term
-        out = []
-        for i, d in enumerate(datas):
-            idx = LogIndex(first + i)
-            self.log.append(Entry(t, idx, d))
-            out.append(idx)
-        if self.n == 1:
-            pass
-        return out
-
-    def propose(self, datas: list[bytes]) -> list[LogIndex]:
-        """Append commands to the leader's log. Raises NotLeader (with the leader we know)."""
-        if self.role != "leader":
-            raise NotLeader(leader_id=self.leader_id)
-        if self.transfer_to is not None:
-            raise NotLeader("switchover in progress", leader_id=None)
-        idx = self._append_local(datas)
-        return idx
-
-    def read_index(self, rid: int) -> None:
-        """Ask for a linearizable read; answered in Ready.read_states or Ready.reads_failed."""
-        if self.role != "leader":
-            self._reads_failed.append(rid)
-            return
-        if self.term_at(self.commit) != self.term:
-            self.waiting_reads.append(rid)   # until our no-op commits
-            return
-        self._queue_read(rid)
-
-    def _queue_read(self, rid: int) -> None:
-        if self.n == 1:
-            self._read_states.append((rid, self.commit))
-            return
-        self.pending_reads.append(_PendingRead(rid, self.commit, self.read_round + 1))
-        self._need_broadcast = True
-
-    def transfer_leadership(self, to: NodeId) -> None:
-        if self.role != "leader":
-            raise NotLeader(leader_id=self.leader_id)
-        invariant(to in self.peers, f"unknown switchover target {to}")
-        self.transfer_to = to
-        self.transfer_sent = False
-        self.transfer_deadline = self.tick_now + self.cfg.election_ticks
-        self._maybe_send_timeout_now()
-
-    def _maybe_send_timeout_now(self) -> None:
-        to = self.transfer_to
-        if to is None:
-            return
-        pr = self.progress[to]
-        if pr.match == self.last_index and self.stable == self.last_index:
-            if not self.transfer_sent:   # once: advance() runs after every Ready
-                self.transfer_sent = True
-                self._send_late(to, TimeoutNow(self.term, self.id))
+        w.done = True
+        if isinstance(out, Timeout):
+            self.metrics.inc("kv_write_timeouts_total")
+        if w.origin == self.id:
+            self._results.append((w.req, out))
         else:
-            self._send_append(to)
+            self._out.append(Envelope(w.origin, ForwardResponse(self.raft.term, self.id, w.req,
+                                                                outcome_to_plain(out))))
 
-    # ---- ticks ---------------------------------------------------------------------
-    def tick(self) -> None:
-        self.tick_now += 1
-        if self.role == "leader":
-            self._tick_leader()
+    def _write_result(self, w: _Write, res: Result) -> WriteResult | KVError:
+        if not res.ok:
+            cur = version_str(res.version) if res.version else None
+            now = f"its current version is {cur}" if cur else "the key does not exist"
+            return VersionMismatch(f"precondition failed (If-Match / If-None-Match): {now}", current_version=cur)
+        v = version_str(res.version)
+        return WriteResult(w.key, v, v, w.ops, leader=self.raft.leader_id)
+
+    def _on_forward_request(self, m: ForwardRequest) -> None:
+        raft = self.raft
+        if raft.role != "leader":
+            hint = raft.leader_id if raft.leader_id != m.sender else None
+            err = NotLeader("the node it was forwarded to is not the leader; retry", leader_id=hint)
+            self._out.append(Envelope(m.sender, ForwardResponse(raft.term, self.id, m.req, outcome_to_plain(err))))
+            return
+        try:
+            req = write_from_plain(RequestId(m.req), m.write)
+            self._validate_write(req)
+        except BadRequest as e:
+            self._out.append(Envelope(m.sender, ForwardResponse(raft.term, self.id, m.req, outcome_to_plain(e))))
+            return
+        out = self._leader_propose(m.sender, req)
+        if out is not None:
+            self._out.append(Envelope(m.sender, ForwardResponse(raft.term, self.id, m.req, outcome_to_plain(out))))
+
+    def _on_forward_response(self, m: ForwardResponse) -> None:
+        f = self._forwarded.pop(RequestId(m.req), None)
+        if f is None:
+            return
+        key = f.req.ops[0].key if len(f.req.ops) == 1 else None
+        self._results.append((f.req.req, outcome_from_plain(m.outcome, m.sender, key)))
+
+    # ---- reads -----------------------------------------------------------------------
+    def has_position(self, index: int, term: int | None) -> bool:
+        """True once this node has applied `index` AND holds the same entry there (the
+        token's term): a node with a divergent entry at that index (an old leader about
+        to roll back, async mode) must not count it as the client's write."""
+        if self.state.applied_index < index:
+            return False
+        if term is None or index == 0:
+            return True
+        t = self.raft.term_at(index)
+        return t is None or t == term   # None: compacted away, so it was safe (matched)
+
+    def token_reached(self, token: str) -> bool:
+        return self.has_position(*parse_token(token))
+
+    def _answer_read(self, key: str) -> ReadResult:
+        item = self.state.get(key)
+        token = position_token(self.state.applied_term, self.state.applied_index)
+        if item is None:
+            return ReadResult(key, None, None, token)
+        return ReadResult(key, item[0], version_str(item[1]), token)
+
+    def _progress_read(self, rd: _Read) -> None:
+        """Move a held read through its stages: after -> barrier -> apply -> answer."""
+        raft = self.raft
+        req = rd.req
+        if rd.stage == "after":
+            if rd.after is not None and not self.has_position(*rd.after):
+                return
+            rd.stage = "barrier"
+        if rd.stage == "barrier":
+            if not rd.linearizable:
+                self._finish_read(rd)
+                return
+            self._read_seq += 1
+            if raft.role == "leader":
+                self._raft_reads[self._read_seq] = (self.id, req.req)
+                raft.read_index(self._read_seq)
+            elif raft.leader_id is not None:
+                self._out.append(Envelope(raft.leader_id, ReadIndexRequest(raft.term, self.id, req.req)))
+            else:
+                self._fail_read(rd, NotLeader("no leader known: cannot serve a linearizable read", leader_id=None))
+                return
+            rd.stage = "index"
+            return
+        if rd.stage == "apply" and self.state.applied_index >= rd.index:
+            self.metrics.inc("kv_linearizable_reads_total")
+            self._finish_read(rd)
+
+    def _finish_read(self, rd: _Read) -> None:
+        self._reads.pop(rd.req.req, None)
+        self.metrics.inc("kv_reads_total")
+        self._results.append((rd.req.req, self._answer_read(rd.req.key)))
+
+    def _fail_read(self, rd: _Read, err: KVError) -> None:
+        self._reads.pop(rd.req.req, None)
+        self._results.append((rd.req.req, err))
+
+    def _read_index_known(self, req: RequestId, index: int) -> None:
+        rd = self._reads.get(req)
+        if rd is None or rd.stage != "index":
+            return
+        rd.stage, rd.index = "apply", index
+        self._progress_read(rd)
+
+    def _on_read_index_request(self, m: ReadIndexRequest) -> None:
+        raft = self.raft
+        if raft.role != "leader":
+            self._out.append(Envelope(m.sender, ReadIndexResponse(raft.term, self.id, m.req, False, LogIndex(0))))
+            return
+        self._read_seq += 1
+        self._raft_reads[self._read_seq] = (m.sender, RequestId(m.req))
+        raft.read_index(self._read_seq)
+
+    def _on_read_index_response(self, m: ReadIndexResponse) -> None:
+        rd = self._reads.get(RequestId(m.req))
+        if rd is None or rd.stage != "index":
+            return
+        if not m.ok:
+            self._fail_read(rd, NotLeader("the leader could not confirm its leadership (read refused)",
+                                          leader_id=None))
+            return
+        self._read_index_known(rd.req.req, m.index)
+
+    def _raft_read_done(self, rid: int, index: int | None) -> None:
+        asker, req = self._raft_reads.pop(rid, (None, None))
+        if asker is None or req is None:
+            return
+        if asker == self.id:
+            rd = self._reads.get(req)
+            if rd is None:
+                return
+            if index is None:
+                self._fail_read(rd, NotLeader("leadership lost before the read was confirmed",
+                                              leader_id=self.raft.leader_id))
+            else:
+                self._read_index_known(req, index)
         else:
-            self.elapsed += 1
-            if self.elapsed >= self.election_deadline:
-                # Suspect the leader; elect (pre-vote first so a cut-off node cannot disrupt).
-                self._campaign(pre_vote=True)
+            ok = index is not None
+            self._out.append(Envelope(asker, ReadIndexResponse(self.raft.term, self.id, req, ok,
+                                                               LogIndex(index or 0))))
 
-    def _tick_leader(self) -> None:
-        cfg = self.cfg
-        if self.n > 1:
-            lease = max(1, cfg.election_ticks - cfg.heartbeat_ticks)
-            alive = 1 + sum(1 for p in self.progress.values() if self.tick_now - p.last_ack_tick < lease)
-            if alive < self.majority:
-                self.become_follower(self.term, None)   # check-quorum: cut off, stop leading
-                return
-        if self.transfer_to is not None and self.tick_now >= self.transfer_deadline:
-            self.transfer_to = None                     # switchover timed out: keep leading
-        if self.tick_now - self.last_heartbeat_tick >= cfg.heartbeat_ticks:
-            self._broadcast_append(force=True)
+    # ---- deadlines -------------------------------------------------------------------
+    def _expire(self) -> None:
+        now = self.raft.tick_now
+        for w in [w for w in self._writes.values() if w.deadline <= now and not w.early]:
+            del self._writes[w.index]
+            got = self.raft.replicated_on(w.index)
+            self._answer_write(w, Timeout(f"write not confirmed within {self._timeout(0) * self.cfg.tick_ms} ms "
+                                          f"({got} replica(s) have it); it may or may not be applied", acks=got))
+        for lst in (self._ack_waits, self._early_waits):
+            keep = []
+            for w in lst:
+                if w.deadline <= now:
+                    got = self.raft.replicated_on(w.index)
+                    self._answer_write(w, Timeout(f"write not confirmed by acks={w.acks} in time ({got} replica(s) "
+                                                  f"have it); it may or may not be applied", acks=got))
+                    self._writes.pop(w.index, None)
+                else:
+                    keep.append(w)
+            lst[:] = keep
+        for req, f in list(self._forwarded.items()):
+            if f.deadline <= now:
+                del self._forwarded[req]
+                self.metrics.inc("kv_write_timeouts_total")
+                self._results.append((req, Timeout(f"no answer from leader {f.leader}; the write may or may not "
+                                                   f"have been applied")))
+        for rd in list(self._reads.values()):
+            if rd.deadline <= now:
+                ms = (rd.req.timeout_ticks or self.cfg.election_ticks) * self.cfg.tick_ms
+                if rd.stage == "after":
+                    err: KVError = Unavailable(
+                        f"this node has not applied position {rd.req.after} within {ms} ms (applied "
+                        f"{self.state.applied_index}); try again or read from the leader",
+                        applied=self.state.applied_index)
+                else:
+                    err = Unavailable("could not confirm leadership with a majority (read refused)")
+                self._fail_read(rd, err)
 
-    @property
-    def leader_suspect(self) -> bool:
-        """A follower has not heard from its leader for a full timeout."""
-        return self.role != "leader" and self.elapsed >= self.cfg.election_ticks
-
-    # ---- sending -------------------------------------------------------------------
-    def _send_late(self, to: NodeId, m: Message) -> None:
-        self._out.append(Envelope(to, m))
-
-    def _broadcast_append(self, force: bool = False) -> None:
-        if force:
-            self.last_heartbeat_tick = self.tick_now
-            if self.pending_reads:
-                self._need_broadcast = True
-        if self._need_broadcast:
-            self.read_round += 1
-            self._need_broadcast = False
-            force = True
-        for p in self.peers:
-            self._send_append(p, heartbeat=force)
-
-    def _send_append(self, to: NodeId, heartbeat: bool = False) -> None:
-        pr = self.progress[to]
-        cfg = self.cfg
-        if pr.snapshot_pending_until >= self.tick_now:
-            if heartbeat:
-                self._emit_append(to, pr, LogIndex(min(pr.match, self.last_index)), [])
-            return
-        if pr.next < self.log_start or self.term_at(pr.next - 1) is None:
-            # The entries it needs are compacted: send a snapshot, then the log after it.
-            # Also when only the term of the entry before `next` is gone: after compact()
-            # keeps a tail, log_start - 1 < snap_index and its term is unknown, so no
-            # append from log_start can be built (_emit_append fell back to an empty one
-            # at the snapshot point, the follower answered "next = log_start" again: a
-            # loop that lasted until the leader compacted again, forever if idle).
-            pr.snapshot_pending_until = self.tick_now + 4 * cfg.election_ticks
-            self._early.append(Envelope(to, SnapshotRequest(self.term, self.id, self.snap_index, self.snap_term)))
-            return
-        if pr.probing:
-            # One batch at a time from `next` until the follower confirms where the logs agree.
-            if pr.probe_out and not heartbeat:
-                return
-            if not heartbeat and pr.next > self.last_index:
-                return
-            self._emit_append(to, pr, LogIndex(pr.next - 1), self._batch_from(pr.next))
-            pr.probe_out = True
-            return
-        sent = False
-        while pr.next <= self.last_index and pr.next - 1 - pr.match < cfg.max_outstanding_entries:
-            ents = self._batch_from(pr.next)
-            self._emit_append(to, pr, LogIndex(pr.next - 1), ents)
-            pr.next = LogIndex(ents[-1].index + 1)
-            sent = True
-        if not sent and (heartbeat or pr.sent_commit < self.commit):
-            self._emit_append(to, pr, LogIndex(pr.next - 1), [])
-
-    def _batch_from(self, nxt: int) -> list[Entry]:
-        cfg = self.cfg
-        lo = nxt - self.log_start
-        end = min(len(self.log), lo + cfg.max_batch_entries)
-        hi = lo
-        size = 0
-        while hi < end:
-            size += len(self.log[hi].data) + 24
-            hi += 1
-            if size >= cfg.max_batch_bytes:
-                break
-        return self.log[lo:hi]
-
-    def _emit_append(self, to: NodeId, pr: Progress, prev: LogIndex, ents: list[Entry]) -> None:
-        prev_term = self.term_at(prev)
-        if prev_term is None:   # compacted under us: fall back to the snapshot point
-            prev, prev_term = self.snap_index, self.snap_term
-            ents = []
-        msg = AppendRequest(self.term, self.id, prev, prev_term, tuple(ents), self.commit, self.safe,
-                            self.read_round)
-        self._early.append(Envelope(to, msg))
-        pr.sent_commit = self.commit
-
-    def report_unreachable(self, to: NodeId) -> None:
-        """The transport could not deliver to `to`: stop pipelining, probe on the next heartbeat."""
-        pr = self.progress.get(to)
-        if self.role == "leader" and pr is not None and not pr.probing:
-            pr.probing = True
-            pr.probe_out = False
-            pr.next = LogIndex(pr.match + 1)
-
-    # ---- receiving -----------------------------------------------------------------
-    def step(self, m: Message) -> None:
-        if m.sender not in self.cfg.nodes or m.sender == self.id:
-            return   # not a member: ignore (the transport also checks the cluster token)
-        if isinstance(m, VoteRequest):
-            self._on_vote_request(m)
-            return
-        if isinstance(m, VoteResponse) and m.pre_vote:
-            self._on_vote_response(m)
-            return
-        if m.term > self.term:
-            leader = m.sender if isinstance(m, (AppendRequest, SnapshotRequest, TimeoutNow)) else None
-            self.become_follower(m.term, leader)
-        elif m.term < self.term:
-            # Fencing: a stale sender learns our term from the answer and steps down.
-            if isinstance(m, (AppendRequest, SnapshotRequest)):
-                self._send_late(m.sender, AppendResponse(self.term, self.id, False, LogIndex(0), LogIndex(0),
-                                                         m.read_round if isinstance(m, AppendRequest) else 0))
-            return
-        match m:
-            case AppendRequest():
-                self._on_append_request(m)
-            case AppendResponse():
-                self._on_append_response(m)
-            case VoteResponse():
-                self._on_vote_response(m)
-            case TimeoutNow():
-                if self.role != "leader":
-                    self._campaign(pre_vote=False, transfer=True)
-            case SnapshotRequest():
-                self._on_snapshot_request(m)
-
-    def _log_ok(self, last_index: int, last_term: int) -> bool:
-        return (last_term, last_index) >= (self.last_term, self.last_index)
-
-    def _on_vote_request(self, m: VoteRequest) -> None:
-        in_lease = (self.leader_id is not None and self.elapsed < self.cfg.election_ticks) or self.role == "leader"
-        if m.pre_vote:
-            grant = m.term > self.term and self._log_ok(m.last_index, m.last_term) and (m.transfer or not in_lease)
-            if grant and self.pre_voting and self.role == "follower" and \
-                    (m.last_term, m.last_index, self.id) > (self.last_term, self.last_index, m.sender):
-                # Two followers suspecting the same dead leader at the same moment would both
-                # pass pre-vote and split the real vote (seen: three split rounds in a row).
-                # The one with the better log — or, if equal, the lower id — goes on alone.
-                self.pre_voting = False
-                self.elapsed = 0
-                self.election_deadline = self._new_election_deadline()
-            self._send_late(m.sender, VoteResponse(m.term if grant else self.term, self.id, grant, True))
-            return
-        if m.term < self.term:
-            self._send_late(m.sender, VoteResponse(self.term, self.id, False))
-            return
-        if m.term > self.term:
-            if in_lease and not m.transfer:
-                # Leader lease: we heard from a live leader recently; ignore the disruption.
-                return
-            self.become_follower(m.term, None)
-        grant = (self.vote is None or self.vote == m.sender) and self._log_ok(m.last_index, m.last_term)
-        if grant:
-            self.vote = m.sender
-            self._hard_dirty = True          # persisted (fsync) before the answer leaves
-            self.elapsed = 0
-            self.election_deadline = self._new_election_deadline()
-        self._send_late(m.sender, VoteResponse(self.term, self.id, grant))
-
-    def _on_vote_response(self, m: VoteResponse) -> None:
-        if m.pre_vote:
-            if not self.pre_voting or self.role != "follower" or m.term != self.term + 1:
-                if m.term > self.term and not m.granted:
-                    self.become_follower(m.term, None)
-                return
-        elif self.role != "candidate" or m.term != self.term:
-            return
-        self.votes[m.sender] = m.granted
-        granted = sum(1 for v in self.votes.values() if v)
-        refused = sum(1 for v in self.votes.values() if not v)
-        if granted >= self.qe:
-            if m.pre_vote:
-                self._campaign(pre_vote=False)
-            else:
-                self.become_leader()
-        elif refused > self.n - self.qe:
-            if m.pre_vote:
-                self.pre_voting = False
-                # Voters still inside their lease say no; it expires within the jitter
-                # window, so retry soon rather than after a whole timeout.
-                self.election_deadline = self.elapsed + self.rng.randint(1, max(1, self.cfg.jitter_ticks))
-            else:
-                self.become_follower(self.term, None)
-
-    def _on_append_request(self, m: AppendRequest) -> None:
-        if self.role != "follower" or self.leader_id != m.sender:
-            self.become_follower(self.term, m.sender)
-        self.elapsed = 0
-        self.pre_voting = False
-        prev, prev_term = m.prev_index, m.prev_term
-        ents = m.entries
-        if prev < self.snap_index:
-            # Part of it is already covered by our snapshot (committed, identical): skip it.
-            skip = self.snap_index - prev
-            if skip > len(ents):
-                self._send_late(m.sender, AppendResponse(self.term, self.id, True, self.snap_index,
-                                                         LogIndex(0), m.read_round))
-                return
-            ents = ents[skip:]
-            prev, prev_term = self.snap_index, self.snap_term
-        local_prev_term = self.term_at(prev)
-        if prev > self.last_index or local_prev_term != prev_term:
-            if prev > self.last_index:
-                hint = LogIndex(self.last_index + 1)
-            else:
-                # skip back over the whole conflicting term
-                ct = local_prev_term
-                i = prev
-                while i - 1 > max(self.safe, self.snap_index) and self.term_at(i - 1) == ct:
-                    i -= 1
-                hint = LogIndex(max(i, self.safe + 1))
-            self._send_late(m.sender, AppendResponse(self.term, self.id, False, LogIndex(0), hint, m.read_round))
-            return
-        # logs agree at prev: append, replacing any conflicting suffix
-        new: list[Entry] = []
-        for k, e in enumerate(ents):
-            if e.index <= self.last_index:
-                if self.term_at(e.index) == e.term:
-                    continue
-                self._truncate_from(e.index)
-            new = list(ents[k:])
-            break
-        if new:
-            invariant(new[0].index == self.last_index + 1, "append would leave a gap")
-            self.log.extend(new)
-        last_new = LogIndex(prev + len(ents))
-        if m.commit > self.commit:
-            self.commit = LogIndex(max(self.commit, min(m.commit, last_new)))
-        if m.safe > self.safe:
-            self.safe = LogIndex(max(self.safe, min(m.safe, last_new)))
-        self._send_late(m.sender, AppendResponse(self.term, self.id, True, last_new, LogIndex(0), m.read_round))
-
-    def _on_snapshot_request(self, m: SnapshotRequest) -> None:
-        if self.role != "follower" or self.leader_id != m.sender:
-            self.become_follower(self.term, m.sender)
-        self.elapsed = 0
-        if m.index <= self.safe or (self.term_at(m.index) == m.snap_term and m.index <= self.last_index):
-            # We already have it: treat as a heartbeat. Only what is known to be the leader's
-            # may be reported as matching: the snapshot entry itself, or our safe prefix (in
-            # every later leader's log). Not `commit`: with async acks a deposed leader's
-            # commit covers its own unreplicated entries; answering match=commit made the
-            # leader skip them for good (it never probes below match) and count them safe.
-            match = m.index if self.term_at(m.index) == m.snap_term else self.safe
-            self._send_late(m.sender, AppendResponse(self.term, self.id, True, LogIndex(match), LogIndex(0), 0))
-            return
-        # Replace everything with the leader's snapshot.
-        if self.log:
-            cut_at = max(self.log_start, self.safe + 1)
-            self._truncated.extend(e for e in self.log if e.index >= cut_at)
-        self.log = []
-        self.snap_index, self.snap_term = m.index, m.snap_term
-        self.log_start = LogIndex(m.index + 1)
-        self.commit = self.safe = self.applied = self.stable = m.index
-        self._unstable_from = LogIndex(m.index + 1)
-        self._rollback_from = None
-        self._install = m
-        self._send_late(m.sender, AppendResponse(self.term, self.id, True, m.index, LogIndex(0), 0))
-
-    def _on_append_response(self, m: AppendResponse) -> None:
-        if self.role != "leader":
-            return
-        pr = self.progress.get(m.sender)
-        if pr is None:
-            return
-        pr.last_ack_tick = self.tick_now
-        if m.read_round > pr.acked_round:
-            pr.acked_round = m.read_round
-            self._confirm_reads()
-        if m.success:
-            if m.match_index > pr.match:
-                pr.match = m.match_index
-                pr.snapshot_pending_until = -1
-            if pr.probing:
-                pr.probing = False
-                pr.probe_out = False
-                pr.next = LogIndex(pr.match + 1)
-            elif pr.next <= pr.match:
-                pr.next = LogIndex(pr.match + 1)
-            self._advance_commit()
-            if self.transfer_to == m.sender:
-                self._maybe_send_timeout_now()
-            self._send_append(m.sender)
-        else:
-            if m.hint_index == 0:
-                return   # a stale-term refusal: nothing to learn about the log
-            pr.probing = True
-            pr.probe_out = False
-            pr.next = LogIndex(max(pr.match + 1, min(pr.next - 1, m.hint_index), 1))
-            self._send_append(m.sender)
-
-    def _confirm_reads(self) -> None:
-        if not self.pending_reads:
-            return
-        rounds = sorted((p.acked_round for p in self.progress.values()), reverse=True)
-        need = self.majority - 1
-        confirmed_round = rounds[need - 1] if need >= 1 else self.read_round
-        keep = []
-        for r in self.pending_reads:
-            if r.round <= confirmed_round:
-                self._read_states.append((r.rid, r.index))
-            else:
-                keep.append(r)
-        self.pending_reads = keep
-
-    def _advance_commit(self) -> None:
-        if self.role != "leader":
-            return
-        own = self.stable
-        fm = sorted((p.match for p in self.progress.values()), reverse=True)
-        acks = self.cfg.acks
-        if acks == "async" or not fm:
-            cand = own
-        elif acks == "semi-sync":
-            k = min(self.cfg.sync_followers, len(fm))
-            cand = min(own, fm[k - 1]) if k >= 1 else own
-        else:
-            cand = min(own, fm[-1])
-        if cand > self.commit and self.term_at(cand) == self.term:
-            self.commit = LogIndex(cand)
-            if self.waiting_reads:
-                w, self.waiting_reads = self.waiting_reads, []
-                for rid in w:
-                    self._queue_read(rid)
-        allm = sorted([own, *fm], reverse=True)
-        scand = allm[self.qc - 1]
-        if scand > self.safe and self.term_at(scand) == self.term:
-            self.safe = LogIndex(scand)
-
-    def replicated_on(self, index: int) -> int:
-        """How many nodes (leader included, once synced) durably hold `index`."""
-        c = 1 if self.stable >= index else 0
-        return c + sum(1 for p in self.progress.values() if p.match >= index)
-
-    # ---- Ready / advance -------------------------------------------------------------
+    # ---- Ready -------------------------------------------------------------------------
     def has_ready(self) -> bool:
-        if self.role == "leader":
-            self._flush_sends()
-        return bool(self._hard_dirty or self._unstable_from <= self.last_index or self._early or self._out
-                    or self.commit > self.applied or self._truncated or self._install or self._read_states
-                    or self._reads_failed or self._rollback_from is not None)
-
-    def _flush_sends(self) -> None:
-        """Queue what the leader owes its followers: new entries, commit news, read rounds."""
-        if self._need_broadcast:
-            self._broadcast_append()
-        else:
-            for p in self.peers:
-                self._send_append(p)
+        return bool(self._results or self._out or self._events or self._rollback or self.raft.has_ready())
 
     def ready(self) -> Ready:
-        if self.role == "leader":
-            self._flush_sends()
-        rd = Ready()
-        if self._hard_dirty:
-            rd.hard_state = HardState(self.term, self.vote)
-        if self._unstable_from <= self.last_index:
-            rd.entries = tuple(self.entries_between(self._unstable_from, self.last_index))
-        if rd.hard_state is None:
-            rd.early_outbox = tuple(self._early)
-            rd.outbox = tuple(self._out)
-        else:
-            rd.outbox = tuple(self._early) + tuple(self._out)
-        if self.commit > self.applied:
-            lo = self.applied + 1
-            hi = self.commit
-            if lo >= self.log_start:
-                rd.committed = tuple(self.entries_between(lo, hi))
-        rd.rollback_from = self._rollback_from
-        rd.truncated = tuple(self._truncated)
-        rd.install = self._install
-        rd.read_states = tuple(self._read_states)
-        rd.reads_failed = tuple(self._reads_failed)
-        rd.safe = self.safe
-        # hand-off: the runtime now owns these
-        self._hard_dirty = False
-        self._unstable_from = LogIndex(self.last_index + 1)
-        self._early, self._out = [], []
-        self._truncated = []
-        self._rollback_from = None
-        self._install = None
-        self._read_states, self._reads_failed = [], []
-        if rd.committed:
-            self.applied = rd.committed[-1].index
-        return rd
+        raft = self.raft
+        rrd = raft.ready()
+        self._raft_rd = rrd
+        stable_before = raft.stable
+        if rrd.truncated:
+            self._on_truncated(rrd.truncated)
+        apply_now: tuple[Entry, ...] = ()
+        if rrd.committed and rrd.rollback_from is None and rrd.install is None:
+            durable = min(stable_before, rrd.entries[0].index - 1) if rrd.entries else stable_before
+            apply_now = tuple(e for e in rrd.committed if e.index <= durable)
+        self._apply_later = rrd.committed[len(apply_now):]
+        if apply_now:
+            self._apply(apply_now, rrd.safe)
+        for rid, index in rrd.read_states:
+            self._raft_read_done(rid, index)
+        for rid in rrd.reads_failed:
+            self._raft_read_done(rid, None)
+        self._note_role()
+        results, self._results = tuple(self._results), []
+        out, self._out = tuple(self._out), []
+        events, self._events = tuple(self._events), []
+        rollback, self._rollback = tuple(self._rollback), []
+        return Ready(hard_state=rrd.hard_state, entries=rrd.entries, early_outbox=rrd.early_outbox,
+                     outbox=rrd.outbox + out, early_results=results, install=rrd.install, rollback=rollback,
+                     events=events)
 
     def advance(self, rd: Ready) -> None:
-        """The runtime persisted (and synced per policy) rd.entries and applied rd.committed."""
-        if rd.entries:
-            first = rd.entries[0].index
-            hi = rd.entries[-1].index
-            # only what is still in the log counts (it may have been truncated meanwhile)
-            while hi >= first and self.term_at(hi) != rd.entries[hi - first].term:
-                hi -= 1
-            if hi >= first and first <= self.stable + 1:
-                self.stable = LogIndex(max(self.stable, hi))
-        if self.role == "leader":
-            self._advance_commit()
-            if self.n == 1 and self.waiting_reads and self.term_at(self.commit) == self.term:
-                w, self.waiting_reads = self.waiting_reads, []
-                for rid in w:
-                    self._queue_read(rid)
-            if self.transfer_to is not None:
-                self._maybe_send_timeout_now()
+        raft = self.raft
+        rrd = self._raft_rd
+        invariant(rrd is not None, "advance without ready")
+        assert rrd is not None
+        self._raft_rd = None
+        if rrd.rollback_from is not None:
+            invariant(self.state.can_undo_to(rrd.rollback_from),
+                      f"must roll back from {rrd.rollback_from} but entries applied before it "
+                      f"have no undo records (safe index was wrong)")
+            undone = self.state.undo_to(rrd.rollback_from, raft.term_at(rrd.rollback_from - 1) or Term(0))
+            self._event("warning", f"rolled back {undone} applied entries from index {rrd.rollback_from}")
+        if self._apply_later:
+            later, self._apply_later = self._apply_later, ()
+            self._apply(later, rrd.safe)
+        self.state.forget_undo(rrd.safe)
+        raft.advance(rrd)
+        self._after_advance()
+        self._note_role()
 
-    def compact(self, snap_index: LogIndex, snap_term: Term) -> None:
-        """A durable snapshot covers the log through snap_index: free memory, keep a tail."""
-        invariant(snap_index <= self.applied, "snapshot beyond applied")
-        if snap_index > self.snap_index:
-            self.snap_index, self.snap_term = snap_index, snap_term
-        drop_to = min(snap_index, self.last_index - self.cfg.keep_tail_entries)
-        if drop_to >= self.log_start:
-            del self.log[: drop_to - self.log_start + 1]
-            self.log_start = LogIndex(drop_to + 1)
+    # ---- applying ----------------------------------------------------------------------
+    def _apply(self, entries: tuple[Entry, ...], safe: int) -> None:
+        state = self.state
+        writes = self._writes
+        for e in entries:
+            if e.index <= state.applied_index:
+                continue    # an install already covered it
+            res = state.apply(e, record_undo=e.index > safe)
+            w = writes.pop(e.index, None) if writes else None
+            if w is None:
+                continue
+            if w.term != e.term:
+                self._answer_write(w, Timeout("the write was replaced by a leader change; it may or may "
+                                              "not have been applied"))
+                continue
+            if w in self._early_waits:
+                continue    # answered (or to be answered) when durable on the leader
+            w.result = res
+            if w.needed and self.raft.replicated_on(e.index) < w.needed:
+                self._ack_waits.append(w)
+            else:
+                self._answer_write(w, self._write_result(w, res))
+        self.metrics.inc("kv_applied_entries_total", len(entries))
+        if self._reads:
+            for rd in list(self._reads.values()):
+                if rd.stage in ("after", "apply"):
+                    self._progress_read(rd)
+
+    def _after_advance(self) -> None:
+        raft = self.raft
+        if self._ack_waits:
+            keep = []
+            for w in self._ack_waits:
+                if raft.replicated_on(w.index) >= w.needed:
+                    assert w.result is not None
+                    self._answer_write(w, self._write_result(w, w.result))
+                else:
+                    keep.append(w)
+            self._ack_waits = keep
+        if self._early_waits:
+            keep = []
+            for w in self._early_waits:
+                if raft.stable >= w.index and raft.term_at(w.index) == w.term:
+                    v = version_str((w.term << 40) | w.index)
+                    self._answer_write(w, WriteResult(w.key, v, v, w.ops, leader=self.id))
+                    self._writes.pop(w.index, None)
+                else:
+                    keep.append(w)
+            self._early_waits = keep
+
+    def _on_truncated(self, truncated: tuple[Entry, ...]) -> None:
+        for e in truncated:
+            w = self._writes.get(e.index)
+            if w is not None and w.term == e.term:
+                del self._writes[e.index]
+                if w in self._early_waits:
+                    self._early_waits.remove(w)
+                self._answer_write(w, Timeout("the write was cut from this node's log by a new leader; it may "
+                                              "or may not survive"))
+        rows = rollback_rows(truncated)
+        if rows:
+            self._rollback.extend(rows)
+            self.metrics.inc("kv_rollback_entries_total", len(rows))
+            self._event("warning", f"rollback: removed {len(rows)} write(s) (indexes {truncated[0].index}.."
+                                   f"{truncated[-1].index}) that the new leader does not have; saved to rollback/")
+
+    # ---- roles and events --------------------------------------------------------------
+    def _event(self, level: str, message: str, counter: str | None = None) -> None:
+        self._events.append(CoreEvent(level, message, counter))  # type: ignore[arg-type]
+
+    def _note_role(self) -> None:
+        raft = self.raft
+        seen = (raft.role, raft.leader_id, raft.term)
+        if seen == self._seen:
+            return
+        prev_role, prev_leader, prev_term = self._seen
+        self._seen = seen
+        if raft.role == "leader":
+            self._event("warning", f"became leader for term {raft.term} (last index {raft.last_index})",
+                        "kv_leader_elections_won_total")
+            self._append_ticks.clear()
+        elif prev_role == "leader":
+            self._event("warning", f"no longer leader (term {raft.term}, leader {raft.leader_id})")
+        elif raft.leader_id != prev_leader and raft.leader_id is not None:
+            self._event("info", f"following {raft.leader_id} in term {raft.term}")
+        elif raft.role == "candidate":
+            self._event("info", f"campaigning in term {raft.term}")
+        if raft.term != prev_term or raft.leader_id != prev_leader:
+            # a forwarded write in flight to a leader that is gone: its fate is unknown
+            for req, f in list(self._forwarded.items()):
+                if f.leader != raft.leader_id:
+                    del self._forwarded[req]
+                    self.metrics.inc("kv_write_timeouts_total")
+                    self._results.append((req, Timeout(f"leader {f.leader} lost its leadership with the write in "
+                                                       f"flight; it may or may not have been applied")))
+
+    # ---- switchover ----------------------------------------------------------------------
+    def transfer(self, to: NodeId | None) -> NodeId:
+        """Start a planned hand-over to `to` (None: the most caught-up follower)."""
+        raft = self.raft
+        if raft.role != "leader":
+            raise NotLeader(leader_id=raft.leader_id)
+        if to is None:
+            best = max(raft.progress.items(), key=lambda kv: kv[1].match, default=None)
+            if best is None:
+                raise BadRequest("switchover needs another node to hand over to")
+            to = best[0]
+        if to != self.id:
+            if to not in raft.progress:
+                raise BadRequest(f"unknown node {to!r} for switchover")
+            raft.transfer_leadership(to)
+        return to
+
+    # ---- snapshots ---------------------------------------------------------------------
+    def snapshot_image(self) -> SnapshotImage | None:
+        raft = self.raft
+        at = LogIndex(min(self.state.applied_index, raft.safe))
+        if at <= self._snap_index:
+            return None
+        term = raft.term_at(at)
+        if term is None:
+            return None
+        data, dedup = self.state.snapshot_view(at, term)
+        rows = ((k, v, ver) for k, (v, ver) in data.items())   # a copy nobody changes: read on a disk thread
+        starts = [list(t) for t in raft.term_starts if t[1] <= at]
+        return SnapshotImage(MODE, at, term, {"kv": rows, "dedup": dedup}, {"term_starts": starts})
+
+    def compacted(self, index: LogIndex, term: Term) -> None:
+        if index > self._snap_index:
+            self._snap_index = index
+            self.raft.compact(index, term)
+
+    def installed(self, image: SnapshotImage) -> None:
+        invariant(image.index == self.raft.snap_index, "installed snapshot is not the one the core accepted")
+        self.state.load(image.index, image.term, {k: (v, ver) for k, v, ver in image.sections.get("kv", ())},
+                        list(image.sections.get("dedup", ())))
+        self._snap_index = image.index
+        for rd in list(self._reads.values()):
+            self._progress_read(rd)
+
+    # ---- status --------------------------------------------------------------------------
+    def _lag_ticks(self, match: int) -> int:
+        raft = self.raft
+        if match >= raft.last_index:
+            return 0
+        for idx, t in self._append_ticks:
+            if idx > match:
+                return raft.tick_now - t
+        return 0
+
+    def status(self) -> CoreStatus:
+        raft = self.raft
+        now = raft.tick_now
+        nodes = []
+        for nid in self.cfg.nodes:
+            if nid == self.id:
+                lag = 0 if raft.role == "leader" else max(0, raft.commit - self.state.applied_index)
+                nodes.append(PeerStatus(nid, raft.role, "up", lag, 0 if lag == 0 else None))
+                continue
+            role = "leader" if nid == raft.leader_id else "follower"
+            state = self.fd.state(nid, now)
+            lag_e: int | None = None
+            lag_t: int | None = None
+            if raft.role == "leader":
+                pr = raft.progress[nid]
+                age = now - pr.last_ack_tick
+                state = "up" if age < self.cfg.election_ticks else "suspect" if age < 3 * self.cfg.election_ticks \
+                    else "down"
+                lag_e = max(0, raft.last_index - pr.match)
+                lag_t = self._lag_ticks(pr.match)
+            elif nid == raft.leader_id:
+                lag_e, lag_t = 0, 0
+            nodes.append(PeerStatus(nid, role, state, lag_e, lag_t))
+        st = self.state
+        extra = {"commit": raft.commit, "safe": raft.safe, "last_index": raft.last_index,
+                 "election_quorum": raft.qe, "acks": self.cfg.acks}
+        counters = dict(self.metrics.c)
+        counters["kv_elections_total"] = float(raft.stats_elections)
+        gauges = {"kv_term": float(raft.term), "kv_is_leader": 1.0 if raft.role == "leader" else 0.0,
+                  "kv_applied_index": float(st.applied_index), "kv_commit_index": float(raft.commit),
+                  "kv_last_index": float(raft.last_index), "kv_keys": float(len(st)),
+                  "kv_undo_records": float(st.undo_depth)}
+        return CoreStatus(MODE, raft.role, raft.term, raft.leader_id, st.applied_index,
+                          position_token(st.applied_term, st.applied_index), len(st), tuple(nodes), extra,
+                          counters, gauges)
+
+
+def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState, image: SnapshotImage | None,
+               entries: Sequence[Entry], fresh: bool, rng: random.Random,
+               now_ms: Callable[[], int]) -> SingleLeaderCore:
+    """Recover a single-leader core: the snapshot's state, then the log after it (applied
+    again as it commits — the state machine starts at the snapshot)."""
+    state = KVState()
+    snap_index, snap_term = LogIndex(0), Term(0)
+    starts: list[tuple[int, int]] = []
+    if image is not None:
+        invariant(image.mode == MODE, f"a {image.mode} snapshot in a single-leader node")
+        state.load(image.index, image.term, {k: (v, ver) for k, v, ver in image.sections.get("kv", ())},
+                   list(image.sections.get("dedup", ())))
+        snap_index, snap_term = image.index, image.term
+        starts = [(int(t), int(i)) for t, i in image.meta.get("term_starts", [])]
+    fd = config.failure_detector
+    rcfg = RaftConfig(
+        node_id=cfg.node_id, nodes=cfg.nodes, acks=cfg.acks, sync_followers=cfg.sync_followers,
+        heartbeat_ticks=cfg.heartbeat_ticks, election_ticks=cfg.election_ticks,
+        jitter_ticks=max(1, (fd.timeout_ms // 4) // cfg.tick_ms),
+        keep_tail_entries=config.storage.keep_log_entries)
+    raft = Raft(rcfg, hard_state, list(entries), snap_index, snap_term, state.applied_index, rng, starts)
+    return SingleLeaderCore(cfg, raft, state)
+
+
+__all__ = ["MODE", "SingleLeaderCore", "build_core", "parse_token", "position_token"]

@@ -1,6 +1,7 @@
-"""Multi-leader core (kvstore/replication/multi_leader.py): per-origin logs, causal
+"""Multi-leader replica (kvstore/replication/ml_store.py): per-origin logs, causal
 merge (replace / ignore / conflict), lww and siblings resolution, HLC vs skewed clocks,
-record encodings, recovery by replay, and convergence whatever the delivery order."""
+record encodings, recovery by replay and from a snapshot image, and convergence
+whatever the delivery order. (The protocol around it: test_multi_leader_core.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from hypothesis import strategies as st
 
 from kvstore.errors import BadRequest, InvariantViolation
 from kvstore.ids import NodeId
-from kvstore.replication.multi_leader import (
+from kvstore.replication.ml_store import (
     LogRecord,
-    MultiLeaderCore,
+    MultiLeaderStore,
     decode_record,
     encode_local_record,
     encode_remote_record,
@@ -37,18 +38,18 @@ class FakePhysical:
 
 
 def make(node: NodeId, policy: str = "siblings", ids: tuple[NodeId, ...] = IDS,
-         clock: FakePhysical | None = None) -> MultiLeaderCore:
+         clock: FakePhysical | None = None) -> MultiLeaderStore:
     phys = clock or FakePhysical()
-    return MultiLeaderCore(node, tuple(i for i in ids if i != node), policy,  # type: ignore[arg-type]
-                           HybridClock(node, phys))
+    return MultiLeaderStore(node, tuple(i for i in ids if i != node), policy,  # type: ignore[arg-type]
+                            HybridClock(node, phys))
 
 
-def ship(src: MultiLeaderCore, dst: MultiLeaderCore) -> None:
+def ship(src: MultiLeaderStore, dst: MultiLeaderStore) -> None:
     """Deliver all of src's own log to dst (duplicates are skipped by dst)."""
     dst.receive(src.node_id, list(src.log))
 
 
-def live_values(c: MultiLeaderCore, key: str) -> list[bytes | None]:
+def live_values(c: MultiLeaderStore, key: str) -> list[bytes | None]:
     return [s.value for s in c.visible(key)]
 
 
@@ -277,7 +278,7 @@ def test_versions_are_dots_and_contexts_parse_back() -> None:
 
 
 # ---- convergence: any delivery order ----------------------------------------------------------
-def _random_run(policy: str, seed: int, ops: int = 40) -> list[MultiLeaderCore]:
+def _random_run(policy: str, seed: int, ops: int = 40) -> list[MultiLeaderStore]:
     rng = random.Random(seed)
     clocks = {n: FakePhysical(BASE_MS + rng.randrange(-3000, 3000)) for n in IDS}
     nodes = {n: make(n, policy, clock=clocks[n]) for n in IDS}
@@ -320,7 +321,7 @@ def test_replicas_converge_whatever_the_delivery_order(policy: str, seed: int) -
         assert other.store == first.store, f"seed {seed}: replicas differ"
     for other in nodes[1:]:
         assert all(other.visible(k) == first.visible(k) for k in first.store)
-    from kvstore.replication.multi_leader import recompute_digest
+    from kvstore.replication.ml_store import recompute_digest
     for n in nodes:   # the running digest (anti-entropy) is exactly the store's
         assert n.store_digest == recompute_digest(n.store) == first.store_digest
     if policy == "lww":
@@ -328,30 +329,28 @@ def test_replicas_converge_whatever_the_delivery_order(policy: str, seed: int) -
 
 
 # ---- snapshots, log trimming, state transfer ---------------------------------------------------
-def _snapshot_of(c: MultiLeaderCore, wal_index: int = 7) -> list[bytes]:
-    from kvstore.replication.multi_leader import snapshot_payloads
-    return snapshot_payloads(c.node_id, list(c.store.items()), list(c.log), c.log_base, dict(c.applied),
-                             c.clock.last(), wal_index)
-
-
 def test_snapshot_round_trip_restores_store_log_positions_and_clock() -> None:
-    from kvstore.replication.multi_leader import SNAPSHOT_CHUNK, load_snapshot
+    import msgpack
     a, b = make(N1), make(N2)
-    for i in range(SNAPSHOT_CHUNK + 5):               # more than one chunk
+    for i in range(2100):
         a.local_write(f"k{i}", b"v", None)
     b.local_write("k1", b"b", None)
     a.receive(N2, list(b.log))
     a.trim_log(3)
-    fresh = make(N1)
-    head = load_snapshot(fresh, _snapshot_of(a))
-    assert head["wal_index"] == 7
-    assert fresh.store == a.store and fresh.applied == a.applied
-    assert fresh.log_base == 3 and fresh.last_seq == a.last_seq and fresh.log == a.log
-    assert fresh.clock.now() > a.clock.last()
+    sections, meta = a.image_parts(a.mark())
+    assert meta["last_seq"] == a.last_seq == 2100
+    on_disk = msgpack.unpackb(msgpack.packb({k: list(v) for k, v in sections.items()}, use_bin_type=True),
+                              raw=False)
+    for secs in (sections, on_disk):
+        fresh = make(N1)
+        fresh.load_image(secs, meta)
+        assert fresh.store == a.store and fresh.applied == a.applied
+        assert fresh.log_base == 3 and fresh.last_seq == a.last_seq and fresh.log == a.log
+        assert fresh.clock.now() > a.clock.last()
     with pytest.raises(BadRequest):
-        load_snapshot(make(N1), _snapshot_of(a)[:-1])       # a chunk missing
+        make(N1).load_image({**sections, "containers": list(sections["containers"])[:-1]}, meta)  # rows missing
     with pytest.raises(BadRequest):
-        load_snapshot(make(N2), _snapshot_of(a))            # another node's snapshot
+        make(N2).load_image(sections, meta)                     # another node's snapshot
 
 
 def test_trimmed_log_sends_a_peer_that_fell_behind_it_the_state_instead() -> None:
@@ -374,7 +373,7 @@ def test_trimmed_log_sends_a_peer_that_fell_behind_it_the_state_instead() -> Non
 
 
 def test_state_records_round_trip_and_replay() -> None:
-    from kvstore.replication.multi_leader import decode_state_record, encode_state_record
+    from kvstore.replication.ml_store import decode_state_record, encode_state_record
     a = make(N1)
     a.local_write("k", b"v", None)
     data = encode_state_record(N1, list(a.store.items()), 1)
@@ -403,7 +402,7 @@ def test_a_node_that_lost_its_log_continues_after_it_and_never_reuses_a_dot() ->
 
 
 def test_fast_forward_is_replayed_from_its_record() -> None:
-    from kvstore.replication.multi_leader import decode_state_record, encode_state_record
+    from kvstore.replication.ml_store import decode_state_record, encode_state_record
     a = make(N1)
     data = encode_state_record(N1, [], 9)
     a.replay_state(*decode_state_record(data))  # type: ignore[misc]
@@ -411,7 +410,7 @@ def test_fast_forward_is_replayed_from_its_record() -> None:
 
 
 def test_the_empty_start_write_gate_is_replayed_until_every_peer_answered() -> None:
-    from kvstore.replication.multi_leader import (
+    from kvstore.replication.ml_store import (
         AWAIT_POSITIONS,
         HEARD_ALL,
         decode_state_record,
