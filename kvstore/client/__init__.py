@@ -1,6 +1,8 @@
 """The kvstore client library: AsyncClient (asyncio) and Client (blocking), sessions,
 typed results and the KVError exception tree. See docs/client.md.
 
+It needs only aiohttp and msgpack (plus kvstore.errors): none of the server's modules.
+
     from kvstore.client import Client, NotFound
     with Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002"]) as kv:
         kv.put("greeting", b"hello")
@@ -20,22 +22,28 @@ from kvstore.errors import (
     VersionMismatch,
 )
 
-from .aio import AsyncClient, Session
+from .aio import AsyncClient, BatchOp, MergeFn, Session
 from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
+from .options import Acks, Consistency, ReadPreference, Value
 from .results import NodeStatus, Result, Sibling, Siblings
 from .sync import Client, SyncSession
 
 __all__ = [
+    "Acks",
     "AsyncClient",
     "BadRequest",
+    "BatchOp",
     "Client",
     "ConfigError",
     "Conflict",
+    "Consistency",
     "IndeterminateError",
     "KVError",
+    "MergeFn",
     "NodeStatus",
     "NotFound",
     "NotLeader",
+    "ReadPreference",
     "Result",
     "Session",
     "Sibling",
@@ -45,6 +53,7 @@ __all__ = [
     "TooLarge",
     "Unauthorized",
     "Unavailable",
+    "Value",
     "VersionMismatch",
     "error_from_reply",
     "map_exceptions",

@@ -6,7 +6,8 @@ write (KV-Request-Id: the same id on every retry of one write, so a deduplicatin
 leader applies it once), sessions (KV-Token -> KV-After) and read preferences.
 Error translation happens only in errors.map_exceptions / errors.error_from_reply.
 
-Imports: aiohttp, asyncio, kvstore.errors, and the pure client modules.
+Imports: aiohttp (with its yarl and multidict), asyncio, kvstore.errors, and the pure
+client modules.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import aiohttp
-import msgpack
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from kvstore.errors import BadRequest, KVError, NotLeader, Unavailable
 
 from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
+from .options import ACKS, CONSISTENCIES, READ_PREFERENCES, Acks, Consistency, ReadPreference, Value, check_choice
 from .results import NodeStatus, Result, Sibling, Siblings
-from .topology import READ_PREFERENCES, Topology, backoff_delay
+from .topology import Topology, backoff_delay
 from .wire import (
     ACCEPT_JSON,
     ACCEPT_MSGPACK,
@@ -39,6 +40,7 @@ from .wire import (
     as_bytes,
     decode_body,
     key_path,
+    pack,
     parse_siblings,
     parse_urls,
     strip_quotes,
@@ -46,7 +48,12 @@ from .wire import (
 
 log = logging.getLogger("kvstore.client")
 
-MergeFn = Callable[[list[bytes]], "bytes | str | None"]
+MergeFn: TypeAlias = Callable[[list[bytes]], "bytes | str | None"]
+"""resolve()'s merge function: the live sibling values in, the merged value out (None
+deletes the key)."""
+
+BatchOp: TypeAlias = tuple[Literal["put"], str, Value] | tuple[Literal["delete"], str]
+"""One write of batch(): ("put", key, value) or ("delete", key)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +92,7 @@ class AsyncClient:
         *,
         attempt_timeout: float = 5.0,
         retry_indeterminate: bool = True,
-        read_preference: str = "leader",
+        read_preference: ReadPreference = "leader",
         use_msgpack: bool = True,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
@@ -96,9 +103,7 @@ class AsyncClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if read_preference not in READ_PREFERENCES:
-            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}, "
-                             f"got {read_preference!r}")
+        check_choice("read_preference", read_preference, READ_PREFERENCES)
         if timeout <= 0 or attempt_timeout <= 0:
             raise ValueError("timeout and attempt_timeout must be positive")
         self.seeds = parse_urls(urls)
@@ -107,7 +112,7 @@ class AsyncClient:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.retry_indeterminate = retry_indeterminate
-        self.read_preference = read_preference
+        self.read_preference: ReadPreference = read_preference
         self.use_msgpack = use_msgpack
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -157,8 +162,9 @@ class AsyncClient:
         return s
 
     # ---- public API -------------------------------------------------------------------
-    def session(self, read_preference: str | None = None, token: str | None = None) -> Session:
-        """A session: read-your-writes and monotonic reads, even from followers."""
+    def session(self, read_preference: ReadPreference | None = None, token: str | None = None) -> Session:
+        """A session: read-your-writes and monotonic reads, even from followers. token: a
+        KV-Token to start from (e.g. one saved from another session)."""
         return Session(self, read_preference or self.read_preference, token)
 
     @property
@@ -166,54 +172,68 @@ class AsyncClient:
         """The id of the leader as last learned (None if unknown or leaderless)."""
         return self.topology.leader_id
 
-    async def get(self, key: str, *, consistency: str | None = None,
-                  read_preference: str | None = None) -> Result:
+    async def get(self, key: str, *, consistency: Consistency | None = None,
+                  read_preference: ReadPreference | None = None) -> Result:
+        """The value of key. NotFound if absent; Conflict if it has concurrent versions
+        (siblings modes: use get_siblings or resolve)."""
         out = await self._read(key, None, consistency, read_preference or self.read_preference, False)
         assert isinstance(out, Result)
         return out
 
-    async def get_siblings(self, key: str, *, consistency: str | None = None,
-                           read_preference: str | None = None) -> Siblings:
+    async def get_siblings(self, key: str, *, consistency: Consistency | None = None,
+                           read_preference: ReadPreference | None = None) -> Siblings:
+        """Every concurrent version of key (exactly one when there is no conflict)."""
         out = await self._read(key, None, consistency, read_preference or self.read_preference, True)
         assert isinstance(out, Siblings)
         return out
 
-    async def put(self, key: str, value: bytes | str, *, if_match: str | None = None,
-                  context: str | None = None, acks: str | None = None,
+    async def put(self, key: str, value: Value, *, if_match: str | None = None,
+                  context: str | None = None, acks: Acks | None = None,
                   request_id: str | None = None) -> Result:
+        """Store value under key. if_match: only if the key's version is that one
+        (VersionMismatch otherwise); context: supersede the siblings of that context;
+        acks: this write's acknowledgement level; request_id: the KV-Request-Id (one is
+        made up when None) every retry of this write carries."""
         return await self._write("PUT", key, as_bytes(value), if_match=if_match, context=context,
                                  acks=acks, request_id=request_id, sess=None)
 
-    async def cas(self, key: str, expected_version: str, value: bytes | str, *,
-                  acks: str | None = None, request_id: str | None = None) -> Result:
+    async def create(self, key: str, value: Value, *, acks: Acks | None = None,
+                     request_id: str | None = None) -> Result:
+        """Store value only if key does not exist yet (If-None-Match: *); VersionMismatch
+        if it does. Single-leader mode (other modes answer BadRequest)."""
+        return await self._write("PUT", key, as_bytes(value), if_match=None, context=None, acks=acks,
+                                 request_id=request_id, sess=None, if_none_match=True)
+
+    async def cas(self, key: str, expected_version: str, value: Value, *,
+                  acks: Acks | None = None, request_id: str | None = None) -> Result:
         """Compare-and-set: write only if the key's version is still expected_version
         (VersionMismatch otherwise)."""
         return await self._write("PUT", key, as_bytes(value), if_match=expected_version,
                                  context=None, acks=acks, request_id=request_id, sess=None)
 
     async def delete(self, key: str, *, if_match: str | None = None, context: str | None = None,
-                     acks: str | None = None, request_id: str | None = None) -> Result:
+                     acks: Acks | None = None, request_id: str | None = None) -> Result:
         """Delete key (absent is fine). With context (from get_siblings), the delete
         supersedes exactly those siblings."""
         return await self._write("DELETE", key, None, if_match=if_match, context=context, acks=acks,
                                  request_id=request_id, sess=None)
 
-    async def batch(self, ops: Iterable[tuple[Any, ...]], *, acks: str | None = None,
+    async def batch(self, ops: Iterable[BatchOp], *, acks: Acks | None = None,
                     request_id: str | None = None) -> Result:
         """Apply several writes as ONE log entry (POST /kv/_batch, single-leader mode):
         ops are ("put", key, value) or ("delete", key). All or nothing; retried with one
         request id like any write. The bulk-load path (Redis pipelining, etcd txn)."""
         wire_ops: list[list[Any]] = []
         for op in ops:
-            if op[0] == "put":
+            if op[0] == "put" and len(op) == 3:
                 wire_ops.append(["put", op[1], as_bytes(op[2])])
-            elif op[0] == "delete":
+            elif op[0] == "delete" and len(op) == 2:
                 wire_ops.append(["delete", op[1]])
             else:
-                raise BadRequest(f"batch op must be put or delete, got {op[0]!r}")
+                raise BadRequest(f"a batch op is ('put', key, value) or ('delete', key), got {op!r}")
         if not wire_ops:
             raise BadRequest("batch needs at least one op")
-        body = msgpack.packb({"ops": wire_ops}, use_bin_type=True)
+        body = pack({"ops": wire_ops})
         return await self._write("POST", "_batch", body, if_match=None, context=None, acks=acks,
                                  request_id=request_id, sess=None)
 
@@ -434,8 +454,8 @@ class AsyncClient:
 
     # ---- internals: writes ------------------------------------------------------------
     async def _write(self, method: str, key: str, body: bytes | None, *, if_match: str | None,
-                     context: str | None, acks: str | None, request_id: str | None,
-                     sess: Session | None) -> Result:
+                     context: str | None, acks: Acks | None, request_id: str | None,
+                     sess: Session | None, if_none_match: bool = False) -> Result:
         """Send a write to the leader, following it through failovers, within the deadline.
 
         Every attempt carries the same KV-Request-Id. A failure that proves the write was
@@ -445,6 +465,8 @@ class AsyncClient:
         attempt happened, running out of time raises IndeterminateError, never Unavailable.
         Other answers (400, 401, 412, 413) are final.
         """
+        if acks is not None:
+            check_choice("acks", acks, ACKS)
         path = key_path(key)
         rid = request_id or uuid.uuid4().hex
         deadline = self._clock() + self.timeout
@@ -453,6 +475,8 @@ class AsyncClient:
             extra["Content-Type"] = "application/octet-stream"
         if if_match is not None:
             extra["If-Match"] = strip_quotes(str(if_match))
+        if if_none_match:
+            extra["If-None-Match"] = "*"
         if context is not None:
             extra["KV-Context"] = context
         if acks is not None:
@@ -534,19 +558,20 @@ class AsyncClient:
                       context=reply.headers.get("KV-Context"), request_id=rid)
 
     # ---- internals: reads -------------------------------------------------------------
-    def _consistency_for(self, pref: str, explicit: str | None) -> str | None:
+    def _consistency_for(self, pref: ReadPreference, explicit: Consistency | None) -> Consistency | None:
         if explicit is not None:
             return explicit
         if not self.topology.single_leader:
             return None  # leaderless / multi-leader: let the coordinator do its quorum read
         return "leader" if pref == "leader" else "local"
 
-    async def _read(self, key: str, sess: Session | None, consistency: str | None, pref: str,
-                    want_siblings: bool) -> Result | Siblings:
+    async def _read(self, key: str, sess: Session | None, consistency: Consistency | None,
+                    pref: ReadPreference, want_siblings: bool) -> Result | Siblings:
         """Read with retries: any node that fails (connection error, timeout, 503) is
         avoided for a while and the read goes to the next one, until the deadline."""
-        if pref not in READ_PREFERENCES:
-            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}")
+        check_choice("read_preference", pref, READ_PREFERENCES)
+        if consistency is not None:
+            check_choice("consistency", consistency, CONSISTENCIES)
         path = key_path(key)
         deadline = self._clock() + self.timeout
         await self._ensure_topology()
@@ -646,11 +671,10 @@ class Session:
     guarantees such an answer's token is at or beyond it), so concurrent calls in one
     session can never move it backwards. Get a session from AsyncClient.session()."""
 
-    def __init__(self, client: AsyncClient, read_preference: str, token: str | None = None) -> None:
-        if read_preference not in READ_PREFERENCES:
-            raise ValueError(f"read_preference must be one of {', '.join(READ_PREFERENCES)}")
+    def __init__(self, client: AsyncClient, read_preference: ReadPreference, token: str | None = None) -> None:
+        check_choice("read_preference", read_preference, READ_PREFERENCES)
         self.client = client
-        self.read_preference = read_preference
+        self.read_preference: ReadPreference = read_preference
         self.token = token
         self.sticky_url: str | None = None
 
@@ -663,29 +687,34 @@ class Session:
         """Id of the node a sticky session currently reads from."""
         return self.client.topology.id_of(self.sticky_url) if self.sticky_url else None
 
-    async def get(self, key: str, *, consistency: str | None = None) -> Result:
+    async def get(self, key: str, *, consistency: Consistency | None = None) -> Result:
         out = await self.client._read(key, self, consistency, self.read_preference, False)
         assert isinstance(out, Result)
         return out
 
-    async def get_siblings(self, key: str, *, consistency: str | None = None) -> Siblings:
+    async def get_siblings(self, key: str, *, consistency: Consistency | None = None) -> Siblings:
         out = await self.client._read(key, self, consistency, self.read_preference, True)
         assert isinstance(out, Siblings)
         return out
 
-    async def put(self, key: str, value: bytes | str, *, if_match: str | None = None,
-                  context: str | None = None, acks: str | None = None,
+    async def put(self, key: str, value: Value, *, if_match: str | None = None,
+                  context: str | None = None, acks: Acks | None = None,
                   request_id: str | None = None) -> Result:
         return await self.client._write("PUT", key, as_bytes(value), if_match=if_match, context=context,
                                         acks=acks, request_id=request_id, sess=self)
 
-    async def cas(self, key: str, expected_version: str, value: bytes | str, *,
-                  acks: str | None = None, request_id: str | None = None) -> Result:
+    async def create(self, key: str, value: Value, *, acks: Acks | None = None,
+                     request_id: str | None = None) -> Result:
+        return await self.client._write("PUT", key, as_bytes(value), if_match=None, context=None,
+                                        acks=acks, request_id=request_id, sess=self, if_none_match=True)
+
+    async def cas(self, key: str, expected_version: str, value: Value, *,
+                  acks: Acks | None = None, request_id: str | None = None) -> Result:
         return await self.client._write("PUT", key, as_bytes(value), if_match=expected_version,
                                         context=None, acks=acks, request_id=request_id, sess=self)
 
     async def delete(self, key: str, *, if_match: str | None = None, context: str | None = None,
-                     acks: str | None = None, request_id: str | None = None) -> Result:
+                     acks: Acks | None = None, request_id: str | None = None) -> Result:
         return await self.client._write("DELETE", key, None, if_match=if_match, context=context,
                                         acks=acks, request_id=request_id, sess=self)
 
@@ -711,4 +740,4 @@ def _opt_str(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
-__all__ = ["AsyncClient", "MergeFn", "Session"]
+__all__ = ["AsyncClient", "BatchOp", "MergeFn", "Session"]

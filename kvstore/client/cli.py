@@ -1,173 +1,411 @@
-"""The command-line client: `kvstore get/put/delete/status/watch-status`.
+"""The command-line client: `kvstore get/put/delete/status/watch-status/ring`, and the
+parsing conventions every `kvstore` subcommand shares (CommandParser, UsageError).
 
-kvstore/cli.py hands the FULL argv here (global options may stand before or after the
-subcommand). Exit codes: 0 ok; 2 bad usage (one line); 1 any other failure (one line
-on stderr, never a traceback).
+kvstore/cli.py builds the one `kvstore` parser: it registers these subcommands with
+add_client_commands() and runs them with run_namespace(). main() here is the same client
+without the server's commands (`python -m kvstore.client.cli`): it needs nothing but the
+client library.
 
-Imports: the client library, asyncio, json, os, sys.
+Client options (--url, --token, --json, --timeout) may stand before or after the
+subcommand: the top-level parser and every client subparser both know them (the
+top-level ones under a `top_` dest); a value given after the subcommand wins, --url
+values add up. Environment: KVSTORE_URL (comma-separated), KVSTORE_TOKEN (or the older
+KVSTORE_CLIENT_TOKEN).
+
+Exit codes (CONTRACT §8), the same with and without --json: 0 ok; 1 key not found;
+2 bad usage or config; 3 unavailable, timeout, unreachable or indeterminate; 4
+precondition failed (compare-and-set mismatch, create-only on an existing key). Any other
+failure is 1 as well (CONTRACT §1). An error is one line on stderr (`kvstore: ...`); with
+--json it is one JSON object {"error", "message", "exit_code", ...} on stderr and results
+are JSON on stdout.
+
+Imports: argparse, asyncio, json, re, sys and the client library (no server modules).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import IO, Any, NoReturn, TextIO, cast
 
-from kvstore.errors import ConfigError, KVError, NotFound, Unavailable
+from kvstore.errors import (
+    BadRequest,
+    ConfigError,
+    KVError,
+    NotFound,
+    Timeout,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    VersionMismatch,
+)
 
 from .aio import AsyncClient
 from .errors import Conflict
+from .options import ACKS, CONSISTENCIES, READ_PREFERENCES, Acks, Consistency, ReadPreference
 from .results import NodeStatus, Result
-from .wire import DEFAULT_URL
+from .wire import DEFAULT_URL, parse_urls
 
 COMMANDS = ("get", "put", "delete", "status", "watch-status", "ring")
-_VALUE_OPTS = {"--url", "--token", "--timeout", "--count", "--interval", "--if-match",
-               "--consistency", "--acks", "--read-preference"}
-_FLAG_OPTS = {"--json", "--help", "-h"}
 
-USAGE = """\
-usage: kvstore [--url URL]... [--token TOKEN] [--json] [--timeout SECONDS] COMMAND ...
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_FAILURE = 1          # anything that is none of the finer codes
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_PRECONDITION = 4
 
-commands:
-  get KEY                 print the value of KEY (raw bytes) to stdout
-  put KEY VALUE|-         store VALUE (- reads it from stdin)
-  delete KEY              delete KEY (deleting an absent key is not an error)
-  status                  the cluster as a table: node, role, term, state, lag
-  watch-status            the same table, refreshed every second until Ctrl-C
+DEFAULT_TIMEOUT_S = 5.0
 
-options (before or after the command):
-  --url URL               a node URL; repeat for several (env KVSTORE_URL, comma-separated;
-                          default http://127.0.0.1:7001)
-  --token TOKEN           client token (env KVSTORE_CLIENT_TOKEN)
-  --json                  machine-readable output
-  --timeout SECONDS       total deadline of one command, retries included (default 5)
-  --if-match VERSION      put/delete: only if the key's version is VERSION (compare-and-set)
-  --consistency LEVEL     get: leader | local
-  --acks LEVEL            put/delete: async | semi-sync | sync
+CLIENT_EPILOG = f"""\
+environment:
+  KVSTORE_URL             node URLs, comma-separated (when no --url is given;
+                          default {DEFAULT_URL})
+  KVSTORE_TOKEN           client token (when no --token is given; the older
+                          KVSTORE_CLIENT_TOKEN works too)
+
+exit codes:
+  0 ok; 1 key not found; 2 bad usage or config; 3 unavailable, timeout, unreachable
+  or indeterminate (a write that may or may not have been applied); 4 precondition
+  failed (--if-match mismatch, --create on an existing key)
 """
 
 
+# ---- parsing ----------------------------------------------------------------------------
+
 class UsageError(Exception):
-    """Bad command line: exit code 2."""
+    """A bad command line (exit code 2). `prog` is the command whose --help explains it."""
+
+    def __init__(self, message: str, prog: str = "kvstore") -> None:
+        super().__init__(message)
+        self.message = message
+        self.prog = prog
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one plain line) instead of printing usage and
+    exiting; no abbreviated options (`--time` is not `--timeout`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(plain_usage_message(message), self.prog)
+
+    def unknown_leading_option(self, argv: Sequence[str]) -> str | None:
+        """An option before the subcommand that this parser does not know (argparse would
+        take its value for the subcommand and complain about that instead)."""
+        i = 0
+        while i < len(argv):
+            tok = argv[i]
+            if tok in ("-", "--") or not tok.startswith("-"):
+                return None
+            action = self._option_string_actions.get(tok.split("=", 1)[0])
+            if action is None:
+                return tok
+            i += 1 if ("=" in tok or action.nargs == 0) else 2
+        return None
+
+
+def _option_name(name: str) -> str:
+    return name.split("/")[0]
+
+
+def plain_usage_message(message: str) -> str:
+    """argparse's wording -> the one kvstore uses ("missing KEY", "--url: needs a value")."""
+    m = re.fullmatch(r"the following arguments are required: (.+)", message)
+    if m:
+        return f"missing {m[1]}"
+    m = re.fullmatch(r"argument (\S+): expected one argument", message)
+    if m:
+        return f"{_option_name(m[1])}: needs a value"
+    m = re.fullmatch(r"argument (\S+): invalid choice: (.+?) \(choose from (.+)\)", message, re.S)
+    if m:
+        choices = m[3].replace("'", "")
+        if m[1] in ("COMMAND", "command"):
+            return f"unknown command {m[2]} (one of: {choices})"
+        return f"{_option_name(m[1])}: invalid value {m[2]} (one of: {choices})"
+    m = re.fullmatch(r"argument (\S+): (.+)", message, re.S)
+    if m:
+        return f"{_option_name(m[1])}: {m[2]}"
+    return message
+
+
+def _urls_arg(text: str) -> list[str]:
+    try:
+        return parse_urls(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _seconds_arg(text: str) -> float:
+    t = text.strip()
+    scale = 1.0
+    if t.endswith("ms"):
+        t, scale = t[:-2], 0.001
+    elif t.endswith("s"):
+        t = t[:-1]
+    try:
+        v = float(t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (5, 2.5s, 500ms), got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
+def _count_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_client_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--url/--token/--json/--timeout on `parser`. All default to SUPPRESS, so a namespace
+    carries only what was given; `top` stores them under top_* (merged by
+    args_from_namespace: the subcommand's value wins, --url values add up)."""
+    pre = "top_" if top else ""
+    g = parser.add_argument_group("client options (before or after the command)")
+    g.add_argument("--url", dest=pre + "url", action="append", type=_urls_arg, metavar="URL",
+                   default=argparse.SUPPRESS,
+                   help="a node URL (http://HOST:PORT); repeat it or separate with commas for "
+                        f"several (env KVSTORE_URL; default {DEFAULT_URL})")
+    g.add_argument("--token", dest=pre + "token", metavar="TOKEN", default=argparse.SUPPRESS,
+                   help="client token, sent as 'Authorization: Bearer TOKEN' (env KVSTORE_TOKEN)")
+    g.add_argument("--json", dest=pre + "json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output: results as JSON on stdout, an error as one "
+                        "JSON object on stderr")
+    g.add_argument("--timeout", dest=pre + "timeout", type=_seconds_arg, metavar="SECONDS",
+                   default=argparse.SUPPRESS,
+                   help=f"total deadline of the command, retries included (default {DEFAULT_TIMEOUT_S:g})")
+
+
+def add_client_commands(sub: Any) -> None:
+    """Register the client subcommands on `sub` (the result of add_subparsers)."""
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=description,
+                                                    epilog=CLIENT_EPILOG)
+        add_client_options(p, top=False)
+        return p
+
+    acks_help = "acknowledgement level of this write: " + " | ".join(ACKS) + " (default: the cluster's)"
+
+    p = command("get", "print the value of KEY (raw bytes) to stdout",
+                "Print the value of KEY to stdout, byte for byte (exit 1 if it does not exist).")
+    p.add_argument("key", metavar="KEY", help="the key")
+    p.add_argument("--consistency", choices=CONSISTENCIES,
+                   help="leader: linearizable (the default with --read-preference leader); "
+                        "local: the answering node's own, possibly stale, copy")
+    p.add_argument("--read-preference", choices=READ_PREFERENCES, default="leader",
+                   help="which node serves the read (default leader)")
+
+    p = command("put", "store VALUE under KEY",
+                "Store VALUE under KEY and print its new version.")
+    p.add_argument("key", metavar="KEY", help="the key")
+    p.add_argument("value", metavar="VALUE", help="the value; - reads it from stdin (binary-safe)")
+    pre = p.add_mutually_exclusive_group()
+    pre.add_argument("--if-match", metavar="VERSION",
+                     help="only if the key's current version is VERSION (compare-and-set; exit 4 if not)")
+    pre.add_argument("--create", action="store_true",
+                     help="only if the key does not exist yet (If-None-Match: *; exit 4 if it does)")
+    p.add_argument("--acks", choices=ACKS, help=acks_help)
+
+    p = command("delete", "delete KEY (an absent key is not an error)",
+                "Delete KEY. Deleting an absent key is not an error.")
+    p.add_argument("key", metavar="KEY", help="the key")
+    p.add_argument("--if-match", metavar="VERSION",
+                   help="only if the key's current version is VERSION (exit 4 if not)")
+    p.add_argument("--acks", choices=ACKS, help=acks_help)
+
+    command("status", "the cluster as a table: node, role, term, state, lag",
+            "Print the cluster as a table: each node's role, term, state and replication lag.")
+
+    p = command("watch-status", "the status table, refreshed until Ctrl-C",
+                "Print the status table again every --interval seconds until Ctrl-C (or --count times).")
+    p.add_argument("--count", type=_count_arg, metavar="N", help="stop after N tables")
+    p.add_argument("--interval", type=_seconds_arg, default=1.0, metavar="SECONDS",
+                   help="seconds between tables (default 1)")
+
+    p = command("ring", "which nodes hold KEY (leaderless mode)",
+                "Print the replicas of KEY and its coordinator (leaderless mode: GET /ring).")
+    p.add_argument("key", metavar="KEY", help="the key")
+
+
+def build_parser(prog: str = "kvstore") -> CommandParser:
+    """The client commands alone (kvstore/cli.py builds the full `kvstore` parser)."""
+    p = CommandParser(prog=prog, description="kvstore command-line client", epilog=CLIENT_EPILOG)
+    add_client_options(p, top=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser, title="commands")
+    add_client_commands(sub)
+    return p
+
+
+def parse_namespace(parser: argparse.ArgumentParser, argv: Sequence[str],
+                    commands: Sequence[str]) -> argparse.Namespace:
+    """Parse argv; UsageError for anything wrong, naming the subcommand whose --help helps.
+    SystemExit(0) after --help or --version (argparse prints them)."""
+    if isinstance(parser, CommandParser):
+        unknown = parser.unknown_leading_option(argv)
+        if unknown is not None:
+            raise UsageError(f"unknown option {unknown!r}", parser.prog)
+    ns, extra = parser.parse_known_args(list(argv))
+    command = getattr(ns, "command", None)
+    if extra:
+        prog = f"{parser.prog} {command}" if command else parser.prog
+        first = extra[0]
+        if first.startswith("-") and first != "-":
+            raise UsageError(f"unknown option {first!r}", prog)
+        raise UsageError(f"unexpected argument {first!r}", prog)
+    if not command:
+        raise UsageError(f"missing command (one of: {', '.join(commands)})", parser.prog)
+    return ns
 
 
 @dataclass
 class Args:
+    """A client command, resolved from the command line and the environment."""
+
     command: str
     positionals: list[str]
-    urls: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=lambda: [DEFAULT_URL])
     token: str | None = None
     json: bool = False
-    timeout: float = 5.0
+    timeout: float = DEFAULT_TIMEOUT_S
     count: int | None = None
     interval: float = 1.0
     if_match: str | None = None
-    consistency: str | None = None
-    acks: str | None = None
-    read_preference: str | None = None
-    help: bool = False
+    create: bool = False
+    consistency: Consistency | None = None
+    acks: Acks | None = None
+    read_preference: ReadPreference = "leader"
+
+    @property
+    def prog(self) -> str:
+        return f"kvstore {self.command}"
 
 
-def parse_args(argv: list[str], env: dict[str, str]) -> Args:
-    argv = list(argv)
-    if (argv and not argv[0].startswith("-") and argv[0] not in COMMANDS
-            and any(a in COMMANDS for a in argv[1:])):
-        argv = argv[1:]  # the program name (kvstore, a path to it, ...)
-    opts: dict[str, list[str]] = {}
-    flags: set[str] = set()
-    positionals: list[str] = []
-    i = 0
-    only_positionals = False
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if only_positionals or tok == "-" or not tok.startswith("-"):
-            positionals.append(tok)
-            continue
-        if tok == "--":
-            only_positionals = True
-            continue
-        name, eq, inline = tok.partition("=")
-        if name in _FLAG_OPTS and not eq:
-            flags.add(name)
-        elif name in _VALUE_OPTS:
-            if eq:
-                value = inline
-            elif i < len(argv):
-                value = argv[i]
-                i += 1
-            else:
-                raise UsageError(f"{name}: needs a value")
-            opts.setdefault(name, []).append(value)
-        else:
-            raise UsageError(f"unknown option {tok!r} (see kvstore --help)")
-    if "--help" in flags or "-h" in flags:
-        return Args(command="", positionals=[], help=True)
-    if not positionals:
-        raise UsageError(f"missing command (one of: {', '.join(COMMANDS)})")
-    command, rest = positionals[0], positionals[1:]
-    if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r} (one of: {', '.join(COMMANDS)})")
-    expected = {"get": (["KEY"], 1), "delete": (["KEY"], 1), "put": (["KEY", "VALUE"], 2),
-                "status": ([], 0), "watch-status": ([], 0), "ring": (["KEY"], 1)}[command]
-    names, n = expected
-    if len(rest) < n:
-        raise UsageError(f"{command}: missing {names[len(rest)]} "
-                         f"(usage: kvstore {command} {' '.join(names)})".replace(" )", ")"))
-    if len(rest) > n:
-        raise UsageError(f"{command}: unexpected argument {rest[n]!r}")
-
-    def single(name: str) -> str | None:
-        vals = opts.get(name)
-        if vals and len(vals) > 1:
-            raise UsageError(f"{name}: given more than once")
-        return vals[0] if vals else None
-
+def args_from_namespace(ns: argparse.Namespace, env: Mapping[str, str]) -> Args:
+    """Merge the options given before and after the subcommand with the environment."""
+    command = str(ns.command)
+    prog = f"kvstore {command}"
     urls: list[str] = []
-    for u in opts.get("--url", []):
-        urls.extend(p.strip() for p in u.split(",") if p.strip())
-    if not urls:
-        urls = [p.strip() for p in env.get("KVSTORE_URL", "").split(",") if p.strip()] or [DEFAULT_URL]
-    args = Args(command=command, positionals=rest, urls=urls, json="--json" in flags,
-                token=single("--token") or env.get("KVSTORE_CLIENT_TOKEN") or None,
-                if_match=single("--if-match"), consistency=single("--consistency"),
-                acks=single("--acks"), read_preference=single("--read-preference"))
-    timeout = single("--timeout")
-    if timeout is not None:
-        args.timeout = _positive_float("--timeout", timeout)
-    interval = single("--interval")
-    if interval is not None:
-        args.interval = _positive_float("--interval", interval)
-    count = single("--count")
-    if count is not None:
-        if not count.isdigit() or int(count) < 1:
-            raise UsageError(f"--count: must be a positive integer, got {count!r}")
-        args.count = int(count)
-    if args.consistency is not None and args.consistency not in ("leader", "local"):
-        raise UsageError(f"--consistency: must be leader or local, got {args.consistency!r}")
-    if args.read_preference is not None and args.read_preference not in ("leader", "any", "sticky", "nearest"):
-        raise UsageError(f"--read-preference: must be leader, any, sticky or nearest, got {args.read_preference!r}")
-    if args.acks is not None and args.acks not in ("async", "semi-sync", "sync"):
-        raise UsageError(f"--acks: must be async, semi-sync or sync, got {args.acks!r}")
-    return args
+    for group in [*getattr(ns, "top_url", []), *getattr(ns, "url", [])]:
+        urls.extend(u for u in group if u not in urls)
+    if not urls and env.get("KVSTORE_URL", "").strip():
+        try:
+            urls = parse_urls(env["KVSTORE_URL"])
+        except ConfigError as e:
+            raise UsageError(f"KVSTORE_URL: {e.message}", prog) from None
+    token = getattr(ns, "token", None) or getattr(ns, "top_token", None) \
+        or env.get("KVSTORE_TOKEN") or env.get("KVSTORE_CLIENT_TOKEN") or None
+    positionals = [getattr(ns, name) for name in ("key", "value") if getattr(ns, name, None) is not None]
+    return Args(
+        command=command, positionals=positionals, urls=urls or [DEFAULT_URL], token=token,
+        json=bool(getattr(ns, "json", False) or getattr(ns, "top_json", False)),
+        timeout=float(getattr(ns, "timeout", getattr(ns, "top_timeout", DEFAULT_TIMEOUT_S))),
+        count=getattr(ns, "count", None), interval=float(getattr(ns, "interval", 1.0)),
+        if_match=getattr(ns, "if_match", None), create=bool(getattr(ns, "create", False)),
+        consistency=cast("Consistency | None", getattr(ns, "consistency", None)),
+        acks=cast("Acks | None", getattr(ns, "acks", None)),
+        read_preference=cast(ReadPreference, getattr(ns, "read_preference", "leader")),
+    )
 
 
-def _positive_float(name: str, text: str) -> float:
-    try:
-        v = float(text.rstrip("s"))
-    except ValueError:
-        raise UsageError(f"{name}: must be a number of seconds, got {text!r}") from None
-    if not v > 0:
-        raise UsageError(f"{name}: must be positive, got {text!r}")
-    return v
+def wants_json(argv: Sequence[str]) -> bool:
+    """--json among the options (before a `--`): errors are then JSON too, usage errors included."""
+    argv = list(argv)
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
 
 
-# ---- output -------------------------------------------------------------------------
+def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> Args:
+    """The command line of the client commands -> Args (UsageError if it is wrong)."""
+    return args_from_namespace(parse_namespace(build_parser(), argv, COMMANDS), env)
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+def exit_code_for(e: KVError) -> int:
+    if isinstance(e, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(e, VersionMismatch):
+        return EXIT_PRECONDITION
+    if isinstance(e, (Unavailable, Timeout)):          # NotLeader, IndeterminateError included
+        return EXIT_UNAVAILABLE
+    if isinstance(e, (ConfigError, BadRequest, Unauthorized, TooLarge)):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def error_text(e: KVError, args: Args) -> str:
+    """What went wrong, in the CLI's words (the library's message inside)."""
+    key = args.positionals[0] if args.positionals else ""
+    if isinstance(e, NotFound):
+        return f"not found: {key}"
+    if isinstance(e, VersionMismatch):
+        what = "the key already exists" if args.create else "version mismatch"
+        return f"{what}: {e.message}"
+    if isinstance(e, Conflict):
+        return f"{key} has {len(e.siblings)} concurrent versions (siblings); --json shows them all"
+    if isinstance(e, ConfigError):
+        return f"{e.message} (see {args.prog} --help)"
+    if isinstance(e, Unauthorized):
+        return f"unauthorized: {e.message} (give --token or set KVSTORE_TOKEN)"
+    if isinstance(e, Timeout):
+        return f"indeterminate: {e.message}"
+    if isinstance(e, Unavailable):
+        return f"unavailable: {e.message}"
+    if isinstance(e, (BadRequest, TooLarge)):
+        return f"rejected: {e.message}"
+    return f"error: {e.message}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _write_error(err: TextIO, *, as_json: bool, code: str, message: str, exit_code: int,
+                 details: Mapping[str, Any] | None = None) -> int:
+    if as_json:
+        obj = {"error": code, "message": message, "exit_code": exit_code}
+        obj.update((k, v) for k, v in (details or {}).items() if k not in obj)
+        err.write(json.dumps(obj, default=str) + "\n")
+    else:
+        err.write(f"kvstore: {_one_line(message)}\n")
+    err.flush()
+    return exit_code
+
+
+def report_error(e: KVError, args: Args, err: TextIO) -> int:
+    code = exit_code_for(e)
+    details = dict(e.details)
+    if args.positionals:
+        details.setdefault("key", args.positionals[0])
+    return _write_error(err, as_json=args.json, code=e.code, message=error_text(e, args),
+                        exit_code=code, details=details)
+
+
+def report_usage(e: UsageError, *, as_json: bool, err: TextIO) -> int:
+    """`kvstore: WHAT (see kvstore CMD --help)`, or one JSON object with --json."""
+    if as_json:
+        return _write_error(err, as_json=True, code="usage", message=e.message, exit_code=EXIT_USAGE,
+                            details={"help": f"{e.prog} --help"})
+    return _write_error(err, as_json=False, code="usage", message=f"{e.message} (see {e.prog} --help)",
+                        exit_code=EXIT_USAGE)
+
+
+# ---- output -----------------------------------------------------------------------------
 
 def _write_bytes(out: TextIO, data: bytes) -> None:
     buf = getattr(out, "buffer", None)
@@ -221,7 +459,7 @@ def _rows_json(rows: list[NodeStatus]) -> list[dict[str, Any]]:
              "reachable": r.reachable, "applied": r.applied} for r in rows]
 
 
-# ---- commands -----------------------------------------------------------------------
+# ---- commands ---------------------------------------------------------------------------
 
 async def _ring(client: AsyncClient, args: Args, out: TextIO) -> int:
     """kvstore ring KEY: where a key lives (leaderless mode; GET /ring?key=KEY)."""
@@ -234,7 +472,7 @@ async def _ring(client: AsyncClient, args: Args, out: TextIO) -> int:
         except KVError as e:
             last = e
             if e.details.get("status") == 404:
-                raise ConfigError("ring: this cluster is not in leaderless mode (no /ring endpoint)") from None
+                raise ConfigError("this cluster is not in leaderless mode (it has no /ring endpoint)") from None
             continue
         info = reply.payload()
         if args.json or not isinstance(info, dict):
@@ -243,18 +481,26 @@ async def _ring(client: AsyncClient, args: Args, out: TextIO) -> int:
             pref = info.get("preference_list") or info.get("owners") or []
             out.write(f"{args.positionals[0]}: replicas {', '.join(map(str, pref))}"
                       f"; coordinator {info.get('coordinator')}\n")
-        return 0
+        return EXIT_OK
     raise last or Unavailable("no node answered")
 
 
-async def _run(args: Args, stdin: Any, out: TextIO) -> int:
-    options: dict[str, Any] = {"attempt_timeout": min(2.0, args.timeout)}
-    if args.read_preference:
-        options["read_preference"] = args.read_preference
-    client = AsyncClient(args.urls, args.token, args.timeout, **options)
+def _read_value(raw: str, stdin: IO[Any]) -> bytes:
+    if raw != "-":
+        return raw.encode("utf-8", errors="surrogateescape")
+    buf = getattr(stdin, "buffer", None)
+    if buf is not None:
+        return bytes(buf.read())
+    data = stdin.read()
+    return data if isinstance(data, bytes) else str(data).encode("utf-8")
+
+
+async def _run(args: Args, stdin: IO[Any], out: TextIO, err: TextIO) -> int:
+    client = AsyncClient(args.urls, args.token, args.timeout, attempt_timeout=min(2.0, args.timeout),
+                         read_preference=args.read_preference)
     try:
         if args.command in ("status", "watch-status"):
-            return await _status(client, args, out)
+            return await _status(client, args, out, err)
         if args.command == "ring":
             return await _ring(client, args, out)
         # Fail fast with one clear line when no URL answers at all (a typo'd --url
@@ -266,43 +512,41 @@ async def _run(args: Args, stdin: Any, out: TextIO) -> int:
                 res = await client.get(key, consistency=args.consistency)
             except Conflict as e:
                 if not args.json:
-                    raise Conflict(f"{key} has {len(e.siblings)} concurrent versions (siblings); "
-                                   "--json shows them all") from e
+                    raise
                 sibs = [{"version": sb.version, "deleted": sb.value is None, **_value_json(sb.value)}
                         for sb in e.siblings]
                 out.write(json.dumps({"key": key, "siblings": sibs, "context": e.context}) + "\n")
-                return 0
+                return EXIT_OK
             if args.json:
                 out.write(json.dumps(_result_json(res, with_value=True)) + "\n")
             else:
                 _write_bytes(out, res.value or b"")
-            return 0
+            return EXIT_OK
         if args.command == "put":
-            raw = args.positionals[1]
-            if raw == "-":
-                data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode()
+            data = _read_value(args.positionals[1], stdin)
+            if args.create:
+                res = await client.create(key, data, acks=args.acks)
             else:
-                data = raw.encode("utf-8", errors="surrogateescape")
-            res = await client.put(key, data, if_match=args.if_match, acks=args.acks)
+                res = await client.put(key, data, if_match=args.if_match, acks=args.acks)
         else:
             res = await client.delete(key, if_match=args.if_match, acks=args.acks)
         if args.json:
             out.write(json.dumps(_result_json(res, with_value=False)) + "\n")
         else:
             out.write(f"OK version={res.version}\n" if res.version else "OK\n")
-        return 0
+        return EXIT_OK
     finally:
         await client.close()
 
 
-async def _status(client: AsyncClient, args: Args, out: TextIO) -> int:
+async def _status(client: AsyncClient, args: Args, out: TextIO, err: TextIO) -> int:
     if args.command == "status":
         rows = await client.cluster_overview()
         out.write((json.dumps(_rows_json(rows)) if args.json else format_table(rows)) + "\n")
-        return 0
+        return EXIT_OK
     tty = out.isatty() if hasattr(out, "isatty") else False
     n = 0
-    code = 0
+    code = EXIT_OK
     while args.count is None or n < args.count:
         if n:
             await asyncio.sleep(args.interval)
@@ -311,10 +555,13 @@ async def _status(client: AsyncClient, args: Args, out: TextIO) -> int:
         try:
             rows = await client.cluster_overview()
         except KVError as e:
-            code = 1
-            text = json.dumps({"time": stamp, "error": e.message}) if args.json else f"{stamp}  error: {e.message}"
+            # one frame failed: say so in the stream and go on; the exit code is that of
+            # the last frame
+            code = exit_code_for(e)
+            text = (json.dumps({"time": stamp, "error": e.code, "message": e.message, "exit_code": code})
+                    if args.json else f"{stamp}  {error_text(e, args)}")
         else:
-            code = 0
+            code = EXIT_OK
             if args.json:
                 text = json.dumps({"time": stamp, "nodes": _rows_json(rows)})
             else:
@@ -326,42 +573,59 @@ async def _status(client: AsyncClient, args: Args, out: TextIO) -> int:
     return code
 
 
-def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None,
-         stdin: Any = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    env = dict(os.environ) if env is None else env
+def run(args: Args, *, stdin: IO[Any] | None = None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:
+    """Run one client command; every failure becomes its exit code and one line (or one
+    JSON object) on stderr, never a traceback."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
-    stdin = stdin or sys.stdin
+    inp = stdin or sys.stdin
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv, env)
-    except UsageError as e:
-        err.write(f"kvstore: {e}\n")
-        return 2
-    if args.help:
-        out.write(USAGE)
-        return 0
-    try:
-        return asyncio.run(_run(args, stdin, out))
-    except ConfigError as e:
-        err.write(f"kvstore: {e.message}\n")
-        return 2
-    except NotFound:
-        err.write(f"kvstore: not found: {args.positionals[0] if args.positionals else ''}\n")
-        return 1
-    except Conflict as e:
-        err.write(f"kvstore: {e.message}\n")
-        return 1
+        return asyncio.run(_run(args, inp, out, err))
     except KVError as e:
-        err.write(f"kvstore: error: {e.message}\n")
-        return 1
+        return report_error(e, args, err)
     except KeyboardInterrupt:
         if args.command == "watch-status":
-            return 0
-        err.write("kvstore: interrupted\n")
-        return 130
-    except (OSError, ValueError) as e:  # e.g. a closed stdout pipe, an undecodable stdin
-        err.write(f"kvstore: error: {type(e).__name__}: {e}\n")
-        return 1
+            return EXIT_OK
+        return _write_error(err, as_json=args.json, code="interrupted", message="interrupted", exit_code=130)
+    except OSError as e:  # e.g. a closed stdout pipe, an unreadable stdin
+        return _write_error(err, as_json=args.json, code="os_error",
+                            message=f"error: {type(e).__name__}: {e}", exit_code=EXIT_FAILURE)
+
+
+def run_namespace(ns: argparse.Namespace, *, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                  stdin: IO[Any] | None = None, stdout: TextIO | None = None,
+                  stderr: TextIO | None = None) -> int:
+    """Run a client command parsed by kvstore/cli.py's parser."""
+    err = stderr or sys.stderr
+    try:
+        args = args_from_namespace(ns, os.environ if env is None else env)
+    except UsageError as e:
+        return report_usage(e, as_json=wants_json(argv), err=err)
+    return run(args, stdin=stdin, stdout=stdout, stderr=err)
+
+
+def _exit_status(e: SystemExit) -> int:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+         stdin: IO[Any] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """The client commands on their own (`python -m kvstore.client.cli get KEY ...`)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if (args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS
+            and any(a in COMMANDS for a in args_list[1:])):
+        args_list = args_list[1:]  # the program name (kvstore, a path to it, ...)
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    try:
+        with contextlib.redirect_stdout(out):          # where argparse prints --help
+            ns = parse_namespace(build_parser(), args_list, COMMANDS)
+    except UsageError as e:
+        return report_usage(e, as_json=wants_json(args_list), err=err)
+    except SystemExit as e:
+        return _exit_status(e)
+    return run_namespace(ns, argv=args_list, env=env, stdin=stdin, stdout=out, stderr=err)
 
 
 if __name__ == "__main__":

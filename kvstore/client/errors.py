@@ -4,13 +4,13 @@ HTTP answer or an aiohttp/socket error becomes a typed kvstore exception.
 Owns: IndeterminateError (a write whose outcome is unknown), Conflict (a GET that found
 siblings), the status/code -> class table, and the transport-error classification
 (did the request possibly reach the server or not?).
-Imports: kvstore.errors, aiohttp (exception classes only), json/msgpack via wire.
+Imports: kvstore.errors, aiohttp (exception classes only), .results.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +28,8 @@ from kvstore.errors import (
     Unavailable,
     VersionMismatch,
 )
+
+from .results import Sibling
 
 __all__ = [
     "BadRequest",
@@ -73,10 +75,10 @@ class Conflict(KVError):
     code = "conflict"
     http_status = 300
 
-    def __init__(self, message: str = "", *, siblings: Any = (), context: str | None = None,
+    def __init__(self, message: str = "", *, siblings: Iterable[Sibling] = (), context: str | None = None,
                  **details: Any) -> None:
         super().__init__(message or "the key has concurrent versions (siblings)", **details)
-        self.siblings = siblings
+        self.siblings: tuple[Sibling, ...] = tuple(siblings)
         self.context = context
 
 

@@ -3,17 +3,21 @@ its own event loop in a daemon thread; each call is submitted to that loop and w
 for. Exceptions are the same KVError classes. Thread-safe: calls from several threads
 share the loop (and its connection pools).
 
-Imports: asyncio, threading, and the async client.
+Imports: asyncio, threading (random and time for the constructor's types), and the
+async client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
-from collections.abc import Coroutine, Iterable
+import time
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-from .aio import AsyncClient, MergeFn, Session
+from .aio import AsyncClient, BatchOp, MergeFn, Session
+from .options import Acks, Consistency, ReadPreference, Value
 from .results import NodeStatus, Result, Siblings
 from .wire import DEFAULT_URL
 
@@ -21,12 +25,35 @@ T = TypeVar("T")
 
 
 class Client:
-    """Blocking client with the methods of AsyncClient (same constructor arguments).
-    Use as a context manager or call close()."""
+    """Blocking client with the methods of AsyncClient (same constructor arguments, see
+    AsyncClient). Use as a context manager or call close()."""
 
-    def __init__(self, urls: str | Iterable[str] = DEFAULT_URL, token: str | None = None,
-                 timeout: float = 15.0, **options: Any) -> None:
-        self._aclient = AsyncClient(urls, token, timeout, **options)
+    def __init__(
+        self,
+        urls: str | Iterable[str] = DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 15.0,
+        *,
+        attempt_timeout: float = 5.0,
+        retry_indeterminate: bool = True,
+        read_preference: ReadPreference = "leader",
+        use_msgpack: bool = True,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        connections_per_node: int = 64,
+        latency_max_age_s: float = 10.0,
+        failure_cooldown_s: float = 1.0,
+        retry_after_cap_s: float = 0.25,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._aclient = AsyncClient(
+            urls, token, timeout, attempt_timeout=attempt_timeout,
+            retry_indeterminate=retry_indeterminate, read_preference=read_preference,
+            use_msgpack=use_msgpack, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+            connections_per_node=connections_per_node, latency_max_age_s=latency_max_age_s,
+            failure_cooldown_s=failure_cooldown_s, retry_after_cap_s=retry_after_cap_s, rng=rng,
+            clock=clock)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
@@ -71,26 +98,39 @@ class Client:
     def leader(self) -> str | None:
         return self._aclient.leader
 
-    def session(self, read_preference: str | None = None, token: str | None = None) -> SyncSession:
+    def session(self, read_preference: ReadPreference | None = None, token: str | None = None) -> SyncSession:
         return SyncSession(self, self._aclient.session(read_preference, token))
 
-    def get(self, key: str, **kw: Any) -> Result:
-        return self._call(self._aclient.get(key, **kw))
+    def get(self, key: str, *, consistency: Consistency | None = None,
+            read_preference: ReadPreference | None = None) -> Result:
+        return self._call(self._aclient.get(key, consistency=consistency, read_preference=read_preference))
 
-    def get_siblings(self, key: str, **kw: Any) -> Siblings:
-        return self._call(self._aclient.get_siblings(key, **kw))
+    def get_siblings(self, key: str, *, consistency: Consistency | None = None,
+                     read_preference: ReadPreference | None = None) -> Siblings:
+        return self._call(self._aclient.get_siblings(key, consistency=consistency,
+                                                     read_preference=read_preference))
 
-    def put(self, key: str, value: bytes | str, **kw: Any) -> Result:
-        return self._call(self._aclient.put(key, value, **kw))
+    def put(self, key: str, value: Value, *, if_match: str | None = None, context: str | None = None,
+            acks: Acks | None = None, request_id: str | None = None) -> Result:
+        return self._call(self._aclient.put(key, value, if_match=if_match, context=context, acks=acks,
+                                            request_id=request_id))
 
-    def batch(self, ops: Any, **kw: Any) -> Result:
-        return self._call(self._aclient.batch(ops, **kw))
+    def create(self, key: str, value: Value, *, acks: Acks | None = None,
+               request_id: str | None = None) -> Result:
+        return self._call(self._aclient.create(key, value, acks=acks, request_id=request_id))
 
-    def cas(self, key: str, expected_version: str, value: bytes | str, **kw: Any) -> Result:
-        return self._call(self._aclient.cas(key, expected_version, value, **kw))
+    def cas(self, key: str, expected_version: str, value: Value, *, acks: Acks | None = None,
+            request_id: str | None = None) -> Result:
+        return self._call(self._aclient.cas(key, expected_version, value, acks=acks, request_id=request_id))
 
-    def delete(self, key: str, **kw: Any) -> Result:
-        return self._call(self._aclient.delete(key, **kw))
+    def delete(self, key: str, *, if_match: str | None = None, context: str | None = None,
+               acks: Acks | None = None, request_id: str | None = None) -> Result:
+        return self._call(self._aclient.delete(key, if_match=if_match, context=context, acks=acks,
+                                               request_id=request_id))
+
+    def batch(self, ops: Iterable[BatchOp], *, acks: Acks | None = None,
+              request_id: str | None = None) -> Result:
+        return self._call(self._aclient.batch(ops, acks=acks, request_id=request_id))
 
     def resolve(self, key: str, merge_fn: MergeFn) -> Result:
         return self._call(self._aclient.resolve(key, merge_fn))
@@ -120,27 +160,40 @@ class SyncSession:
         return self._session.token
 
     @property
-    def read_preference(self) -> str:
+    def read_preference(self) -> ReadPreference:
         return self._session.read_preference
 
     @property
     def sticky_node(self) -> str | None:
         return self._session.sticky_node
 
-    def get(self, key: str, **kw: Any) -> Result:
-        return self._client._call(self._session.get(key, **kw))
+    def get(self, key: str, *, consistency: Consistency | None = None) -> Result:
+        return self._client._call(self._session.get(key, consistency=consistency))
 
-    def get_siblings(self, key: str, **kw: Any) -> Siblings:
-        return self._client._call(self._session.get_siblings(key, **kw))
+    def get_siblings(self, key: str, *, consistency: Consistency | None = None) -> Siblings:
+        return self._client._call(self._session.get_siblings(key, consistency=consistency))
 
-    def put(self, key: str, value: bytes | str, **kw: Any) -> Result:
-        return self._client._call(self._session.put(key, value, **kw))
+    def put(self, key: str, value: Value, *, if_match: str | None = None, context: str | None = None,
+            acks: Acks | None = None, request_id: str | None = None) -> Result:
+        return self._client._call(self._session.put(key, value, if_match=if_match, context=context,
+                                                    acks=acks, request_id=request_id))
 
-    def cas(self, key: str, expected_version: str, value: bytes | str, **kw: Any) -> Result:
-        return self._client._call(self._session.cas(key, expected_version, value, **kw))
+    def create(self, key: str, value: Value, *, acks: Acks | None = None,
+               request_id: str | None = None) -> Result:
+        return self._client._call(self._session.create(key, value, acks=acks, request_id=request_id))
 
-    def delete(self, key: str, **kw: Any) -> Result:
-        return self._client._call(self._session.delete(key, **kw))
+    def cas(self, key: str, expected_version: str, value: Value, *, acks: Acks | None = None,
+            request_id: str | None = None) -> Result:
+        return self._client._call(self._session.cas(key, expected_version, value, acks=acks,
+                                                    request_id=request_id))
+
+    def delete(self, key: str, *, if_match: str | None = None, context: str | None = None,
+               acks: Acks | None = None, request_id: str | None = None) -> Result:
+        return self._client._call(self._session.delete(key, if_match=if_match, context=context,
+                                                       acks=acks, request_id=request_id))
 
     def resolve(self, key: str, merge_fn: MergeFn) -> Result:
         return self._client._call(self._session.resolve(key, merge_fn))
+
+
+__all__ = ["Client", "SyncSession"]

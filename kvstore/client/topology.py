@@ -3,7 +3,7 @@ state, who leads, which nodes failed recently and how far away each one is; and 
 choice of a target node for a write or a read under a read preference.
 
 Pure: no I/O, no clock (callers pass `now`, a monotonic time in seconds) and no global
-random (callers pass a random.Random). Imports: standard library only.
+random (callers pass a random.Random). Imports: standard library and .options only.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-ReadPreference = Literal["leader", "any", "sticky", "nearest"]
-READ_PREFERENCES: tuple[str, ...] = ("leader", "any", "sticky", "nearest")
+from .options import READ_PREFERENCES, ReadPreference
 
 
 @dataclass(slots=True)
@@ -32,7 +31,7 @@ class NodeView:
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
     """Exponential backoff with 'equal jitter': half of the exponential step is fixed,
     the other half random, so concurrent clients spread out but never spin."""
-    step = min(cap_s, base_s * (2 ** min(attempt, 30)))
+    step = min(cap_s, base_s * (2.0 ** min(attempt, 30)))
     return step / 2 + rng.uniform(0.0, step / 2)
 
 
@@ -191,7 +190,7 @@ class Topology:
         leader = self.leader_url
         return [u for u, n in self.nodes.items() if u != leader and n.role != "leader"]
 
-    def read_order(self, pref: str, now: float, rng: random.Random,
+    def read_order(self, pref: ReadPreference, now: float, rng: random.Random,
                    sticky_url: str | None = None) -> list[str]:
         if pref == "leader":
             return self.write_order(now)
@@ -201,9 +200,11 @@ class Topology:
             rng.shuffle(shuffled)
             return self._ranked(shuffled, now)
         if pref == "nearest":
-            inf = float("inf")
-            by_latency = sorted(urls, key=lambda u: (self.nodes[u].latency_s
-                                                     if self.nodes[u].latency_s is not None else inf))
+            def latency(u: str) -> float:
+                lat = self.nodes[u].latency_s
+                return float("inf") if lat is None else lat
+
+            by_latency = sorted(urls, key=latency)
             return self._ranked(by_latency, now)
         if pref == "sticky":
             if sticky_url is not None and sticky_url in self.nodes and self.is_available(sticky_url, now):

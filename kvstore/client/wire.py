@@ -1,5 +1,6 @@
 """Wire helpers of the client: URL checks, key paths, body decoding by Content-Type,
-parsing of the 300 siblings answer. Pure: json, msgpack, base64, urllib only.
+parsing of the 300 siblings answer, and the one typed face of msgpack (which ships no
+type information). Pure: json, msgpack, base64, urllib only.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import msgpack
+import msgpack  # type: ignore[import-untyped, unused-ignore]  # msgpack ships no py.typed
 
 from kvstore.errors import BadRequest, ConfigError
 
+from .options import Value
 from .results import Sibling
 
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -31,9 +33,9 @@ def normalize_url(url: str) -> str:
     except ValueError:
         port = None
     if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise ConfigError(f"--url: must look like http://HOST:PORT, got {url!r}")
+        raise ConfigError(f"invalid node URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
     if parts.path or parts.query or parts.fragment:
-        raise ConfigError(f"--url: must be http://HOST:PORT with no path, got {url!r}")
+        raise ConfigError(f"invalid node URL {url!r}: expected http://HOST:PORT with no path")
     return u
 
 
@@ -48,7 +50,7 @@ def parse_urls(urls: str | Iterable[str]) -> list[str]:
                 if u not in out:
                     out.append(u)
     if not out:
-        raise ConfigError("--url: no node URL given")
+        raise ConfigError("no node URL given")
     return out
 
 
@@ -62,12 +64,27 @@ def key_path(key: str) -> str:
     return "/kv/" + quote(key, safe="")
 
 
-def as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
+def as_bytes(value: Value) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise BadRequest(f"value must be bytes or str, got {type(value).__name__}")
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode obj (str as str, bytes as bin)."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    assert isinstance(data, bytes)
+    return data
+
+
+def unpack(data: bytes) -> Any:
+    """msgpack-decode data (str as str, bin as bytes); ValueError on garbage."""
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError) as e:  # msgpack's own errors are ValueErrors
+        raise ValueError(f"undecodable msgpack: {type(e).__name__}") from None
 
 
 def decode_body(content_type: str | None, body: bytes) -> Any:
@@ -78,10 +95,10 @@ def decode_body(content_type: str | None, body: bytes) -> Any:
         return None
     try:
         if ctype in MSGPACK_TYPES:
-            return msgpack.unpackb(body, raw=False)
+            return unpack(body)
         if ctype == "application/json" or ctype.endswith("+json"):
             return json.loads(body)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+    except ValueError:
         return None
     return None
 

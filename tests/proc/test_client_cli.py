@@ -65,14 +65,42 @@ def test_cli_put_get_delete_round_trip_and_status_marks_the_leader(cluster: Proc
     assert len(frames) == 2 and all(any(n["leader"] and n["id"] == leader for n in f["nodes"]) for f in frames)
 
 
-def test_cli_bad_url_is_one_line_and_exit_1() -> None:
+def test_cli_unreachable_url_is_one_line_and_exit_3() -> None:
     (port,) = free_ports(1)
     for args in (["get", "k"], ["put", "k", "v"], ["status"]):
         p = run(args + ["--url", f"http://127.0.0.1:{port}", "--timeout", "2"])
-        assert p.returncode == 1, (args, p.stderr)
+        assert p.returncode == 3, (args, p.stderr)
         assert len(p.stderr.splitlines()) == 1 and b"Traceback" not in p.stderr, p.stderr
     p = run(["get", "--url", f"http://127.0.0.1:{port}"])
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and b"KEY" in p.stderr
+
+
+def test_cli_exit_codes_against_a_real_node(tmp_path: Path) -> None:
+    """CONTRACT §8 against a real one-node cluster: 0 ok, 1 not found, 4 precondition failed
+    (--if-match mismatch, --create on an existing key), the same with --json (one JSON
+    object on stderr)."""
+    c = ProcCluster(tmp_path, n=1)
+    try:
+        c.start_all()
+        url = c.url("n1")
+        p = run(["put", "k", "v1", "--url", url, "--create"])
+        assert p.returncode == 0, p.stderr
+        version = json.loads(run(["--json", "get", "k", "--url", url]).stdout)["version"]
+        for as_json in ([], ["--json"]):
+            p = run(["put", "k", "v2", "--create", "--url", url, *as_json])
+            assert p.returncode == 4, p.stderr
+            p = run(["put", "k", "v2", "--if-match", "not-" + version, "--url", url, *as_json])
+            assert p.returncode == 4, p.stderr
+            p = run(["get", "absent", "--url", url, *as_json])
+            assert p.returncode == 1 and p.stdout == b"", p.stderr
+            assert len(p.stderr.splitlines()) == 1
+            if as_json:
+                assert json.loads(p.stderr)["exit_code"] == 1
+        p = run(["put", "k", "v3", "--if-match", version, "--url", url, "--acks", "async"])
+        assert p.returncode == 0, p.stderr
+        assert run(["get", "k", "--url", url]).stdout == b"v3"
+    finally:
+        c.close()
 
 
 def test_loadgen_runs_against_the_cluster(cluster: ProcCluster) -> None:

@@ -115,6 +115,33 @@ async def test_cas_succeeds_with_current_version_and_sends_if_match() -> None:
         assert (await kv.get("ctr")).value == b"1"
 
 
+async def test_create_writes_only_an_absent_key_and_sends_if_none_match_star() -> None:
+    async with fake() as c, client_for(c) as kv:
+        r = await kv.create("fresh", b"1")
+        assert r.version == "1"
+        assert c.requests[-1][3]["If-None-Match"] == "*" and "If-Match" not in c.requests[-1][3]
+        with pytest.raises(VersionMismatch):
+            await kv.create("fresh", b"2")
+        assert (await kv.get("fresh")).value == b"1"
+        s = kv.session()
+        await s.create("other", "x")
+        with pytest.raises(VersionMismatch):
+            await s.create("other", "y")
+        assert s.token == str(len(c.log))
+
+
+async def test_bad_option_values_are_value_errors_before_any_request() -> None:
+    async with fake() as c, client_for(c) as kv:
+        before = len(c.requests)
+        with pytest.raises(ValueError, match="acks"):
+            await kv.put("k", b"v", acks="semisync")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="consistency"):
+            await kv.get("k", consistency="strong")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="read_preference"):
+            kv.session(read_preference="closest")  # type: ignore[arg-type]
+        assert [r for r in c.requests[before:] if r[2].startswith("/kv/")] == []
+
+
 @pytest.mark.parametrize("msgpack_meta", [False, True])
 async def test_metadata_is_decoded_by_content_type(msgpack_meta: bool) -> None:
     async with fake(msgpack_meta=msgpack_meta) as c, client_for(c) as kv:
@@ -460,6 +487,13 @@ async def test_sync_client_has_the_same_methods() -> None:
             with Client(c.urls, timeout=5.0) as kv:
                 w = kv.put("k", b"v1")
                 kv.cas("k", w.version or "", b"v2")
+                kv.create("new", b"n")
+                try:
+                    kv.create("new", b"again")
+                except VersionMismatch:
+                    pass
+                else:
+                    raise AssertionError("create of an existing key must fail")
                 s = kv.session(read_preference="any")
                 s.put("k2", b"x")
                 got = s.get("k2").value
@@ -491,8 +525,9 @@ async def test_status_and_cluster_overview() -> None:
 
 def test_bad_urls_and_options_are_rejected_up_front() -> None:
     for bad in ["localhost", "ftp://x:1", "http://h", "http://h:1/path", ""]:
-        with pytest.raises(core_errors.ConfigError):
+        with pytest.raises(core_errors.ConfigError) as ei:
             AsyncClient(bad)
+        assert "--url" not in ei.value.message     # the library speaks of URLs, not of the CLI
     with pytest.raises(ValueError):
         AsyncClient("http://127.0.0.1:1", read_preference="fastest")
     kv = AsyncClient("http://127.0.0.1:1, http://127.0.0.1:2/")

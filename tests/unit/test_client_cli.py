@@ -117,11 +117,13 @@ async def test_token_from_option_and_env() -> None:
     await c.start()
     try:
         r = await cli(["put", "k", "v", "--url", c.urls[0]])
-        assert r.code == 1 and r.err.count("\n") == 1 and "token" in r.err, r.err
+        assert r.code == 2 and r.err.count("\n") == 1 and "token" in r.err, r.err   # bad config: exit 2
         r = await cli(["put", "k", "v", "--url", c.urls[0], "--token", "t0k"])
         assert r.code == 0, r.err
         r = await cli(["get", "k", "--url", c.urls[0]], env={"KVSTORE_CLIENT_TOKEN": "t0k"})
         assert r.out == b"v"
+        r = await cli(["get", "k", "--url", c.urls[0]], env={"KVSTORE_TOKEN": "t0k", "KVSTORE_CLIENT_TOKEN": "x"})
+        assert r.out == b"v", r.err
     finally:
         await c.close()
 
@@ -149,11 +151,11 @@ async def test_watch_status_refreshes_count_times(cluster: FakeCluster) -> None:
     assert r.out.decode().count("NODE  URL") == 3
 
 
-async def test_unreachable_url_is_one_line_and_exit_1() -> None:
+async def test_unreachable_url_is_one_line_and_exit_3() -> None:
     port = free_port()
     for argv in (["get", "k"], ["put", "k", "v"], ["status"]):
         r = await cli(argv + ["--url", f"http://127.0.0.1:{port}", "--timeout", "2"])
-        assert r.code == 1, (argv, r.err)
+        assert r.code == 3, (argv, r.err)
         assert r.err.count("\n") == 1 and "Traceback" not in r.err and str(port) in r.err
         assert r.out == b""
 
@@ -193,5 +195,5 @@ def test_module_entry_point_has_no_traceback_on_failure() -> None:
     port = free_port()
     p = subprocess.run([sys.executable, "-m", "kvstore.client.cli", "--url", f"http://127.0.0.1:{port}",
                         "--timeout", "1", "get", "k"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert p.returncode == 1
+    assert p.returncode == 3
     assert len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr

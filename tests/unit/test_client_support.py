@@ -3,7 +3,7 @@ in the test's event loop, one shared log, scripted faults.
 
 It speaks the contract (CONTRACT.md §3/§4): PUT/GET/DELETE /kv/{key}, /cluster,
 /health, KV-Version/KV-Token/KV-Node/KV-Leader headers, after=/KV-After,
-consistency=leader|local, If-Match, KV-Request-Id dedup, KV-Context, 300 siblings, JSON
+consistency=leader|local, If-Match, If-None-Match: *, KV-Request-Id dedup, KV-Context, 300 siblings, JSON
 or msgpack metadata. Tokens are str(log position); followers apply the log when
 `replicate()` runs (at once with auto_replicate=True).
 """
@@ -232,6 +232,8 @@ class FakeCluster:
         current = self.versions.get(key)
         if if_match is not None and if_match.strip('"') != str(current):
             return self._error(request, 412, "version_mismatch", f"version is {current}", hdr)
+        if request.headers.get("If-None-Match") == "*" and key in node.data:
+            return self._error(request, 412, "version_mismatch", f"key exists (version {current})", hdr)
         if len(body) > 1000:
             return self._error(request, 413, "too_large", "value too large", hdr)
         ctx = request.headers.get("KV-Context")
