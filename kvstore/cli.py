@@ -1,8 +1,10 @@
 """The `kvstore` command: argv -> config -> runtime.
 
-`node` and `cluster up` live here; client subcommands (get/put/delete/status/
-watch-status) are in kvstore.client.cli and `chaos` in kvstore.chaos.cli.
-Exit codes: 0 ok, 2 bad usage/config (one line, no traceback), 1 other failures.
+`node`, `cluster up` and `config check` live here; the client subcommands (get/put/
+delete/status/watch-status/ring) and the parser conventions (CommandParser: one-line
+usage errors, exit code 2) are in kvstore.client.cli, `chaos` in kvstore.chaos.cli.
+Exit codes: 0 ok, 2 bad usage/config (one line, no traceback), 1 other failures; the
+client commands' finer codes are in kvstore.client.cli.
 """
 
 from __future__ import annotations
@@ -14,26 +16,21 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
+from kvstore.client.cli import CommandParser as _Parser
 from kvstore.config import ClusterConfig, load_config
 from kvstore.errors import ConfigError, KVError
 
+SERVER_COMMANDS = ("node", "cluster", "config", "chaos")
 CLIENT_COMMANDS = {"get", "put", "delete", "status", "watch-status", "ring"}
-VALUE_OPTS = {"--url", "--token", "--timeout"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"kvstore: {message} (see kvstore --help)\n")
-        sys.exit(2)
+VALUE_OPTS = {"--url", "--token", "--timeout"}     # top-level options that take a value
 
 
 class _NodeFilter(logging.Filter):
@@ -46,14 +43,14 @@ class _NodeFilter(logging.Filter):
         return True
 
 
-def setup_logging(node_id: str, level: str | None = None) -> None:
+def setup_logging(node_id: str, level: str | None = None, fmt: str = "text") -> None:
     lvl = (level or os.environ.get("KVSTORE_LOG_LEVEL") or "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_NodeFilter(node_id))
-    fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s node=%(node)s %(name)s: %(message)s",
-                            "%Y-%m-%dT%H:%M:%S")
-    fmt.converter = time.gmtime
-    handler.setFormatter(fmt)
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s node=%(node)s %(name)s: %(message)s",
+                                  "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
@@ -82,7 +79,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args.config), data_dir=args.data_dir)
     spec = config.node(node_id)
     host, port = _parse_listen(args.listen) if args.listen else (spec.host, spec.port)
-    setup_logging(node_id, args.log_level)
+    setup_logging(node_id, args.log_level, fmt=args.log_format)
     warn = config.quorum_warning()
     if warn:
         logging.getLogger("kvstore").warning(warn)
@@ -104,24 +101,19 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> i
     from kvstore.runtime.node import Node
 
     log = logging.getLogger("kvstore")
-    mode = config.replication.mode
-    if mode == "single-leader":
-        node = Node(config, node_id)
-    else:
-        try:
-            from kvstore.runtime.factory import make_node  # multi-leader / leaderless runtimes
-        except ImportError:
-            raise ConfigError(f"replication.mode: {mode!r} is not available in this build yet") from None
-        node = make_node(config, node_id)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, node.open_storage)
+        node = Node(config, node_id)    # recovery happens when the app starts the node
     except KVError as e:
-        log.critical("cannot start: %s", e.message)
         print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
         return 1
     app = create_app(node)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
+    try:
+        await runner.setup()      # starts the node: recovery (a corrupt disk is refused here)
+    except KVError as e:
+        log.critical("cannot start: %s", e.message)
+        print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
+        return 1
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     try:
         await site.start()
@@ -153,10 +145,9 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> i
 SHUTDOWN_BOUND_S = 5.0   # documented: a node exits within this long after SIGTERM/SIGINT
 
 
-def _shutdown_watchdog(after_s: float, log: logging.Logger) -> "threading.Timer":
+def _shutdown_watchdog(after_s: float, log: logging.Logger) -> threading.Timer:
     """Last resort for a stuck event loop (a blocking call, a lost cancellation): after
     `after_s` flush every written file to disk (the WAL included) and exit the process."""
-    import threading
 
     def fire() -> None:
         log.critical("shutdown stuck for %.1f s: syncing files and exiting now", after_s)
@@ -272,8 +263,32 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             stop_all()
 
 
+# ---- kvstore config check ---------------------------------------------------------------
+def cmd_config(args: argparse.Namespace) -> int:
+    """`kvstore config check FILE`: every problem of FILE and of the KVSTORE_<SECTION>__<KEY>
+    variables, one per line (`FILE:LINE: key: problem`) on stderr, exit 2; else
+    `FILE: ok (<mode>, <n> nodes)` on stdout, exit 0."""
+    from kvstore.config import check_file
+
+    path = args.file or args.config or os.environ.get("KVSTORE_CONFIG")
+    if not path:
+        raise ConfigError("config check: the cluster file is required (kvstore config check FILE)")
+    config, problems = check_file(path)
+    if problems or config is None:
+        for problem in problems:
+            print(problem.render(path), file=sys.stderr)
+        print(f"{path}: {len(problems)} problem{'' if len(problems) == 1 else 's'}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({config.replication.mode}, {len(config.cluster.nodes)} nodes)")
+    warn = config.quorum_warning()
+    if warn:
+        print(f"{path}: warning: {warn}", file=sys.stderr)
+    return 0
+
+
 # ---- dispatch --------------------------------------------------------------------------
 def _subcommand(argv: list[str]) -> str | None:
+    """The first word of argv that is not an option or the value of a top-level option."""
     skip = False
     for a in argv:
         if skip:
@@ -288,44 +303,106 @@ def _subcommand(argv: list[str]) -> str | None:
     return None
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(
+            f"must be one of debug, info, warning, error, critical; got {text!r}")
+    return level
+
+
+def _version() -> str:
+    from kvstore import __version__
+    return __version__
+
+
+_EPILOG = """\
+Run `kvstore COMMAND --help` for the options of a command.
+
+exit codes:
+  0 ok; 2 bad usage or bad config (one line on stderr); 1 any other failure.
+  Client commands: 1 key not found; 3 unavailable, timeout, unreachable or
+  indeterminate; 4 precondition failed (--if-match, --create).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kvstore", description="kvstore: a replicated key-value store")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    n = sub.add_parser("node", help="run one node in the foreground")
-    n.add_argument("--config")
-    n.add_argument("--id")
-    n.add_argument("--listen")
-    n.add_argument("--data-dir")
-    n.add_argument("--log-level")
-    c = sub.add_parser("cluster", help="cluster up: run every node of a config as local processes")
-    c.add_argument("action", choices=["up"])
-    c.add_argument("--config")
-    c.add_argument("--data-dir")
+    from kvstore.client.cli import add_client_commands, add_client_options
+
+    p = _Parser(prog="kvstore", description="kvstore: a replicated key-value store", epilog=_EPILOG)
+    p.add_argument("--version", action="version", version=f"kvstore {_version()}",
+                   help="print the version and exit")
+    add_client_options(p, top=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, title="commands")
+    n = sub.add_parser("node", help="run one node in the foreground",
+                       description="Run one node of the cluster in the foreground until SIGTERM/SIGINT.")
+    n.add_argument("--config", metavar="FILE", help="the cluster file (env KVSTORE_CONFIG)")
+    n.add_argument("--id", help="this node's id in the cluster file (env KVSTORE_NODE_ID)")
+    n.add_argument("--listen", metavar="HOST:PORT",
+                   help="listen address (default: the host and port of this node's URL)")
+    n.add_argument("--data-dir", metavar="DIR",
+                   help="replaces storage.data_dir: the node's files go in DIR/<id>")
+    n.add_argument("--log-level", type=_log_level, metavar="LEVEL",
+                   help="debug | info | warning | error | critical (env KVSTORE_LOG_LEVEL; default info)")
+    n.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines, or one JSON object per line (default text)")
+    c = sub.add_parser("cluster", help="cluster up: run every node of a config as local processes",
+                       description="Start every node of FILE as a local child process, print each "
+                                   "node's URL and role once ready, stop them all on Ctrl-C.")
+    c.add_argument("action", choices=["up"], help="up: start the cluster")
+    c.add_argument("--config", metavar="FILE", help="the cluster file (env KVSTORE_CONFIG)")
+    c.add_argument("--data-dir", metavar="DIR", help="replaces storage.data_dir")
+    cc = sub.add_parser("config", help="config check FILE: list every problem of a cluster file",
+                        description="Check a cluster file: exit 0 if it is valid, else 2 with every "
+                                    "problem listed.")
+    cc.add_argument("action", choices=["check"], help="check: validate the file")
+    cc.add_argument("file", nargs="?", metavar="FILE", help="the cluster file (or --config, or KVSTORE_CONFIG)")
+    cc.add_argument("--config", metavar="FILE", help="the cluster file")
+    # `kvstore chaos` has its own parser (kvstore/chaos/cli.py; `kvstore chaos --help`):
+    # main() hands it the arguments before argparse sees them.
     sub.add_parser("chaos", help="run a workload while injecting faults, then check the history",
                    add_help=False)
-    for name in sorted(CLIENT_COMMANDS):
-        sub.add_parser(name, help=f"client: {name}", add_help=False)
+    add_client_commands(sub)
     return p
 
 
+def _exit_status(e: SystemExit) -> int:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from kvstore.client import cli as client_cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = _subcommand(argv)
     try:
-        if cmd in CLIENT_COMMANDS:
-            from kvstore.client.cli import main as client_main
-            return client_main(argv)
-        if cmd == "chaos":
+        if _subcommand(argv) == "chaos":
             from kvstore.chaos.cli import main as chaos_main
             i = argv.index("chaos")
-            return chaos_main(argv[:i] + argv[i + 1:])
-        args = build_parser().parse_args(argv)
+            try:
+                return chaos_main(argv[:i] + argv[i + 1:])
+            except SystemExit as e:      # its --help
+                return _exit_status(e)
+        parser = build_parser()
+        try:
+            args = client_cli.parse_namespace(parser, argv, [*SERVER_COMMANDS, *client_cli.COMMANDS])
+            if args.command == "node" and not args.log_level and os.environ.get("KVSTORE_LOG_LEVEL"):
+                try:
+                    _log_level(os.environ["KVSTORE_LOG_LEVEL"])
+                except argparse.ArgumentTypeError as e:
+                    raise client_cli.UsageError(f"KVSTORE_LOG_LEVEL: {e}", "kvstore node") from None
+        except client_cli.UsageError as e:
+            return client_cli.report_usage(e, as_json=client_cli.wants_json(argv), err=sys.stderr)
+        except SystemExit as e:          # --help, --version
+            return _exit_status(e)
+        if args.command in CLIENT_COMMANDS:
+            return client_cli.run_namespace(args, argv=argv)
         if args.command == "node":
             return cmd_node(args)
         if args.command == "cluster":
             return cmd_cluster(args)
-        build_parser().print_help()
-        return 2
+        if args.command == "config":
+            return cmd_config(args)
+        raise ConfigError(f"unknown command {args.command!r}")
     except ConfigError as e:
         print(f"kvstore: {e.message}", file=sys.stderr)
         return 2

@@ -81,8 +81,10 @@ def test_paused_leader_steps_down_and_acks_nothing_after_the_election(make_clust
     status, detail, _ = asyncio.run(run())
     new = detail["new"]
     if status == 200:
-        # only acceptable if it was forwarded to (and committed by) the new leader
-        assert detail["headers"].get("KV-Node") != old, detail
+        # only acceptable if it was forwarded to (and committed by) the new leader, in its term
+        assert detail["headers"].get("KV-Leader") == new, detail
+        version_term = int(detail["headers"]["KV-Version"].split(".")[0])
+        assert version_term == c.info(new)["term"], detail
     else:
         assert status in (503, 504), detail
     wait_for(lambda: c.info(old)["role"] == "follower", 5, "old leader steps down")

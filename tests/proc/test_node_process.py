@@ -323,8 +323,8 @@ MALFORMED = [
     ("GET", "/kv/" + "%C3%A9" * 33, {}, None, 400),     # 66 bytes once decoded
     ("PUT", "/kv/big", {}, b"v" * 1001, 413),           # value too large
     ("PUT", "/kv/big", {}, b"v" * 200_000, 413),
-    ("PUT", "/kv/x", {"If-Match": "garbage"}, b"v", 400),
-    ("DELETE", "/kv/x", {"If-Match": "1.2.3"}, None, 400),
+    ("PUT", "/kv/x", {"If-Match": "garbage"}, b"v", 412),     # versions are opaque: not current = mismatch
+    ("DELETE", "/kv/x", {"If-Match": "1.2.3"}, None, 412),
     ("PUT", "/kv/x?acks=bogus", {}, b"v", 400),
     ("PUT", "/kv/x", {"KV-Acks": "most"}, b"v", 400),
     ("GET", "/kv/x?consistency=weird", {}, None, 400),
@@ -348,7 +348,7 @@ async def test_malformed_requests_get_json_errors_and_never_kill_the_node(guarde
                 text = await r.read()
                 assert r.status == status, (method, path[:40], r.status, text[:200])
                 obj = json.loads(text)
-                assert obj["error"] in ("bad_request", "too_large") and obj["message"], obj
+                assert obj["error"] in ("bad_request", "too_large", "version_mismatch") and obj["message"], obj
         # still alive and still correct
         async with s.put(f"{node.url}/kv/ok", data=b"fine") as r:
             assert r.status == 200

@@ -1,27 +1,28 @@
-"""Group commit in the node runtime (kvstore/runtime/node.py, `_ready_loop`): with
-`fsync: always` a write is acknowledged only after the fdatasync that covers it has
-returned; writes that arrive while a sync runs share the next one; a failing sync
-acknowledges nothing and stops the node.
+"""Group commit in the node shell (kvstore/runtime/node.py, `_ready_loop`): with
+`fsync: always` a write is acknowledged only after the flush (fdatasync) that covers it
+has returned; writes that arrive while a flush runs share the next one — the batch closes
+when the previous fsync returns, with no timer; a failing sync acknowledges nothing and
+stops the node.
 
-A real one-node Node runs in-process; `node.wal.sync` is replaced by a version that
-blocks on events the test controls (it still calls the real sync).
+A real one-node Node runs in-process on the real FileLog; `node.log.flush` is wrapped by
+a gate the test controls (it still calls the real flush).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-import kvstore.runtime.node as node_mod
+import kvstore.runtime.tasks as tasks_mod
 import kvstore.storage.wal as wal_mod
 from kvstore.config import parse_config
 from kvstore.errors import StorageError
+from kvstore.replication.core import Put
 from kvstore.runtime.node import Node
 from kvstore.storage.wal import WAL
 
@@ -45,48 +46,53 @@ async def wait_for(cond: Callable[[], bool], what: str, deadline_s: float = DEAD
         await asyncio.sleep(0.005)
 
 
-async def wait_thread_event(ev: threading.Event, what: str) -> None:
-    await wait_for(ev.is_set, what)
-
-
-class GatedSync:
-    """Replaces WAL.sync: call k signals entered[k], waits for release[k], then syncs for real
+class GatedFlush:
+    """Wraps Log.flush: call k sets entered[k], waits for release[k], then flushes for real
     (or raises `fail`). Counts calls."""
 
-    def __init__(self, real: Callable[[], None], fail: BaseException | None = None) -> None:
+    def __init__(self, real: Callable[[], Any], fail: BaseException | None = None) -> None:
         self.real = real
         self.fail = fail
         self.calls = 0
         self.returned = 0
-        self.entered = [threading.Event() for _ in range(64)]
-        self.release = [threading.Event() for _ in range(64)]
-        self.lock = threading.Lock()
+        self.entered = [asyncio.Event() for _ in range(64)]
+        self.release = [asyncio.Event() for _ in range(64)]
 
-    def __call__(self) -> None:
-        with self.lock:
-            k = self.calls
-            self.calls += 1
+    async def __call__(self) -> bool:
+        k = self.calls
+        self.calls += 1
         self.entered[k].set()
-        if not self.release[k].wait(DEADLINE_S):
-            raise AssertionError(f"sync {k} was never released by the test")
+        await asyncio.wait_for(self.release[k].wait(), DEADLINE_S)
         if self.fail is not None:
             raise self.fail
-        self.real()
-        with self.lock:
-            self.returned += 1
+        out = await self.real()
+        self.returned += 1
+        return bool(out)
 
     def open_all(self) -> None:
         for ev in self.release:
             ev.set()
 
 
+def state(n: Node) -> Any:
+    return n.core.state  # type: ignore[union-attr]
+
+
+def last_index(n: Node) -> int:
+    return n.core.raft.last_index  # type: ignore[union-attr]
+
+
+async def put(n: Node, key: str, value: bytes) -> Any:
+    return await n.write([Put(key, value)])
+
+
 @pytest.fixture
 async def node(tmp_path: Path):
     n = Node(one_node_config(tmp_path), "n1", data_dir=tmp_path / "n1")
-    n.open_storage()
     await n.start()
     try:
-        await wait_for(lambda: n.is_leader and n.state.applied_index >= 1, "the node to lead and apply its no-op")
+        await wait_for(lambda: n.status().role == "leader" and state(n).applied_index >= 1,
+                       "the node to lead and apply its no-op")
         yield n
     finally:
         if not getattr(n, "_test_stopped", False):
@@ -94,19 +100,16 @@ async def node(tmp_path: Path):
 
 
 async def stop_node(n: Node) -> None:
-    real = getattr(n.wal, "_test_real_sync", None)
+    real = getattr(n, "_test_real_flush", None)
     if real is not None:
-        n.wal.sync = real   # type: ignore[method-assign]
-    # a task that died (the failure test) would make stop() re-raise its error before cleaning up
-    n._tasks = [t for t in n._tasks if not t.done()]
+        n.log.flush = real   # type: ignore[method-assign]
     n._test_stopped = True  # type: ignore[attr-defined]
     await n.stop()
 
 
-def install(n: Node, gate: GatedSync) -> None:
-    assert n.wal is not None
-    n.wal._test_real_sync = n.wal.sync  # type: ignore[attr-defined]
-    n.wal.sync = gate  # type: ignore[method-assign]
+def install(n: Node, gate: GatedFlush) -> None:
+    n._test_real_flush = n.log.flush  # type: ignore[attr-defined]
+    n.log.flush = gate  # type: ignore[method-assign]
 
 
 def done_ok(tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
@@ -114,43 +117,41 @@ def done_ok(tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
 
 
 async def test_a_write_is_acknowledged_only_after_its_sync_returns(node: Node) -> None:
-    assert node.wal is not None
-    gate = GatedSync(node.wal.sync)
+    gate = GatedFlush(node.log.flush)
     install(node, gate)
     try:
-        t = asyncio.create_task(node.put("k", b"v"))
-        await wait_thread_event(gate.entered[0], "the sync of the write")
+        t = asyncio.create_task(put(node, "k", b"v"))
+        await asyncio.wait_for(gate.entered[0].wait(), DEADLINE_S)
         # the entry is written and the sync is in progress: no ack, however long it takes
         for _ in range(20):
             await asyncio.sleep(0.01)
             assert not t.done(), "acknowledged before the fsync returned"
-        assert node.state.get("k") is None, "applied before the fsync returned"
+        assert state(node).get("k") is None, "applied before the fsync returned"
         gate.release[0].set()
         out = await asyncio.wait_for(t, DEADLINE_S)
         assert gate.returned == 1
         assert out.version
-        assert node.state.get("k") is not None
+        assert state(node).get("k") is not None
     finally:
         gate.open_all()
 
 
 async def test_concurrent_writes_share_one_sync(node: Node) -> None:
-    assert node.wal is not None and node.core is not None
-    gate = GatedSync(node.wal.sync)
+    gate = GatedFlush(node.log.flush)
     install(node, gate)
     try:
-        first = asyncio.create_task(node.put("first", b"0"))
-        await wait_thread_event(gate.entered[0], "the first write's sync")
-        base = node.core.last_index
-        many = [asyncio.create_task(node.put(f"k{i}", str(i).encode())) for i in range(100)]
-        await wait_for(lambda: node.core.last_index == base + 100, "all 100 writes to be proposed")
+        first = asyncio.create_task(put(node, "first", b"0"))
+        await asyncio.wait_for(gate.entered[0].wait(), DEADLINE_S)
+        base = last_index(node)
+        many = [asyncio.create_task(put(node, f"k{i}", str(i).encode())) for i in range(100)]
+        await wait_for(lambda: last_index(node) == base + 100, "all 100 writes to be proposed")
         for _ in range(10):
             await asyncio.sleep(0.01)
             assert not first.done() and not done_ok(many), "acknowledged before any fsync returned"
         gate.release[0].set()
         # the ready loop now writes everything that arrived meanwhile and syncs ONCE
         # (the first write may be answered before or after that sync: its own one returned)
-        await wait_thread_event(gate.entered[1], "the group sync")
+        await asyncio.wait_for(gate.entered[1].wait(), DEADLINE_S)
         for _ in range(10):
             await asyncio.sleep(0.01)
             assert not done_ok(many), "a write of the group was acknowledged before the group's sync returned"
@@ -160,14 +161,14 @@ async def test_concurrent_writes_share_one_sync(node: Node) -> None:
         assert gate.calls == 2, f"100 concurrent writes took {gate.calls - 1} syncs; group commit shares one"
         assert gate.returned == 2
         for i in range(100):
-            assert node.state.get(f"k{i}")[0] == str(i).encode()
+            assert state(node).get(f"k{i}")[0] == str(i).encode()
     finally:
         gate.open_all()
 
 
 async def test_acknowledged_writes_are_on_disk(node: Node) -> None:
     """After the ack, a fresh WAL recovery of the same directory has the entries."""
-    outs = await asyncio.gather(*(node.put(f"d{i}", f"v{i}".encode()) for i in range(50)))
+    outs = await asyncio.gather(*(put(node, f"d{i}", f"v{i}".encode()) for i in range(50)))
     assert len(outs) == 50
     wal_dir = node.data_dir / "wal"
     copy_dir = wal_dir.parent / "wal-copy"
@@ -184,38 +185,37 @@ async def test_acknowledged_writes_are_on_disk(node: Node) -> None:
 @pytest.mark.parametrize("failure", ["storage_error", "fdatasync_eio"])
 async def test_a_failing_sync_acknowledges_nothing_and_stops_the_node(
         node: Node, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
-    assert node.wal is not None and node.core is not None
     exits: list[int] = []
-    monkeypatch.setattr(node_mod.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(tasks_mod.os, "_exit", lambda code: exits.append(code))
     if failure == "storage_error":
-        gate = GatedSync(node.wal.sync, fail=StorageError("simulated fsync failure"))
+        gate = GatedFlush(node.log.flush, fail=StorageError("simulated fsync failure"))
     else:
         # the real WAL.sync runs and meets an EIO from the kernel
         def eio(fd: int) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
-        gate = GatedSync(node.wal.sync)
+        gate = GatedFlush(node.log.flush)
     install(node, gate)
     real_fdatasync = wal_mod.os.fdatasync
     try:
-        first = asyncio.create_task(node.put("first", b"0"))
-        await wait_thread_event(gate.entered[0], "the sync")
-        base = node.core.last_index
-        more = [asyncio.create_task(node.put(f"k{i}", b"x")) for i in range(20)]
-        await wait_for(lambda: node.core.last_index == base + 20, "the writes to be proposed")
+        first = asyncio.create_task(put(node, "first", b"0"))
+        await asyncio.wait_for(gate.entered[0].wait(), DEADLINE_S)
+        base = last_index(node)
+        more = [asyncio.create_task(put(node, f"k{i}", b"x")) for i in range(20)]
+        await wait_for(lambda: last_index(node) == base + 20, "the writes to be proposed")
         if failure == "fdatasync_eio":
             monkeypatch.setattr(wal_mod.os, "fdatasync", eio)
         gate.release[0].set()
         await wait_for(lambda: bool(exits), "the node to crash on the failed sync")
         assert exits == [70]
-        assert isinstance(node._fatal, StorageError), node._fatal
+        assert isinstance(node.fatal, StorageError), node.fatal
         # give anything that might (wrongly) resolve a future a chance to run
         for _ in range(20):
             await asyncio.sleep(0.01)
         tasks = [first, *more]
         assert not done_ok(tasks), "a write was acknowledged although its fsync failed"
-        assert all(node.state.get(f"k{i}") is None for i in range(20)), "applied although never synced"
-        assert node.state.get("first") is None, "applied although its fsync failed"
+        assert all(state(node).get(f"k{i}") is None for i in range(20)), "applied although never synced"
+        assert state(node).get("first") is None, "applied although its fsync failed"
         monkeypatch.setattr(wal_mod.os, "fdatasync", real_fdatasync)   # before stop() syncs
         await stop_node(node)
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), DEADLINE_S)

@@ -1,0 +1,197 @@
+"""Parsing and checking what a client sent (CONTRACT §3, §8): keys, values, options
+(query parameters or the same-named KV- headers), preconditions, batches, credentials.
+Every problem is a BadRequest / TooLarge / Unauthorized with a message that says what
+to send instead; nothing here can raise anything else.
+
+Imports: aiohttp (request objects), msgpack, kvstore.config/errors/replication.core.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import msgpack
+from aiohttp import web
+
+from kvstore.config import ClusterConfig, LimitsSection
+from kvstore.errors import BadRequest, TooLarge, Unauthorized
+from kvstore.replication.core import Delete, Op, Precondition, Put
+
+ACKS = ("async", "semi-sync", "sync")
+CLUSTER_TOKEN_HEADER = "KV-Cluster-Token"
+_BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_BATCH_OPS = 100_000
+
+
+def check_key(key: str, max_key_bytes: int) -> str:
+    """A key as the contract allows it: valid UTF-8, 1..max_key_bytes bytes, no control characters."""
+    n = len(key.encode("utf-8", "surrogatepass"))
+    if n == 0:
+        raise BadRequest("empty key: use /kv/<key>")
+    if n > max_key_bytes:
+        raise BadRequest(f"key is {n} bytes; the limit is {max_key_bytes}")
+    if _CTRL_RE.search(key):
+        raise BadRequest("key contains control characters (U+0000-U+001F, U+007F)")
+    return key
+
+
+def key_of(request: web.Request, max_key_bytes: int) -> str:
+    """The key of /kv/<key>, percent-decoded from the raw path (aiohttp's decoded path
+    would already have turned %2F into a slash and dropped bad encodings)."""
+    raw = request.raw_path
+    q = raw.find("?")
+    if q >= 0:
+        raw = raw[:q]
+    if not raw.startswith("/kv/"):
+        raise BadRequest("keys live under /kv/")
+    encoded = raw[4:]
+    if _BAD_PCT.search(encoded):
+        raise BadRequest("bad percent-encoding in key (a % must be followed by two hex digits)")
+    b = unquote_to_bytes(encoded)
+    if not b:
+        raise BadRequest("empty key: use /kv/<key>")
+    if len(b) > max_key_bytes:
+        raise BadRequest(f"key is {len(b)} bytes; the limit is {max_key_bytes}")
+    try:
+        key = b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("key is not valid UTF-8") from None
+    return check_key(key, max_key_bytes)
+
+
+def opt(request: web.Request, name: str) -> str | None:
+    v = request.query.get(name)
+    if v is None:
+        v = request.headers.get("KV-" + name.capitalize())
+    return v
+
+
+def _acks(request: web.Request) -> str | None:
+    a = opt(request, "acks")
+    if a is None or a == "":
+        return None
+    if a not in ACKS:
+        raise BadRequest(f"acks must be one of async, semi-sync, sync (got {a!r})")
+    return a
+
+
+def _unquote(tag: str) -> str:
+    t = tag.strip()
+    if t.startswith("W/"):
+        t = t[2:]
+    return t.strip().strip('"')
+
+
+def precondition(request: web.Request) -> Precondition | None:
+    """If-Match: VERSION | "VERSION" | * ; If-None-Match: * (RFC 9110 §13.1)."""
+    im = request.headers.get("If-Match")
+    inm = request.headers.get("If-None-Match")
+    if im is None and inm is None:
+        return None
+    if inm is not None:
+        if inm.strip() != "*":
+            raise BadRequest("on a write, If-None-Match takes only * (create only)")
+        if im is not None:
+            raise BadRequest("send If-Match or If-None-Match, not both")
+        return Precondition(None, True)
+    assert im is not None
+    return Precondition("*" if im.strip() == "*" else _unquote(im), False)
+
+
+def _rid(request: web.Request) -> str | None:
+    rid = request.headers.get("KV-Request-Id")
+    if rid is None:
+        return None
+    if not rid or len(rid) > 128:
+        raise BadRequest("KV-Request-Id must be 1..128 characters")
+    return rid
+
+
+def write_options(request: web.Request) -> dict[str, Any]:
+    return {"acks": _acks(request), "precondition": precondition(request),
+            "context": request.headers.get("KV-Context") or None, "rid": _rid(request),
+            "after": opt(request, "after") or None}
+
+
+def read_options(request: web.Request) -> dict[str, Any]:
+    consistency = opt(request, "consistency") or None
+    r = opt(request, "r")
+    if r is not None and (not r.isdigit() or int(r) < 1):
+        raise BadRequest(f"r must be a positive integer (got {r!r})")
+    return {"consistency": consistency, "after": opt(request, "after") or None,
+            "r": int(r) if r is not None else None}
+
+
+async def read_value(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"value is {request.content_length} bytes; max_value_bytes is {limit}")
+    value = await request.read()
+    if len(value) > limit:
+        raise TooLarge(f"value is {len(value)} bytes; max_value_bytes is {limit}")
+    return value
+
+
+def parse_batch(body: bytes, content_type: str, lim: LimitsSection) -> list[Op]:
+    try:
+        obj = json.loads(body) if content_type == "application/json" else msgpack.unpackb(body, raw=False)
+    except Exception:
+        raise BadRequest("batch body must be msgpack or JSON {\"ops\": [...]}") from None
+    ops = obj.get("ops") if isinstance(obj, dict) else None
+    if not isinstance(ops, list) or not ops:
+        raise BadRequest("batch needs a non-empty list 'ops'")
+    if len(ops) > MAX_BATCH_OPS:
+        raise BadRequest(f"at most {MAX_BATCH_OPS} ops per batch")
+    out: list[Op] = []
+    for op in ops:
+        if not isinstance(op, list) or not op or op[0] not in ("put", "delete"):
+            raise BadRequest("each op is [\"put\", key, value] or [\"delete\", key]")
+        key = op[1] if len(op) > 1 else None
+        if not isinstance(key, str):
+            raise BadRequest(f"invalid key in batch: {key!r:.60}")
+        try:
+            check_key(key, lim.max_key_bytes)
+        except BadRequest as e:
+            raise BadRequest(f"invalid key in batch: {key!r:.60}: {e.message}") from None
+        if op[0] == "put":
+            if len(op) != 3:
+                raise BadRequest("put op is [\"put\", key, value]")
+            v = op[2]
+            if isinstance(v, str):
+                v = v.encode()
+            if not isinstance(v, bytes):
+                raise BadRequest("values must be bytes or strings")
+            if len(v) > lim.max_value_bytes:
+                raise TooLarge(f"value of {key!r:.60} exceeds max_value_bytes")
+            out.append(Put(key, v))
+        else:
+            if len(op) != 2:
+                raise BadRequest("delete op is [\"delete\", key]")
+            out.append(Delete(key))
+    return out
+
+
+def check_client_auth(request: web.Request, config: ClusterConfig) -> None:
+    token = config.security.client_token
+    if not token:
+        return
+    got = request.headers.get("Authorization", "")
+    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].strip().encode(), token.encode()):
+        raise Unauthorized("missing or wrong client token: send 'Authorization: Bearer <client_token>'")
+
+
+def check_cluster_auth(request: web.Request, config: ClusterConfig) -> None:
+    token = config.security.cluster_token
+    if not token:
+        return
+    got = request.headers.get(CLUSTER_TOKEN_HEADER, "")
+    if not hmac.compare_digest(got.encode(), token.encode()):
+        raise Unauthorized(f"missing or wrong cluster token ({CLUSTER_TOKEN_HEADER} header)")
+
+
+__all__ = ["check_client_auth", "check_cluster_auth", "check_key", "key_of", "parse_batch", "precondition",
+           "read_options", "read_value", "write_options"]
