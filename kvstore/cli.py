@@ -33,30 +33,6 @@ CLIENT_COMMANDS = {"get", "put", "delete", "status", "watch-status", "ring"}
 VALUE_OPTS = {"--url", "--token", "--timeout"}     # top-level options that take a value
 
 
-class _NodeFilter(logging.Filter):
-    def __init__(self, node_id: str) -> None:
-        super().__init__()
-        self.node_id = node_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.node = self.node_id
-        return True
-
-
-def setup_logging(node_id: str, level: str | None = None, fmt: str = "text") -> None:
-    lvl = (level or os.environ.get("KVSTORE_LOG_LEVEL") or "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_NodeFilter(node_id))
-    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s node=%(node)s %(name)s: %(message)s",
-                                  "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(lvl)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
 def _config_path(arg: str | None) -> str:
     path = arg or os.environ.get("KVSTORE_CONFIG")
     if not path:
@@ -79,7 +55,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args.config), data_dir=args.data_dir)
     spec = config.node(node_id)
     host, port = _parse_listen(args.listen) if args.listen else (spec.host, spec.port)
-    setup_logging(node_id, args.log_level, fmt=args.log_format)
+    from kvstore.runtime.logs import setup_logging
+
+    fmt = args.log_format or getattr(getattr(config, "logging", None), "format", None) or "text"
+    log_ctx = setup_logging(node_id, args.log_level, fmt=fmt, mode=config.replication.mode)
     warn = config.quorum_warning()
     if warn:
         logging.getLogger("kvstore").warning(warn)
@@ -91,10 +70,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # uvloop is Linux-only; the stdlib loop works everywhere
         pass
-    return asyncio.run(_serve(config, node_id, host, port))
+    return asyncio.run(_serve(config, node_id, host, port, log_ctx))
 
 
-async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> int:
+async def _serve(config: ClusterConfig, node_id: str, host: str, port: int, log_ctx: Any = None) -> int:
     from aiohttp import web
 
     from kvstore.api.app import create_app
@@ -103,6 +82,7 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int) -> i
     log = logging.getLogger("kvstore")
     try:
         node = Node(config, node_id)    # recovery happens when the app starts the node
+        node.log_context = log_ctx
     except KVError as e:
         print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
         return 1
@@ -344,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replaces storage.data_dir: the node's files go in DIR/<id>")
     n.add_argument("--log-level", type=_log_level, metavar="LEVEL",
                    help="debug | info | warning | error | critical (env KVSTORE_LOG_LEVEL; default info)")
-    n.add_argument("--log-format", choices=("text", "json"), default="text",
+    n.add_argument("--log-format", choices=("text", "json"), default=None,
                    help="text lines, or one JSON object per line (default text)")
     c = sub.add_parser("cluster", help="cluster up: run every node of a config as local processes",
                        description="Start every node of FILE as a local child process, print each "

@@ -104,3 +104,32 @@ def test_a_key_with_a_control_character_is_a_bad_request_on_every_method(make_cl
     for method, data in (("GET", None), ("PUT", b"v"), ("DELETE", None)):
         st, body = http_json(u + path, method, data)
         assert st == 400 and body["error"] == "bad_request", (method, path, st, body)
+
+
+def test_json_logs_are_one_object_per_line_with_node_mode_role_and_term(tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f'cluster:\n  nodes:\n    - {{id: n1, url: "http://127.0.0.1:{port}"}}\n'
+                   f'storage:\n  data_dir: "{tmp_path / "data"}"\n')
+    p = subprocess.Popen([sys.executable, "-m", "kvstore", "node", "--config", str(cfg), "--id", "n1",
+                          "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: http_json(f"http://127.0.0.1:{port}/ready")[0] == 200, 20, "the node to be ready")
+        assert http_json(f"http://127.0.0.1:{port}/kv/x", "PUT", b"v")[0] == 200
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=10)
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert lines
+    objs = [json.loads(ln) for ln in lines]          # every line is one JSON object
+    for o in objs:
+        assert {"ts", "level", "node", "mode", "role", "term", "msg"} <= set(o), o
+        assert o["node"] == "n1" and o["mode"] == "single-leader"
+    assert any(o["role"] == "leader" and o["term"] >= 1 for o in objs)
+    assert any("stopped cleanly" in o["msg"] for o in objs)
