@@ -132,7 +132,7 @@ def main() -> int:
             r = one_start(3, mode, a.duration, script, a.target)
             rows.append(r)
             print(f"{mode:9s} start {i + 1}: {r['rate']:8.0f} PUT/s  p50 {r['p50_ms']:6.2f} ms  "
-                  f"p99 {r['p99_ms']:6.2f} ms  {r['entries_per_fsync']:5.1f} entries/fsync"
+                  f"p99 {r['p99_ms']:6.2f} ms  {r['entries_per_fsync']:5.1f} entries/fsync  ({r['role']})"
                   f"{'  errors ' + str(r['non2xx'] + r['socket_errors']) if r['non2xx'] + r['socket_errors'] else ''}",
                   flush=True)
         rates = [r["rate"] for r in rows]
