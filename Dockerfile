@@ -58,12 +58,13 @@ ENV PATH=/opt/kvstore/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     KVSTORE_CONFIG=/etc/kvstore/kvstore.yaml \
     KVSTORE_NODE_ID=n1 \
-    KVSTORE_HEALTH_URL=http://127.0.0.1:7001/health
+    KVSTORE_HEALTH_URL=http://127.0.0.1:7001/ready
 USER kvstore
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 7001 7002 7003
 STOPSIGNAL SIGTERM
+# Healthy = ready (GET /ready: recovered, and a leader known and reachable, or W peers up).
 # Set KVSTORE_HEALTH_URL to the node's own port when it is not 7001.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['KVSTORE_HEALTH_URL'], timeout=2).read()"]

@@ -50,6 +50,11 @@ HELP = {
     "kv_replication_lag_entries": "entries a peer is behind",
     "kv_replication_lag_seconds": "age of the oldest entry a peer lacks",
     "kv_peer_up": "1 if the peer is up as this node sees it",
+    "kv_leader_changes_total": "times this node saw the leader change",
+    "kv_writes_at_risk": "leader: log entries not yet on the quorum every election meets (a failover may remove them)",
+    "kv_hints": "hints held for owners that missed a write",
+    "kv_read_repairs_total": "stale replicas repaired after a read",
+    "kv_conflicts_total": "concurrent writes met (lww: versions discarded; siblings: kept)",
 }
 
 

@@ -724,10 +724,13 @@ class SingleLeaderCore:
                  "election_quorum": raft.qe, "acks": self.cfg.acks}
         counters = dict(self.metrics.c)
         counters["kv_elections_total"] = float(raft.stats_elections)
+        counters["kv_leader_changes_total"] = float(raft.stats_leader_changes)
         gauges = {"kv_term": float(raft.term), "kv_is_leader": 1.0 if raft.role == "leader" else 0.0,
                   "kv_applied_index": float(st.applied_index), "kv_commit_index": float(raft.commit),
                   "kv_last_index": float(raft.last_index), "kv_keys": float(len(st)),
-                  "kv_undo_records": float(st.undo_depth)}
+                  "kv_undo_records": float(st.undo_depth),
+                  # writes a failover could still remove (not yet on the quorum every election meets)
+                  "kv_writes_at_risk": float(max(0, raft.last_index - raft.safe)) if raft.role == "leader" else 0.0}
         return CoreStatus(MODE, raft.role, raft.term, raft.leader_id, st.applied_index,
                           position_token(st.applied_term, st.applied_index), len(st), tuple(nodes), extra,
                           counters, gauges)

@@ -278,7 +278,7 @@ def test_containers_are_healthy_and_share_one_leader(cluster: Cluster) -> None:
         user = cluster.docker("inspect", "-f", "{{.Config.User}}", container(n)).strip()
         assert user == "kvstore", f"{container(n)} runs as {user!r}, not the non-root user"
         assert (_http_json(cluster.url(n) + "/health") or {}).get("status") == "ok"
-    # the image's HEALTHCHECK (python + urllib against /health) reports every node healthy
+    # the image's HEALTHCHECK (python + urllib against /ready) reports every node healthy
     end = time.monotonic() + 40
     health: dict[str, str] = {}
     while time.monotonic() < end:
