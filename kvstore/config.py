@@ -1,14 +1,44 @@
-"""The cluster file (CONTRACT §2): pydantic models, YAML loading, env overrides.
+"""The cluster file (CONTRACT §2): pydantic models, YAML loading, env overrides, and
+error messages an operator can act on.
 
-Owns: validation of every section, defaults, cross-field checks, and turning a
-pydantic error into ONE line that names the field. Imports: pydantic, yaml, errors.
+Owns: validation of every section, defaults, cross-field checks, and turning pydantic's
+errors into `Problem`s: each with its location (`replication.acks`), the YAML line
+when the value came from the file, and a did-you-mean for an unknown key or value.
+`check_config` / `check_file` return EVERY problem (for `kvstore config check`);
+`parse_config` / `load_config` raise a `ConfigError` whose message is ONE line — the
+first problem, plus "(N more problems: run `kvstore config check FILE`)" — which is
+what `kvstore node` and every other command print (CONTRACT §1, exit code 2).
+
+Where a setting comes from, lowest precedence first (later wins):
+1. the built-in default (docs/configuration.md lists every one);
+2. the cluster file;
+3. `KVSTORE_<SECTION>__<KEY>` environment variables (double underscore), for any key
+   of any section: `KVSTORE_STORAGE__FSYNC=interval`, `KVSTORE_REPLICATION__W=2`,
+   `KVSTORE_FAILURE_DETECTOR__TIMEOUT_MS=2000`. The value is read as a YAML scalar
+   (`2` an int, `true` a bool, `null` or `~` null) — except for string keys, whose
+   text is taken as is (a token may contain `:` or `#`). An empty value counts as
+   unset. An unknown section or key is a config error naming the variable;
+4. the older specific variables `KVSTORE_CLUSTER_TOKEN` and `KVSTORE_CLIENT_TOKEN`
+   (same as `KVSTORE_SECURITY__CLUSTER_TOKEN` / `__CLIENT_TOKEN`, and they win when
+   both are set: the more specific name beats the generic one);
+5. command-line flags (`--data-dir` replaces `storage.data_dir`).
+This is the order etcd (flags over `ETCD_*` variables), Redis (command-line
+arguments over redis.conf) and 12-factor tools use: the file is the shared baseline,
+the environment adapts it per host or container, a flag is the last word.
+`KVSTORE_CONFIG`, `KVSTORE_NODE_ID` and `KVSTORE_URL` stand in for the `--config`,
+`--id` and `--url` flags (kvstore/cli.py) and are not config keys.
+
+Imports: pydantic, yaml, the standard library, kvstore.errors, kvstore.ids.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,15 +51,25 @@ Mode = Literal["single-leader", "multi-leader", "leaderless"]
 Acks = Literal["async", "semi-sync", "sync"]
 FsyncPolicy = Literal["always", "interval", "never"]
 
+ENV_PREFIX = "KVSTORE_"
+ENV_SEPARATOR = "__"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NodeSpec(_Strict):
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    url: str
-    region: str | None = None
+    """One member of the cluster."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                    description="The node's name, unique in the cluster (letters, digits, `_`, `.`, "
+                                "`-`; at most 64). `kvstore node --id ID` picks the entry to run.")
+    url: str = Field(description="Where the node serves clients and peers: `http://HOST:PORT` "
+                                 "(the port is required). Peers connect to it; `--listen` may bind "
+                                 "another address.")
+    region: str | None = Field(default=None, description="A free-form label shown in `GET /cluster`; "
+                                                          "replication does not use it.")
 
     @field_validator("url")
     @classmethod
@@ -51,8 +91,13 @@ class NodeSpec(_Strict):
 
 
 class ClusterSection(_Strict):
-    name: str = "kvstore"
-    nodes: list[NodeSpec] = Field(min_length=1)
+    """Who is in the cluster."""
+
+    name: str = Field(default="kvstore", description="The cluster's name, shown in logs and by "
+                                                     "`kvstore cluster up`.")
+    nodes: list[NodeSpec] = Field(min_length=1, description="Every member of the cluster (at least "
+                                                            "one); a node finds itself by id. The only "
+                                                            "setting without a default.")
 
     @model_validator(mode="after")
     def _unique(self) -> "ClusterSection":
@@ -68,26 +113,65 @@ class ClusterSection(_Strict):
 
 
 class ReplicationSection(_Strict):
-    mode: Mode = "single-leader"
-    acks: Acks | None = None  # resolved by ClusterConfig: semi-sync with followers, async alone
-    sync_followers: int = Field(default=1, ge=0)
-    read_from: Literal["leader", "any"] = "leader"
-    n: int | None = Field(default=None, ge=1)
-    w: int | None = Field(default=None, ge=1)
-    r: int | None = Field(default=None, ge=1)
-    conflict: Literal["lww", "siblings"] = "siblings"
-    write_timeout_ms: int = Field(default=5000, ge=10)
-    # leaderless extras
-    sloppy_quorum: bool = True
-    hint_max_count: int = Field(default=100_000, ge=0)
-    hint_max_age_ms: int = Field(default=3_600_000, ge=1000)
-    anti_entropy_interval_ms: int = Field(default=5000, ge=100)
-    tombstone_gc_ms: int = Field(default=86_400_000, ge=1000)
+    """How writes reach the other nodes and when they are acknowledged."""
+
+    mode: Mode = Field(default="single-leader",
+                       description="`single-leader`: one elected leader orders every write; "
+                                   "`multi-leader`: every node takes writes and replicates them "
+                                   "asynchronously; `leaderless`: Dynamo-style quorums of `n`, `w`, `r`.")
+    acks: Acks | None = Field(
+        default=None, json_schema_extra={"doc_default": "`semi-sync` (`async` on a one-node cluster)"},
+        description="Single-/multi-leader: when a write is acknowledged. `async`: once in the "
+                    "leader's WAL; `semi-sync`: once `sync_followers` followers have it durably too; "
+                    "`sync`: once every follower has it. Requests may override it with `acks=`.")
+    sync_followers: int = Field(default=1, ge=0,
+                                description="With `acks: semi-sync`: how many followers (any of them) "
+                                            "must confirm a write; at most the number of followers.")
+    read_from: Literal["leader", "any"] = Field(
+        default="leader", description="Default consistency of a GET without `?consistency`: `leader` "
+                                      "(linearizable) or `any` (this node's own, possibly stale, copy).")
+    n: int | None = Field(default=None, ge=1,
+                          json_schema_extra={"doc_default": "min(3, number of nodes)"},
+                          description="Leaderless: replicas per key; at most the number of nodes.")
+    w: int | None = Field(default=None, ge=1, json_schema_extra={"doc_default": "n // 2 + 1"},
+                          description="Leaderless: replicas that must acknowledge a write; at most `n`.")
+    r: int | None = Field(default=None, ge=1, json_schema_extra={"doc_default": "n // 2 + 1"},
+                          description="Leaderless: replicas a read waits for; at most `n`. "
+                                      "`w + r > n` makes a read see the latest acknowledged write.")
+    conflict: Literal["lww", "siblings"] = Field(
+        default="siblings", description="Multi-leader and leaderless: concurrent writes of one key are "
+                                        "kept as `siblings` (a GET answers 300 with all of them) or "
+                                        "resolved by `lww` (last writer wins; the others are discarded).")
+    write_timeout_ms: int = Field(default=5000, ge=10,
+                                  description="How long a write waits for its acknowledgements before "
+                                              "the answer is `504 timeout` (it may still be applied).")
+    sloppy_quorum: bool = Field(default=True,
+                                description="Leaderless: when a replica is down, write to the next "
+                                            "healthy node with a hint (hinted handoff) instead of "
+                                            "failing the write.")
+    hint_max_count: int = Field(default=100_000, ge=0,
+                                description="Leaderless: hints kept per node for replicas that are "
+                                            "down; the oldest are dropped beyond this (anti-entropy "
+                                            "repairs them later).")
+    hint_max_age_ms: int = Field(default=3_600_000, ge=1000,
+                                 description="Leaderless: hints older than this are dropped.")
+    anti_entropy_interval_ms: int = Field(default=5000, ge=100,
+                                          description="Leaderless: how often replicas compare Merkle "
+                                                      "trees and repair differences.")
+    tombstone_gc_ms: int = Field(default=86_400_000, ge=1000,
+                                 description="Leaderless: how long a delete's tombstone is kept "
+                                             "before it is collected.")
 
 
 class FailureDetectorSection(_Strict):
-    heartbeat_interval_ms: int = Field(default=100, ge=1)
-    timeout_ms: int = Field(default=1000, ge=2)
+    """How nodes notice that a peer is gone."""
+
+    heartbeat_interval_ms: int = Field(default=100, ge=1,
+                                       description="How often a node tells its peers it is alive.")
+    timeout_ms: int = Field(default=1000, ge=2,
+                            description="No heartbeat for this long: the peer is suspected down "
+                                        "(single-leader: an election starts). Must be greater than "
+                                        "`heartbeat_interval_ms`.")
 
     @model_validator(mode="after")
     def _order(self) -> "FailureDetectorSection":
@@ -100,69 +184,94 @@ class FailureDetectorSection(_Strict):
 
 
 class StorageSection(_Strict):
-    data_dir: str = "data"
-    fsync: FsyncPolicy = "always"
-    fsync_interval_ms: int = Field(default=100, ge=1)
-    segment_bytes_max: int = Field(default=64 * 1024 * 1024, ge=4096)
-    snapshot_every_entries: int = Field(default=200_000, ge=10)
-    keep_log_entries: int = Field(default=20_000, ge=0)  # kept after a snapshot for lagging followers
+    """Where and how each node keeps its data."""
+
+    data_dir: str = Field(default="data",
+                          description="Each node keeps its files in `data_dir/<id>`; relative to the "
+                                      "current directory. `--data-dir` replaces it.")
+    fsync: FsyncPolicy = Field(default="always",
+                               description="`always`: a write is acknowledged only after fsync (group "
+                                           "commit); `interval`: fsync every `fsync_interval_ms` (a "
+                                           "crash may lose that much); `never`: leave it to the OS.")
+    fsync_interval_ms: int = Field(default=100, ge=1, description="With `fsync: interval`: how often.")
+    segment_bytes_max: int = Field(default=64 * 1024 * 1024, ge=4096,
+                                   description="The write-ahead log rolls to a new segment file at "
+                                               "this size (bytes; 64 MiB).")
+    snapshot_every_entries: int = Field(default=200_000, ge=10,
+                                        description="Take a snapshot of the state (and drop older log "
+                                                    "segments) after this many log entries.")
+    keep_log_entries: int = Field(default=20_000, ge=0,
+                                  description="Log entries kept after a snapshot so a lagging follower "
+                                              "can catch up without a full snapshot transfer.")
 
 
 class SecuritySection(_Strict):
-    cluster_token: str | None = None
-    client_token: str | None = None
+    """Shared secrets (plain tokens)."""
+
+    cluster_token: str | None = Field(default=None,
+                                      description="If set, required on every `/internal/*` request "
+                                                  "(node to node). Also `KVSTORE_CLUSTER_TOKEN`.")
+    client_token: str | None = Field(default=None,
+                                     description="If set, required as `Authorization: Bearer ...` on "
+                                                 "`/kv/*` and `/admin/*`. Also `KVSTORE_CLIENT_TOKEN`.")
 
 
 class LimitsSection(_Strict):
-    max_key_bytes: int = Field(default=1024, ge=1, le=65536)
-    max_value_bytes: int = Field(default=1048576, ge=0, le=64 * 1024 * 1024)
+    """Request size limits."""
+
+    max_key_bytes: int = Field(default=1024, ge=1, le=65536,
+                               description="Longest key accepted (bytes of UTF-8); longer is `400`.")
+    max_value_bytes: int = Field(default=1048576, ge=0, le=64 * 1024 * 1024,
+                                 description="Largest value accepted (bytes); larger is `413`.")
+
+
+class LoggingSection(_Strict):
+    """How a node writes its log (standard error)."""
+
+    format: Literal["text", "json"] = Field(
+        default="text", description="`text`: one readable line per event; `json`: one JSON object per "
+                                    "line with at least `ts`, `level`, `node`, `msg` (for log "
+                                    "shippers). `kvstore node --log-format` overrides it.")
 
 
 class TestingSection(_Strict):
-    """Testing-only switches. `faults: true` enables POST /admin/faults (cluster token required)."""
+    """Testing-only switches."""
 
-    faults: bool = False
+    faults: bool = Field(default=False,
+                         description="Enable `POST /admin/faults` (network partitions injected by "
+                                     "`kvstore chaos`; the cluster token is required). Never in production.")
 
 
 class ClusterConfig(_Strict):
-    cluster: ClusterSection
-    replication: ReplicationSection = ReplicationSection()
-    failure_detector: FailureDetectorSection = FailureDetectorSection()
-    storage: StorageSection = StorageSection()
-    security: SecuritySection = SecuritySection()
-    limits: LimitsSection = LimitsSection()
-    testing: TestingSection = TestingSection()
+    """The whole cluster file."""
+
+    cluster: ClusterSection = Field(description="Who is in the cluster.")
+    replication: ReplicationSection = Field(default_factory=ReplicationSection,
+                                            description="How writes reach the other nodes and when they "
+                                                        "are acknowledged.")
+    failure_detector: FailureDetectorSection = Field(default_factory=FailureDetectorSection,
+                                                     description="How nodes notice that a peer is gone.")
+    storage: StorageSection = Field(default_factory=StorageSection,
+                                    description="Where and how each node keeps its data.")
+    security: SecuritySection = Field(default_factory=SecuritySection,
+                                      description="Shared secrets (plain tokens).")
+    limits: LimitsSection = Field(default_factory=LimitsSection, description="Request size limits.")
+    logging: LoggingSection = Field(default_factory=LoggingSection,
+                                    description="How a node writes its log (standard error).")
+    testing: TestingSection = Field(default_factory=TestingSection, description="Testing-only switches.")
 
     @model_validator(mode="after")
     def _cross(self) -> "ClusterConfig":
-        rep = self.replication
-        nodes = len(self.cluster.nodes)
-        followers = nodes - 1
-        if rep.mode == "single-leader":
-            acks = self.acks
-            if acks == "semi-sync" and rep.sync_followers > followers:
-                raise ValueError(
-                    f"replication.sync_followers: {rep.sync_followers} is more than the "
-                    f"{followers} follower(s) of this {nodes}-node cluster"
-                )
-            if acks == "semi-sync" and rep.sync_followers < 1 and followers > 0:
-                raise ValueError("replication.sync_followers: must be at least 1 with acks: semi-sync")
-        if rep.mode == "leaderless":
-            n, w, r = self.quorum_n, self.quorum_w, self.quorum_r
-            if n > nodes:
-                raise ValueError(f"replication.n: {n} is more than the {nodes} node(s) of the cluster")
-            if w > n:
-                raise ValueError(f"replication.w: {w} is more than n ({n})")
-            if r > n:
-                raise ValueError(f"replication.r: {r} is more than n ({n})")
+        problems = cross_field_problems(len(self.cluster.nodes), self.replication)
+        if problems:
+            loc, msg = problems[0]
+            raise ValueError(f"{loc}: {msg}")
         return self
 
     # ---- resolved values -------------------------------------------------------------
     @property
     def acks(self) -> Acks:
-        if self.replication.acks is not None:
-            return self.replication.acks
-        return "semi-sync" if len(self.cluster.nodes) > 1 else "async"
+        return resolved_acks(self.replication, len(self.cluster.nodes))
 
     @property
     def quorum_n(self) -> int:
@@ -199,68 +308,484 @@ class ClusterConfig(_Strict):
         return None
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
-    msg = first["msg"]
+def resolved_acks(rep: ReplicationSection, nodes: int) -> Acks:
+    if rep.acks is not None:
+        return rep.acks
+    return "semi-sync" if nodes > 1 else "async"
+
+
+def cross_field_problems(nodes: int, rep: ReplicationSection) -> list[tuple[str, str]]:
+    """The impossible combinations of CONTRACT §2, as (location, message) pairs. Needs only
+    the number of nodes and a valid replication section, so `check_config` can list them
+    even when other sections have errors."""
+    out: list[tuple[str, str]] = []
+    followers = nodes - 1
+    if rep.mode == "single-leader" and resolved_acks(rep, nodes) == "semi-sync":
+        if rep.sync_followers > followers:
+            out.append(("replication.sync_followers",
+                        f"{rep.sync_followers} is more than the {followers} follower(s) of this "
+                        f"{nodes}-node cluster"))
+        elif rep.sync_followers < 1 and followers > 0:
+            out.append(("replication.sync_followers", "must be at least 1 with acks: semi-sync"))
+    if rep.mode == "leaderless":
+        n = rep.n if rep.n is not None else min(3, nodes)
+        w = rep.w if rep.w is not None else n // 2 + 1
+        r = rep.r if rep.r is not None else n // 2 + 1
+        if n > nodes:
+            out.append(("replication.n", f"{n} is more than the {nodes} node(s) of the cluster"))
+        if w > n:
+            out.append(("replication.w", f"{w} is more than n ({n})"))
+        if r > n:
+            out.append(("replication.r", f"{r} is more than n ({n})"))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Problems: every validation error, located and explained
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a configuration.
+
+    `loc` is the dotted path of the setting (`replication.acks`, `cluster.nodes.0.url`),
+    or an environment variable's name for a malformed override; `line` the 1-based line
+    in the file when known; `source` the environment variable a bad value came from."""
+
+    loc: str
+    message: str
+    line: int | None = None
+    source: str | None = None
+
+    def render(self, file: str | None = None) -> str:
+        where = ""
+        if file:
+            where = f"{file}:{self.line}: " if self.line else f"{file}: "
+        loc = self.loc
+        if self.source and self.source != self.loc:
+            loc = f"{loc} (from {self.source})" if loc else self.source
+        return f"{where}{loc}: {self.message}" if loc else f"{where}{self.message}"
+
+
+class ConfigProblems(ConfigError):
+    """A configuration with problems. `message` is one line (the first problem and how
+    many more there are); `problems` has all of them, in file order."""
+
+    def __init__(self, problems: list[Problem], file: str | None = None) -> None:
+        self.problems = list(problems)
+        self.file = file
+        super().__init__(one_line(self.problems, file))
+
+
+def one_line(problems: list[Problem], file: str | None = None) -> str:
+    if not problems:
+        return "config: no problems"
+    text = problems[0].render(file)
+    more = len(problems) - 1
+    if more:
+        noun = "problem" if more == 1 else "problems"
+        hint = f": run `kvstore config check {file}`" if file else ""
+        text += f" ({more} more {noun}{hint})"
+    return text
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    return str(v)
+
+
+def _inner_model(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X`, `X | None`, `list[X]`), if any."""
+    origin = get_origin(ann)
+    if origin in (list, Union, types.UnionType):
+        for arg in get_args(ann):
+            m = _inner_model(arg)
+            if m is not None:
+                return m
+        return None
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return None
+
+
+def model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the keys under `path` (() -> ClusterConfig; list indexes skipped)."""
+    model: type[BaseModel] | None = ClusterConfig
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if model is None:
+            return None
+        f = model.model_fields.get(str(part))
+        if f is None:
+            return None
+        model = _inner_model(f.annotation)
+    return model
+
+
+def _literal_values(path: tuple[Any, ...]) -> list[str]:
+    model = model_at(path[:-1])
+    f = model.model_fields.get(str(path[-1])) if model is not None and path else None
+    if f is None:
+        return []
+    out: list[str] = []
+
+    def walk(ann: Any) -> None:
+        if get_origin(ann) is Literal:
+            out.extend(str(a) for a in get_args(ann))
+        elif get_origin(ann) in (Union, types.UnionType):
+            for a in get_args(ann):
+                walk(a)
+
+    walk(f.annotation)
+    return out
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str | None:
+    m = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not m:
+        m = difflib.get_close_matches(word.lower().replace("-", "_"), choices, n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _humanize(err: Any) -> str:
+    """pydantic's error dict -> a message that says what is allowed."""
+    typ = err["type"]
+    loc = tuple(err["loc"])
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    if typ == "extra_forbidden":
+        allowed = list((model_at(loc[:-1]) or ClusterConfig).model_fields)
+        guess = _did_you_mean(str(loc[-1]), allowed)
+        if guess:
+            return f"unknown key; did you mean {guess!r}?"
+        return f"unknown key; allowed here: {', '.join(allowed)}"
+    if typ == "missing":
+        return "required but missing"
+    if typ == "literal_error":
+        values = _literal_values(loc)
+        msg = f"must be one of {', '.join(values) or ctx.get('expected')}; got {_show(got)}"
+        if isinstance(got, str) and values:
+            guess = _did_you_mean(got, values)
+            if guess:
+                msg += f"; did you mean {guess!r}?"
+        return msg
+    if typ in ("int_parsing", "int_type", "int_from_float"):
+        return f"must be a whole number; got {_show(got)}"
+    if typ in ("bool_parsing", "bool_type"):
+        return f"must be true or false; got {_show(got)}"
+    if typ in ("string_type",):
+        return f"must be a string; got {_show(got)}"
+    if typ in ("model_type", "dict_type", "model_attributes_type"):
+        return f"must be a mapping of keys; got {_show(got)}"
+    if typ == "list_type":
+        return f"must be a list; got {_show(got)}"
+    if typ == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}; got {_show(got)}"
+    if typ == "greater_than":
+        return f"must be greater than {ctx.get('gt')}; got {_show(got)}"
+    if typ == "less_than_equal":
+        return f"must be at most {ctx.get('le')}; got {_show(got)}"
+    if typ == "less_than":
+        return f"must be less than {ctx.get('lt')}; got {_show(got)}"
+    if typ == "too_short":
+        return f"needs at least {ctx.get('min_length')} entr{'y' if ctx.get('min_length') == 1 else 'ies'}"
+    if typ == "string_too_short":
+        return f"must not be empty; got {_show(got)}" if ctx.get("min_length") == 1 else \
+            f"must be at least {ctx.get('min_length')} characters; got {_show(got)}"
+    if typ == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters"
+    if typ == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}; got {_show(got)}"
+    msg = str(err.get("msg", "invalid"))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (not part of the cluster file format)"
-    if first["type"] == "missing":
-        msg = "required but missing"
-    if loc and not msg.startswith(loc.split(".")[0] + "."):
-        return f"{loc}: {msg}"
-    return msg
+        return msg[len("Value error, "):]
+    return f"{msg[:1].lower()}{msg[1:]}; got {_show(got)}"
+
+
+# --------------------------------------------------------------------------------------
+# YAML with line numbers
+# --------------------------------------------------------------------------------------
+
+def line_of(root: yaml.Node | None, path: tuple[Any, ...], *, key: bool = False) -> int | None:
+    """1-based line of the node at `path` in a composed YAML document; for a path that
+    does not exist (a missing key), the line of the deepest part that does. `key` asks
+    for the line of the last key itself (for an unknown key)."""
+    node = root
+    best: int | None = None if node is None else node.start_mark.line + 1
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, yaml.MappingNode):
+            found = None
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    found = (k, v)
+            if found is None:
+                return best
+            k, v = found
+            best = k.start_mark.line + 1
+            if last and key:
+                return best
+            node = v
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(node.value):
+                return best
+            node = node.value[part]
+            best = node.start_mark.line + 1
+        else:
+            return best
+    return best
+
+
+def duplicate_keys(root: yaml.Node | None) -> list[Problem]:
+    """Keys given twice in one mapping: YAML forbids it, PyYAML silently keeps the last
+    (go-yaml, which etcd uses, refuses the file) — an operator editing one of the two
+    copies would wonder why nothing changes."""
+    out: list[Problem] = []
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    line = k.start_mark.line + 1
+                    if k.value in seen:
+                        out.append(Problem(".".join(path + (k.value,)),
+                                           f"given twice (first on line {seen[k.value]}); keep one",
+                                           line=line))
+                    seen[k.value] = line
+                    walk(v, path + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (str(i),))
+
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _read_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """Decode the document and compose its node graph (for line numbers). Raises yaml.YAMLError."""
+    data = yaml.safe_load(text)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # decoded fine, so this cannot happen; lines are only a nicety
+        root = None
+    return data, root
+
+
+# --------------------------------------------------------------------------------------
+# Environment overrides
+# --------------------------------------------------------------------------------------
+
+def _string_field(model: type[BaseModel], key: str) -> bool:
+    f = model.model_fields[key]
+    args = get_args(f.annotation) if get_origin(f.annotation) in (Union, types.UnionType) else (f.annotation,)
+    return str in args
+
+
+def env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[Problem]]:
+    """`KVSTORE_<SECTION>__<KEY>` variables -> ({section: {key: value}}, {"section.key": var},
+    problems). Variables without the double underscore are not config keys and are ignored."""
+    values: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    problems: list[Problem] = []
+    sections = list(ClusterConfig.model_fields)
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or ENV_SEPARATOR not in var:
+            continue
+        raw = env[var]
+        if raw == "":
+            continue
+        parts = var[len(ENV_PREFIX):].split(ENV_SEPARATOR)
+        if len(parts) != 2 or not all(parts):
+            problems.append(Problem(var, "expected KVSTORE_<SECTION>__<KEY> (one double underscore), "
+                                         "e.g. KVSTORE_STORAGE__FSYNC", source=var))
+            continue
+        section, key = parts[0].lower(), parts[1].lower()
+        if section not in sections:
+            guess = _did_you_mean(section, sections)
+            hint = f"; did you mean {ENV_PREFIX}{guess.upper()}{ENV_SEPARATOR}{parts[1]}?" if guess else \
+                f" (sections: {', '.join(sections)})"
+            problems.append(Problem(var, f"unknown section {section!r}{hint}", source=var))
+            continue
+        model = model_at((section,))
+        assert model is not None
+        keys = list(model.model_fields)
+        if key not in keys:
+            guess = _did_you_mean(key, keys)
+            hint = f"; did you mean {ENV_PREFIX}{parts[0]}{ENV_SEPARATOR}{guess.upper()}?" if guess else \
+                f" ({section} has: {', '.join(keys)})"
+            problems.append(Problem(var, f"unknown key {section}.{key}{hint}", source=var))
+            continue
+        if _string_field(model, key) and raw.strip() not in ("null", "~", "Null", "NULL"):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw  # not YAML: give the text to the validator, which names the variable
+        values.setdefault(section, {})[key] = value
+        sources[f"{section}.{key}"] = var
+    return values, sources, problems
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+def check_config(data: Any, *, env: dict[str, str] | None = None, data_dir: str | None = None,
+                 yaml_root: yaml.Node | None = None) -> tuple[ClusterConfig | None, list[Problem]]:
+    """Validate a decoded YAML document with the environment's overrides and --data-dir.
+    Returns (config, []) or (None, every problem found, in file order)."""
+    env = dict(os.environ) if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return None, [Problem("", f"the file must be a YAML mapping with a 'cluster' section; got "
+                                  f"{_show(data)}",
+                              line=1 if yaml_root is not None else None)]
+    data = dict(data)
+    overrides, sources, problems = env_overrides(env)
+    # the older specific variables win over KVSTORE_SECURITY__* (see the module docstring)
+    for var, key in (("KVSTORE_CLUSTER_TOKEN", "cluster_token"), ("KVSTORE_CLIENT_TOKEN", "client_token")):
+        if env.get(var):
+            overrides.setdefault("security", {})[key] = env[var]
+            sources[f"security.{key}"] = var
+    if data_dir is not None:
+        overrides.setdefault("storage", {})["data_dir"] = data_dir
+        sources["storage.data_dir"] = "--data-dir"
+    for section, kv in overrides.items():
+        current = data.get(section)
+        if current is None:
+            current = {}
+        if not isinstance(current, dict):
+            continue  # the section itself is wrong in the file: reported below
+        data[section] = {**current, **kv}
+    try:
+        cfg = ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            if not loc:
+                continue  # the cross-field check: listed below, with all of its findings
+            dotted = ".".join(str(p) for p in loc)
+            src = sources.get(dotted)
+            msg = _humanize(err)
+            line = None
+            if src is None:
+                line_path = loc
+                if len(loc) == 1 and err["type"] == "value_error":
+                    # a section-level check ("timeout_ms (...) must be greater than ..."):
+                    # point at the field it names first
+                    first = msg.split(" ", 1)[0]
+                    if first in ((model_at(loc) or ClusterConfig).model_fields):
+                        line_path = loc + (first,)
+                line = line_of(yaml_root, line_path, key=err["type"] == "extra_forbidden") \
+                    if yaml_root is not None else None
+            problems.append(Problem(dotted, msg, line=line, source=src))
+        problems.extend(_lenient_cross(data, sources, yaml_root))
+        return None, _ordered(problems)
+    if problems:
+        return None, _ordered(problems)
+    return cfg, []
+
+
+_CROSS_KEYS = frozenset({"mode", "acks", "sync_followers", "n", "w", "r"})
+
+
+def _lenient_cross(data: dict[str, Any], sources: dict[str, str],
+                   yaml_root: yaml.Node | None) -> list[Problem]:
+    """Cross-field checks on whatever parts of a document with errors are valid."""
+    nodes = (data.get("cluster") or {}).get("nodes") if isinstance(data.get("cluster"), dict) else None
+    if not isinstance(nodes, list) or not nodes:
+        return []
+    raw = data.get("replication") or {}
+    if not isinstance(raw, dict):
+        return []
+    rep: ReplicationSection | None = None
+    raw = dict(raw)
+    while rep is None:
+        try:
+            rep = ReplicationSection.model_validate(raw)
+        except ValidationError as e:
+            bad = {err["loc"][0] for err in e.errors() if err["loc"]} & set(raw)
+            if not bad or bad & _CROSS_KEYS:
+                return []  # what the checks need is itself wrong (and reported)
+            for k in bad:
+                del raw[k]  # an unrelated bad key (an unknown one, a bad timeout): leave it out
+    out = []
+    for loc, msg in cross_field_problems(len(nodes), rep):
+        path = tuple(loc.split("."))
+        src = sources.get(loc)
+        line = line_of(yaml_root, path) if (yaml_root is not None and src is None) else None
+        out.append(Problem(loc, msg, line=line, source=src))
+    return out
+
+
+def _ordered(problems: list[Problem]) -> list[Problem]:
+    """File order: problems with a line first, by line; then the rest as found."""
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for p in problems:
+        if (p.loc, p.message) not in seen:
+            seen.add((p.loc, p.message))
+            unique.append(p)
+    with_line = sorted((p for p in unique if p.line is not None), key=lambda p: p.line or 0)
+    return with_line + [p for p in unique if p.line is None]
 
 
 def parse_config(data: Any, *, env: dict[str, str] | None = None, data_dir: str | None = None) -> ClusterConfig:
-    """Validate a decoded YAML document; apply env overrides and --data-dir. Raises ConfigError."""
-    env = dict(os.environ) if env is None else env
-    if not isinstance(data, dict):
-        raise ConfigError("config: the file must be a YAML mapping with a 'cluster' section")
-    data = dict(data)
-    overrides: dict[str, Any] = {}
-    if env.get("KVSTORE_CLUSTER_TOKEN"):
-        overrides["cluster_token"] = env["KVSTORE_CLUSTER_TOKEN"]
-    if env.get("KVSTORE_CLIENT_TOKEN"):
-        overrides["client_token"] = env["KVSTORE_CLIENT_TOKEN"]
-    if overrides:
-        sec = data.get("security") or {}
-        if not isinstance(sec, dict):
-            raise ConfigError("security: must be a mapping")
-        data["security"] = {**sec, **overrides}
-    if data_dir is not None:
-        st = data.get("storage") or {}
-        if not isinstance(st, dict):
-            raise ConfigError("storage: must be a mapping")
-        data["storage"] = {**st, "data_dir": data_dir}
-    try:
-        return ClusterConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+    """Validate a decoded YAML document; apply env overrides and --data-dir. Raises
+    ConfigProblems (a ConfigError) whose message is one line."""
+    cfg, problems = check_config(data, env=env, data_dir=data_dir)
+    if problems or cfg is None:
+        raise ConfigProblems(problems)
+    return cfg
 
 
-def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = None,
-                data_dir: str | None = None) -> ClusterConfig:
-    """Read and validate FILE. Every failure is a ConfigError with one clear line."""
+def check_file(path: str | os.PathLike[str], *, env: dict[str, str] | None = None,
+               data_dir: str | None = None) -> tuple[ClusterConfig | None, list[Problem]]:
+    """Read and validate FILE: (config, []) or (None, every problem). A file that cannot
+    be read or is not YAML is one problem."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
+        return None, [Problem("", "config file not found")]
     except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a file: {p}") from None
+        return None, [Problem("", "config path is a directory, not a file")]
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {p}: {e}") from None
+        return None, [Problem("", f"cannot read config file: {e}")]
     try:
-        data = yaml.safe_load(text)
+        data, root = _read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
-    try:
-        return parse_config(data, env=env, data_dir=data_dir)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e.message}") from None
+        where = f" (column {mark.column + 1})" if mark else ""
+        return None, [Problem("", f"invalid YAML{where}: {problem}",
+                              line=mark.line + 1 if mark else None)]
+    cfg, problems = check_config(data, env=env, data_dir=data_dir, yaml_root=root)
+    dups = duplicate_keys(root)
+    if dups:
+        return None, _ordered(dups + problems)
+    return cfg, problems
+
+
+def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = None,
+                data_dir: str | None = None) -> ClusterConfig:
+    """Read and validate FILE. Every failure is a ConfigProblems (a ConfigError) with one
+    line: the first problem, located as FILE:LINE, and how many more there are."""
+    cfg, problems = check_file(path, env=env, data_dir=data_dir)
+    if problems or cfg is None:
+        raise ConfigProblems(problems, str(path))
+    return cfg

@@ -5,7 +5,10 @@ Exit codes: 0 every check the mode promises held; 1 a check failed, or the clust
 not be started / driven; 2 bad usage or bad config (one line on stderr, no traceback).
 
 `kvstore chaos --recheck DIR` re-checks a report directory's history.jsonl (and its
-events.jsonl) offline, with the expectations of --config (or DIR/summary.json).
+events.jsonl) offline, with the expectations of --config (or DIR/summary.json), and
+prints the summary with today's figures (unavailability windows, expected answers
+apart from errors); with `--report OUT` it also writes OUT/summary.json and
+OUT/report.html (OUT may be DIR itself).
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
-from kvstore.chaos.checker import CheckInput, NemesisEvent, check
+from kvstore.chaos.checker import DEFAULT_SLOW_MS, CheckInput, NemesisEvent, check
 from kvstore.chaos.expectations import expectations_for
-from kvstore.chaos.history import loads_lines
+from kvstore.chaos.history import loads_lines, pair
 from kvstore.chaos.nemesis import FAULTS, TARGET_KINDS, ChaosTargetError
-from kvstore.chaos.report import build_summary, text_summary
+from kvstore.chaos.report import build_summary, render_html, text_summary
 from kvstore.chaos.workload import WORKLOADS
 from kvstore.errors import ConfigError, KVError
 
@@ -55,6 +59,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return v
 
 
@@ -104,9 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-budget", type=parse_duration, default=300.0,
                    help="time limit of the linearizability search; beyond it the verdict is unknown")
     p.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--slow-ms", type=_positive_ms, default=DEFAULT_SLOW_MS,
+                   help="an operation slower than this counts as unavailable for its whole "
+                        f"duration, whatever its outcome ({DEFAULT_SLOW_MS:g})")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--recheck", metavar="DIR", default=None,
-                   help="re-check DIR/history.jsonl offline instead of running")
+                   help="re-check DIR/history.jsonl offline instead of running (with --report OUT: "
+                        "write OUT/summary.json and OUT/report.html)")
     return p
 
 
@@ -155,9 +173,16 @@ def _run(args: argparse.Namespace) -> int:
         nemesis_target=args.nemesis_target, op_timeout_s=args.timeout,
         local_read_fraction=args.local_reads, rollback_dir=args.rollback_dir,
         docker_project=args.docker_project, progress=not args.quiet,
-        check_budget_s=args.check_budget, expect=args.expect, keep_data=args.keep_data)
+        check_budget_s=args.check_budget, expect=args.expect, keep_data=args.keep_data,
+        slow_ms=args.slow_ms)
     summary = run_chaos(opts)
     return 0 if summary["valid"] else 1
+
+
+# run metadata a re-check carries over from the old summary.json
+_CARRIED = ("nemesis", "duration_s", "clients", "keys", "seed", "target", "config", "fault_s",
+            "interval_s", "op_timeout_s", "final_reads", "settled", "rollback_entries",
+            "rollback_files", "rollback_available", "events", "leaders", "notes", "started_at")
 
 
 def _recheck(args: argparse.Namespace) -> int:
@@ -190,21 +215,47 @@ def _recheck(args: argparse.Namespace) -> int:
         for line in ev_path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
-            e = json.loads(line)
-            if e.get("kind") == "leader":
-                leaders.append((float(e["time"]), e.get("leader")))
+            ev = json.loads(line)
+            if ev.get("kind") == "leader":
+                leaders.append((float(ev["time"]), ev.get("leader")))
             else:
-                events.append(NemesisEvent.from_json(e))
+                events.append(NemesisEvent.from_json(ev))
     workload = str(old.get("workload") or "register")
     if args.workload != "register":
         workload = args.workload
     expect = expectations_for(mode, str(acks) if acks else None, n=n, w=w, r=r,
                               strict=(args.expect == "strict"))
+    # the workload's end (final reads come after it); a history of unknown origin: all of it
+    end_time = old.get("duration_s")
+    final = old.get("final_reads")
+    final_reads: dict[str, Any] = dict(final) if isinstance(final, dict) else {}
+    recovered: bool | None = None
+    if isinstance(old.get("settled"), bool) and final_reads:
+        recovered = bool(old["settled"]) and final_reads.get("unread") == 0
     t0 = time.monotonic()
     res = check(CheckInput(history=history, workload=workload, events=events, leader_samples=leaders,
-                           rollback_available=False), expect,
+                           rollback_available=False, recovered=recovered,
+                           recovery_detail={"settled": old.get("settled"), **final_reads} if recovered
+                           is not None else {},
+                           end_time=float(end_time) if isinstance(end_time, (int, float)) else None,
+                           slow_ms=args.slow_ms), expect,
                 clock=time.monotonic, budget_s=args.check_budget)
-    summary = build_summary(res, {"mode": mode, "acks": acks, "workload": workload,
-                                  "checker_s": round(time.monotonic() - t0, 3)})
+    meta: dict[str, object] = {k: old[k] for k in _CARRIED if k in old}
+    meta.update({"mode": mode, "acks": acks, "workload": workload, "slow_ms": args.slow_ms,
+                 "checker_s": round(time.monotonic() - t0, 3), "rechecked_from": str(d)})
+    if args.report:
+        meta["report_dir"] = str(args.report)
+    summary = build_summary(res, meta)
+    if args.report:
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+        t_end = float(end_time) if isinstance(end_time, (int, float)) else None
+        (out / "report.html").write_text(render_html(summary, pair(history), events, leaders, t_end=t_end),
+                                         encoding="utf-8")
+        for name in ("history.jsonl", "events.jsonl"):
+            src = d / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
     print(text_summary(summary))
     return 0 if res.valid else 1

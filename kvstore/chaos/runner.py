@@ -5,7 +5,8 @@ Owns the I/O of a chaos run, in order:
    a temporary directory, a copy of the config with testing.faults enabled), or attach
    to a running cluster, or drive the docker compose cluster;
 2. the workload: `clients` concurrent sessions recording every op (invoke/ok/fail/info)
-   in real-time order, a leader watcher (GET /cluster), a progress line;
+   in real-time order, a leader watcher (GET /cluster), the progress display
+   (kvstore.chaos.progress: a bar on a terminal, plain lines in a pipe);
 3. the nemesis on its seeded schedule; then heal everything, wait for the cluster to
    settle, do final reads (consistency=leader) of every key, collect rollback files;
 4. the checker (pure; kvstore.chaos.checker) against the mode's expectations, and the
@@ -32,11 +33,12 @@ from kvstore.chaos.expectations import expectations_for
 from kvstore.chaos.history import Op, dumps_line, pair
 from kvstore.chaos.http import NodeClient, Outcome
 from kvstore.chaos.nemesis import ChaosTargetError, Nemesis, plan_schedule
+from kvstore.chaos.progress import Progress, Snapshot
 from kvstore.chaos.report import build_summary, render_html, text_summary
 from kvstore.chaos.targets import AttachedCluster, DockerCluster, LocalCluster
 from kvstore.chaos.workload import PlannedOp, Session, Workload, make_workload
-from kvstore.config import ClusterConfig, parse_config
-from kvstore.errors import ConfigError, KVError
+from kvstore.config import ClusterConfig, load_config, parse_config
+from kvstore.errors import KVError
 
 SETUP_PROCESS_BASE = 900_000     # seeding writes before the run
 FINAL_PROCESS_BASE = 1_000_000   # final reads: BASE + 1000 * key index (+1 per retry)
@@ -66,6 +68,7 @@ class ChaosOptions:
     expect: str = "mode"                # mode | strict
     keep_data: bool = False
     node_urls: dict[str, str] = field(default_factory=dict)  # attach: override URLs
+    slow_ms: float = 500.0              # an op slower than this counts as unavailable
 
 
 class ChaosSetupError(KVError):
@@ -75,21 +78,10 @@ class ChaosSetupError(KVError):
 
 
 def _load_raw_config(path: str) -> tuple[dict[str, Any], ClusterConfig]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
-    try:
-        cfg = parse_config(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e.message}") from None
+    """The validated config (errors: one line, FILE:LINE and how many more problems) and
+    the raw document, which the run copies for its local nodes."""
+    cfg = load_config(path)
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     return raw, cfg
 
 
@@ -97,7 +89,7 @@ class ChaosRun:
     def __init__(self, opts: ChaosOptions, *, out: TextIO | None = None) -> None:
         self.opts = opts
         self.out = out if out is not None else sys.stdout
-        self.tty = self.out.isatty() if hasattr(self.out, "isatty") else False
+        self.progress = Progress(self.out, enabled=opts.progress)
         self.raw_config, self.cfg = _load_raw_config(opts.config)
         self.seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(1 << 31)
         self.run_id = f"{int(time.time()) % 100000:05d}{self.seed % 1000:03d}"
@@ -114,7 +106,7 @@ class ChaosRun:
         self.avoid_until: dict[str, float] = {}
         self.t0 = time.monotonic()
         self.stopping = False
-        self.counts = {"ok": 0, "fail": 0, "info": 0}
+        self.counts = {"ok": 0, "expected": 0, "fail": 0, "info": 0}
         self.last_event = ""
         self.workload: Workload = make_workload(
             opts.workload, keys=opts.keys, prefix=f"chaos-{self.run_id}-",
@@ -132,35 +124,24 @@ class ChaosRun:
         return time.monotonic() - self.t0
 
     def say(self, line: str) -> None:
-        if self.tty:
-            self.out.write("\r\x1b[K" + line + "\n")
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
+        self.progress.line(line)
 
     def _phase(self, text: str) -> None:
         if self.opts.progress:
             self.say(f"[{self.now():6.1f}s] chaos: {text}")
 
-    def _status(self) -> str:
-        ops = sum(self.counts.values())
-        t = self.now()
-        rate = ops / t if t > 0 else 0.0
-        return (f"[{t:6.1f}s] ops {ops} ({rate:.0f}/s)  ok {self.counts['ok']}  "
-                f"fail {self.counts['fail']}  info {self.counts['info']}  "
-                f"leader {self.leader_hint or '-'}" + (f"  | {self.last_event}" if self.last_event else ""))
+    def _snapshot(self, elapsed_s: float) -> Snapshot:
+        c = self.counts
+        return Snapshot(elapsed_s=elapsed_s, ops=sum(c.values()), ok=c["ok"], expected=c["expected"],
+                        failed=c["fail"], info=c["info"], leader=self.leader_hint, last_event=self.last_event)
 
-    async def _progress(self) -> None:
+    async def _progress(self, start: float) -> None:
         if not self.opts.progress:
             return
-        period = 0.5 if self.tty else 5.0
+        period = 0.25 if self.progress.tty else 1.0
         while True:
             await asyncio.sleep(period)
-            if self.tty:
-                self.out.write("\r\x1b[K" + self._status())
-                self.out.flush()
-            else:
-                self.say(self._status())
+            self.progress.update(self._snapshot(self.now() - start))
 
     def on_event(self, e: NemesisEvent) -> None:
         self.events.append(e)
@@ -226,7 +207,8 @@ class ChaosRun:
         value = out.value if (op.f == "read" and out.type == "ok") else op.value
         self.history.append(Op(s.process, out.type, op.f, op.key, value, self.now(),
                                node=out.node or node, error=out.error, latency_ms=latency_ms))
-        self.counts[out.type] += 1
+        expected = out.type == "fail" and (out.status == 412 or (out.status == 404 and op.f != "read"))
+        self.counts["expected" if expected else out.type] += 1
         if out.type == "ok":
             if out.token:
                 s.token = out.token
@@ -391,7 +373,7 @@ class ChaosRun:
         self.t0 = time.monotonic()
         self.leader_samples.append((0.0, self.leader_hint))
         watcher = asyncio.create_task(self._watch_leader())
-        progress = asyncio.create_task(self._progress())
+        progress: asyncio.Task[None] | None = None
         try:
             await self._initial_writes()
             sched = plan_schedule(random.Random(self.seed), o.nemesis, duration_s=o.duration_s,
@@ -404,12 +386,16 @@ class ChaosRun:
                      f"{o.workload}, {o.clients} clients, {o.duration_s:g}s, nemesis "
                      f"{','.join(o.nemesis) or 'none'} ({len(sched)} faults), seed {self.seed}")
             start = self.now()
+            self.progress.start(o.duration_s)
+            progress = asyncio.create_task(self._progress(start))
             nem_task = asyncio.create_task(nem.run())
             clients = [asyncio.create_task(self._client(i)) for i in range(o.clients)]
             await asyncio.sleep(max(0.0, o.duration_s - (self.now() - start)))
             self.stopping = True
             run_end = self.now()
             progress.cancel()
+            self.progress.update(self._snapshot(run_end - start))
+            self.progress.stop()
             await asyncio.gather(*clients)
             if not nem_task.done():
                 nem_task.cancel()
@@ -418,20 +404,26 @@ class ChaosRun:
             except asyncio.CancelledError:
                 pass
             await nem.heal_all()
-            self._phase(f"workload stopped at {run_end:.1f}s; faults healed, waiting for the cluster to settle")
-            settled = await self.wait_ready(20.0, caught_up=True)
+            self._phase(f"workload stopped at {run_end:.1f}s; faults healed")
+            with self.progress.spinner("waiting for the cluster to settle (leader elected, followers "
+                                       "caught up)"):
+                settled = await self.wait_ready(20.0, caught_up=True)
             if not settled:
                 self.notes.append("the cluster did not settle (leader + followers caught up) "
                                   "within 20s after healing")
-            self._phase(f"final reads of {len(self.workload.final_keys(self.sessions))} keys")
-            final = await self._final_reads()
-            if self.mode == "single-leader":
-                # let a rejoining old leader finish its rollback before reading the files
-                await self.wait_ready(5.0, caught_up=True)
+            with self.progress.spinner(f"final reads of {len(self.workload.final_keys(self.sessions))} keys"):
+                final = await self._final_reads()
+                if self.mode == "single-leader":
+                    # let a rejoining old leader finish its rollback before reading the files
+                    await self.wait_ready(5.0, caught_up=True)
         finally:
+            self.progress.stop()
             watcher.cancel()
-            progress.cancel()
-            for t in (watcher, progress):
+            tasks = [watcher]
+            if progress is not None:
+                progress.cancel()
+                tasks.append(progress)
+            for t in tasks:
                 try:
                     await t
                 except asyncio.CancelledError:
@@ -453,11 +445,13 @@ class ChaosRun:
                                   r=self.cfg.quorum_r, strict=(o.expect == "strict"))
         t_check = time.monotonic()
         recovered = settled and final["unread"] == 0
-        result = check(CheckInput(history=self.history, workload=o.workload, events=self.events,
-                                  leader_samples=self.leader_samples, rolled_back=frozenset(rolled),
-                                  rollback_available=rb_ok, recovered=recovered,
-                                  recovery_detail={"settled": settled, **final}),
-                       expect, clock=time.monotonic, budget_s=o.check_budget_s)
+        with self.progress.spinner(f"checking the history ({len(self.history) // 2} ops)"):
+            result = check(CheckInput(history=self.history, workload=o.workload, events=self.events,
+                                      leader_samples=self.leader_samples, rolled_back=frozenset(rolled),
+                                      rollback_available=rb_ok, recovered=recovered,
+                                      recovery_detail={"settled": settled, **final},
+                                      end_time=run_end, slow_ms=o.slow_ms),
+                           expect, clock=time.monotonic, budget_s=o.check_budget_s)
         checker_s = time.monotonic() - t_check
         report_dir = Path(o.report_dir) if o.report_dir else (
             Path("chaos-report") / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.mode}"
@@ -470,6 +464,7 @@ class ChaosRun:
             "duration_s": round(run_end, 3), "clients": o.clients, "keys": o.keys, "seed": self.seed,
             "target": o.target, "config": str(o.config), "checker_s": round(checker_s, 3),
             "fault_s": self.fault_s, "interval_s": self.interval_s, "op_timeout_s": o.op_timeout_s,
+            "slow_ms": o.slow_ms,
             "expectations": dict(expect), "final_reads": final, "settled": settled,
             "rollback_entries": len(rolled), "rollback_files": rb_files,
             "rollback_available": rb_ok, "events": [e.to_json() for e in self.events],

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from kvstore.chaos.http import NodeClient, decode_value
 from kvstore.chaos.nemesis import ChaosTargetError
 
-HEAL = {"drop": [], "delay_ms": {}}
+HEAL: dict[str, Any] = {"drop": [], "delay_ms": {}}
 
 
 def node_command() -> list[str]:
@@ -49,7 +49,9 @@ def node_command() -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # the config copy of a chaos run sets testing.faults: true; an inherited
+    # KVSTORE_TESTING__FAULTS would override it (and --data-dir overrides any data_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_TESTING__")}
     repo = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")

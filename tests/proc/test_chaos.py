@@ -4,8 +4,10 @@
 - async under leader kills: acknowledged writes are lost, and every one of them is in a
   node's rollback file;
 - proof the checker sees real anomalies: consistency=local reads from a SIGSTOPped
-  follower while the leader takes writes are reported non-linearizable.
-Each chaos run lasts 20 s; the whole file stays around 2-3 minutes on 2 cores.
+  follower while the leader takes writes are reported non-linearizable;
+- a partition of the leader shows as an unavailability window holding the ops that
+  stalled (a 10 s run).
+The 20 s chaos runs and the 10 s one keep the whole file around 2-3 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.chaos.checker import check_linearizable
+from kvstore.chaos.checker import check_linearizable, is_unavailable
 from kvstore.chaos.history import Op, loads_lines, pair
 from kvstore.chaos.http import NodeClient
 from kvstore.chaos.targets import LocalCluster, child_env
@@ -126,6 +128,58 @@ def test_chaos_async_failovers_lose_acknowledged_writes_only_into_rollback_files
     assert lw["not_in_rollback"] == 0, lw
     assert lw["in_rollback"] == summary["lost_writes"]
     assert summary["valid"] is True and rc == 0, out[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_unavailability_window_covers_a_partition_of_the_leader(tmp_path: Path) -> None:
+    """One partition of the leader, 2 s into a 10 s run: requests sent to the isolated
+    leader stall (until the client's 2 s timeout, or a 503) while the majority elects
+    another leader. The report's unavailability window must start with the partition and
+    hold every strong op that stalled on the isolated node."""
+    cfg = write_config(tmp_path, "semi-sync")
+    rep = tmp_path / "report"
+    rc, out = run_chaos(["--config", str(cfg), "--duration", "10s", "--clients", "8", "--keys", "10",
+                         "--nemesis", "partition", "--nemesis-target", "leader", "--fault-duration", "3s",
+                         "--seed", "3", "--report", str(rep)], timeout_s=100)
+    assert (rep / "summary.json").exists(), out[-3000:]
+    assert "\x1b" not in out, "progress in a pipe is plain text"
+    summary, history = load_report(rep)
+    assert summary["valid"] is True and rc == 0, out[-3000:]
+    starts = [e for e in summary["events"] if e["kind"] == "start"]
+    assert [e["fault"] for e in starts] == ["partition"], summary["events"]
+    part = starts[0]
+    (isolated,) = part["nodes"]
+    healed = min(e["time"] for e in summary["events"] if e["kind"] == "end")
+    assert part["detail"].startswith("leader"), part
+
+    un = summary["unavailability"]
+    assert summary["gaps_ms"] == [w["duration_ms"] for w in un["windows"]]
+    covering = [w for w in un["windows"] if w["start_s"] <= part["time"] + 0.5 and w["end_s"] >= part["time"]]
+    assert len(covering) == 1, (part, un["windows"])
+    (w,) = covering
+    assert any(f.startswith(f"partition {isolated} ") for f in w["faults"]), w["faults"]
+    assert w["duration_ms"] >= 500, w
+    # the ops that stalled: strong ops sent to the isolated leader during the partition
+    # that failed, timed out or were slow -- every one of them lies inside the window
+    stalled = [c for c in pair(history) if not c.local and c.node == isolated
+               and part["time"] - 0.5 <= c.t_invoke < healed and is_unavailable(c, un["slow_ms"])]
+    assert stalled, "requests to the isolated leader must have stalled"
+    for c in stalled:
+        if c.t_invoke <= w["end_s"]:
+            # (window bounds are rounded to the millisecond)
+            assert w["start_s"] - 1e-3 <= c.t_invoke and c.t_complete <= w["end_s"] + 1e-3, (c, w)
+    in_window = [c for c in stalled if c.t_invoke <= w["end_s"]]
+    assert len(in_window) >= 1
+    listed = {(o["process"], o["invoke_s"]) for o in w["op_list"]}
+    assert all((c.process, round(c.t_invoke, 3)) in listed for c in in_window[:100])
+    # the per-fault view and the text summary say the same
+    (fault,) = summary["faults"]
+    assert fault["gap_ms"] >= w["duration_ms"] and fault["failover_ms"] is not None
+    assert "unavailable" in out and f"during partition {isolated}" in out
+    # CAS mismatches are answers, not errors
+    assert summary["ops"] == (summary["ok"] + summary["failed"] + summary["indeterminate"]
+                              + sum(summary["expected"].values()))
+    assert summary["expected"]["cas_mismatch"] > 0
 
 
 @pytest.mark.timeout(90)

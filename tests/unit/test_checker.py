@@ -408,7 +408,8 @@ def test_unavailability_window_and_failover() -> None:
     h.inv(0, "write", value="a", t=0.0).ok(0, 0.1)
     h.inv(0, "write", value="b", t=1.0).info(0, 2.0)        # the leader was killed at 0.9
     h.inv(1, "write", value="c", t=1.1).fail(1, 1.2)
-    h.inv(1, "write", value="d", t=2.5).ok(1, 3.4)
+    h.inv(1, "write", value="d", t=1.25).ok(1, 3.4)         # hung 2.15 s, then ok: still unavailable
+    h.inv(1, "write", value="e", t=3.5).ok(1, 3.51)         # served again
     ev = [NemesisEvent(0.9, "start", "kill", ("n1",)), NemesisEvent(5.0, "end", "kill", ("n1",))]
     samples = [(0.0, "n1"), (1.0, None), (3.0, "n2")]
     (w,) = unavailability(pair(h.sorted()), ev, samples)

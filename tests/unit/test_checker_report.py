@@ -37,11 +37,14 @@ def test_summary_has_the_contract_keys_and_is_json() -> None:
     for k in CONTRACT_KEYS:
         assert k in summary
     assert summary["valid"] is True
-    assert isinstance(summary["gaps_ms"], list) and len(summary["gaps_ms"]) == 2
+    # gaps_ms: the unavailability windows' durations; per fault: summary["faults"]
+    assert summary["gaps_ms"] == [w["duration_ms"] for w in summary["unavailability"]["windows"]]
+    assert len(summary["faults"]) == 2
     for name in ("linearizable", "lost_writes", "sessions", "values_known", "availability"):
         assert "valid" in summary["checks"][name]
     json.dumps(summary)
-    assert summary["ops"] == summary["ok"] + summary["failed"] + summary["indeterminate"]
+    assert summary["ops"] == (summary["ok"] + summary["failed"] + summary["indeterminate"]
+                              + sum(summary["expected"].values()))
 
 
 def test_html_is_self_contained_with_a_timeline() -> None:

@@ -94,6 +94,7 @@ async def _chaos(tmp_path: Path, node: FakeNode, workload: str = "register") -> 
                        out=out)
         summary = await run.run()
         assert "kvstore chaos:" in out.getvalue()
+        assert "\x1b" not in out.getvalue(), "no ANSI escapes when the output is not a terminal"
         return summary
     finally:
         await runner.cleanup()
@@ -120,6 +121,10 @@ async def test_correct_fake_node_passes(tmp_path: Path) -> None:
     assert s["valid"] is True, s["checks"]
     assert s["ok"] > 50 and s["anomalies"] == 0
     assert s["checks"]["linearizable"]["valid"] is True
+    # the fake node never errs: its 412s are expected answers, not failures
+    assert s["failed"] == 0 and s["indeterminate"] == 0, s["errors"]
+    assert s["ops"] == s["ok"] + sum(s["expected"].values())
+    assert s["gaps_ms"] == [w["duration_ms"] for w in s["unavailability"]["windows"]]
     _report_files_are_well_formed(tmp_path / "rep")
 
 
