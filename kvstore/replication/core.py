@@ -45,7 +45,7 @@ from typing import Any, Literal, Mapping, NewType, Protocol
 from kvstore.config import ClusterConfig
 from kvstore.errors import KVError
 from kvstore.ids import LogIndex, NodeId, Term
-from kvstore.protocol.messages import Entry, Envelope, HardState, Message, SnapshotImage, SnapshotRequest
+from kvstore.protocol.messages import Entry, Envelope, HardState, SnapshotImage, SnapshotRequest
 
 RequestId = NewType("RequestId", int)
 AcksMode = Literal["async", "semi-sync", "sync"]
@@ -91,6 +91,7 @@ class WriteRequest:
     rid: str | None = None              # client request id (KV-Request-Id): retried writes apply once
     after: str | None = None            # the session's latest token (merged into the answer's)
     timeout_ticks: int = 0              # 0: the core's write timeout
+    ttl_ms: int | None = None           # puts: expire after this long (None: never; a put clears it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,23 @@ class ReadRequest:
     consistency: str | None = None      # None: the cluster's default (read_from)
     after: str | None = None            # serve only once this node has reached this token
     r: int | None = None                # leaderless: replicas to ask
+    timeout_ticks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRequest:
+    """Keys in [start, end) in byte order (str order of UTF-8 keys is their byte order),
+    at most `limit` of them, after `cursor` (opaque, from the previous page's answer)."""
+
+    req: RequestId
+    start: str
+    end: str | None                     # exclusive; None: no upper bound
+    limit: int
+    cursor: str | None = None
+    keys_only: bool = False
+    consistency: str | None = None
+    after: str | None = None
+    r: int | None = None
     timeout_ticks: int = 0
 
 
@@ -132,9 +150,39 @@ class ReadResult:
     siblings: tuple[Version, ...] = ()  # two or more: a 300 answer
     context: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    ttl_ms: int | None = None           # the key's remaining lifetime (None: no TTL)
 
 
-Outcome = WriteResult | ReadResult | KVError
+@dataclass(frozen=True, slots=True)
+class ScanItem:
+    key: str
+    value: bytes | None                 # None with keys_only (a scan never lists absent keys)
+    version: str
+    ttl_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    items: tuple[ScanItem, ...]
+    cursor: str | None                  # None: the last page
+    token: str                          # the position the page was read at
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change this node applied, for watchers (GET /watch). `position` orders this
+    node's changes (strictly increasing); `token` is the event id a watcher resumes
+    from (`Core.watch_position(token)` maps it back to the position)."""
+
+    position: int
+    token: str
+    type: Literal["put", "delete", "expire"]
+    key: str
+    version: str
+    value: bytes | None = None
+
+
+Outcome = WriteResult | ReadResult | ScanResult | KVError
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +220,11 @@ class Ready:
     install: SnapshotRequest | None = None
     rollback: tuple[RollbackRow, ...] = ()
     events: tuple[CoreEvent, ...] = ()
+    changes: tuple[Change, ...] = ()           # applied changes, for watchers (published after persist)
 
     def empty(self) -> bool:
         return not (self.hard_state or self.entries or self.early_outbox or self.outbox or self.early_results
-                    or self.results or self.install or self.rollback or self.events)
+                    or self.results or self.install or self.rollback or self.events or self.changes)
 
 
 # ---- status (for /cluster and /metrics, rendered in kvstore/api) -----------------------
@@ -263,6 +312,13 @@ class Core(Protocol):
     def read(self, req: ReadRequest) -> ReadResult | KVError | None:
         """A client read: the answer now, or None (answered in a later Ready)."""
 
+    def scan(self, req: ScanRequest) -> ScanResult | KVError | None:
+        """A range scan: the page now, or None (answered in a later Ready)."""
+
+    def watch_position(self, token: str) -> int:
+        """The position of the change a watch token names (BadRequest if malformed or of
+        another history): a watcher resuming from it gets the changes after it."""
+
     def cancel(self, req: RequestId) -> None:
         """The client is gone (disconnect, shell deadline): forget the request; a write
         already in the log stays there."""
@@ -308,8 +364,12 @@ __all__ = [
     "PeerStatus",
     "Precondition",
     "Put",
+    "Change",
     "ReadRequest",
     "ReadResult",
+    "ScanItem",
+    "ScanRequest",
+    "ScanResult",
     "Ready",
     "RequestId",
     "Role",
