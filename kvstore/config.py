@@ -28,6 +28,12 @@ the environment adapts it per host or container, a flag is the last word.
 `KVSTORE_CONFIG`, `KVSTORE_NODE_ID` and `KVSTORE_URL` stand in for the `--config`,
 `--id` and `--url` flags (kvstore/cli.py) and are not config keys.
 
+Paths of `security` and `tls` (secrets, users, certificates) that are relative are
+relative to the directory of the cluster file (`load_config` makes them absolute), so a
+file travels with its `secrets/` and `certs/`; the files themselves are read when a node
+starts (kvstore.security), not here — `kvstore certs init` needs a valid file before the
+certificates exist.
+
 Imports: pydantic, yaml, the standard library, kvstore.errors, kvstore.ids.
 """
 
@@ -206,14 +212,72 @@ class StorageSection(_Strict):
 
 
 class SecuritySection(_Strict):
-    """Shared secrets (plain tokens)."""
+    """Who may talk to a node: peer authentication, client users, and the older shared tokens.
+    A relative path is relative to the directory of the cluster file."""
 
-    cluster_token: str | None = Field(default=None,
-                                      description="If set, required on every `/internal/*` request "
-                                                  "(node to node). Also `KVSTORE_CLUSTER_TOKEN`.")
-    client_token: str | None = Field(default=None,
-                                     description="If set, required as `Authorization: Bearer ...` on "
-                                                 "`/kv/*` and `/admin/*`. Also `KVSTORE_CLIENT_TOKEN`.")
+    cluster_secret_file: str | None = Field(
+        default=None,
+        description="A file holding the cluster secret (at least 16 bytes; e.g. `openssl rand -hex 32 "
+                    "> secrets/cluster.key`). Every `/internal/*` request and every replication stream "
+                    "handshake is signed with it (HMAC-SHA256 over the method, path, body, a timestamp, "
+                    "a nonce and the sender; a request older than 30 s or seen before is refused). The "
+                    "secret itself is never written in the cluster file.")
+    users_file: str | None = Field(
+        default=None,
+        description="The users file written by `kvstore users add FILE NAME --role read|readwrite|admin "
+                    "[--prefix P]`: token hashes (scrypt), roles and key prefixes. When set, `/kv/*`, "
+                    "`/watch` and `/admin/*` require `Authorization: Bearer TOKEN`. A node reloads the "
+                    "file when it changes.")
+    insecure: bool = Field(
+        default=False,
+        description="Allow nodes whose URLs are not on this machine (not loopback) to run with no peer "
+                    "authentication (no `tls`, no `cluster_secret_file`, no `cluster_token`): a node "
+                    "refuses to start that way unless this is `true`, and then warns.")
+    cluster_token: str | None = Field(
+        default=None,
+        description="The older, weaker peer credential: a shared token sent as-is in the "
+                    "`KV-Cluster-Token` header of every `/internal/*` request (anyone who sees one "
+                    "request can replay it; prefer `cluster_secret_file`). Also `KVSTORE_CLUSTER_TOKEN`.")
+    client_token: str | None = Field(
+        default=None,
+        description="The older, single-user client credential: if set, `Authorization: Bearer "
+                    "<client_token>` is accepted on `/kv/*` and `/admin/*` as one user with the "
+                    "`admin` role (read, write and admin). Also `KVSTORE_CLIENT_TOKEN`. Prefer "
+                    "`users_file`.")
+
+
+ClientAuth = Literal["none", "optional", "required"]
+
+
+class TlsSection(_Strict):
+    """HTTPS for clients and mutual TLS between nodes. Absent: plain HTTP. A relative path
+    is relative to the directory of the cluster file; `{id}` in a path is replaced by the
+    node's id."""
+
+    cert_file: str = Field(
+        description="This node's certificate (PEM; the chain after it, if any), e.g. "
+                    "`certs/{id}.pem`. Peers check that it was signed by `ca_file` and names the host "
+                    "of the node's URL. `kvstore certs init DIR --config FILE` makes one per node.")
+    key_file: str = Field(description="The private key of `cert_file` (PEM, unencrypted), e.g. "
+                                      "`certs/{id}-key.pem`. Keep it readable by the node's user only.")
+    ca_file: str = Field(
+        description="The certificate authority (PEM) that signed every node's certificate, e.g. "
+                    "`certs/ca.pem`. A node presents its own certificate to the peers it connects to "
+                    "and accepts `/internal/*` requests only with a certificate signed by this CA "
+                    "(mutual TLS).")
+    client_auth: ClientAuth = Field(
+        default="none",
+        description="Client certificates on the client routes (`/kv/*`, `/watch`, `/admin/*`, ...): "
+                    "`none`: not needed; `optional`: checked when presented; `required`: a certificate "
+                    "signed by `ca_file` is needed (`DIR/client.pem` from `kvstore certs init`). The "
+                    "listener always asks for one, as peers present theirs on the same port.")
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
 
 
 class LimitsSection(_Strict):
@@ -223,6 +287,15 @@ class LimitsSection(_Strict):
                                description="Longest key accepted (bytes of UTF-8); longer is `400`.")
     max_value_bytes: int = Field(default=1048576, ge=0, le=64 * 1024 * 1024,
                                  description="Largest value accepted (bytes); larger is `413`.")
+    max_scan_limit: int = Field(default=10_000, ge=1, le=1_000_000,
+                                description="Most keys one page of `GET /kv?prefix=...` may ask for "
+                                            "(`limit`); the default page is 1,000 keys or this, if smaller.")
+    watch_history: int = Field(default=200_000, ge=0, le=10_000_000,
+                               description="Changes a node keeps in memory so a watcher can resume "
+                                           "(`GET /watch?from=TOKEN`); an older token gets `410 compacted`.")
+    ready_max_lag_entries: int = Field(default=10_000, ge=0,
+                                       description="`GET /ready`: a single-leader follower further behind "
+                                                   "its leader than this is not ready.")
 
 
 class LoggingSection(_Strict):
@@ -254,7 +327,16 @@ class ClusterConfig(_Strict):
     storage: StorageSection = Field(default_factory=StorageSection,
                                     description="Where and how each node keeps its data.")
     security: SecuritySection = Field(default_factory=SecuritySection,
-                                      description="Shared secrets (plain tokens).")
+                                      description="Who may talk to a node: peer authentication, client "
+                                                  "users, and the older shared tokens. A relative path "
+                                                  "is relative to the directory of the cluster file.")
+    tls: TlsSection | None = Field(
+        default=None,
+        description="HTTPS for clients and mutual TLS between nodes; absent (the default): plain HTTP. "
+                    "With it every node URL must be `https://`, without it `http://`. A relative path "
+                    "is relative to the directory of the cluster file; `{id}` in a path is replaced by "
+                    "the node's id. The files are checked when a node starts (not by `kvstore config "
+                    "check`, so a file can be checked before `kvstore certs init` made them).")
     limits: LimitsSection = Field(default_factory=LimitsSection, description="Request size limits.")
     logging: LoggingSection = Field(default_factory=LoggingSection,
                                     description="How a node writes its log (standard error).")
@@ -262,7 +344,8 @@ class ClusterConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> "ClusterConfig":
-        problems = cross_field_problems(len(self.cluster.nodes), self.replication)
+        problems = url_scheme_problems([n.url for n in self.cluster.nodes], self.tls is not None)
+        problems += cross_field_problems(len(self.cluster.nodes), self.replication)
         if problems:
             loc, msg = problems[0]
             raise ValueError(f"{loc}: {msg}")
@@ -312,6 +395,22 @@ def resolved_acks(rep: ReplicationSection, nodes: int) -> Acks:
     if rep.acks is not None:
         return rep.acks
     return "semi-sync" if nodes > 1 else "async"
+
+
+def url_scheme_problems(urls: list[Any], tls: bool) -> list[tuple[str, str]]:
+    """Node URLs whose scheme does not match the presence of a `tls` section: https with
+    it, http without it (a node serves one or the other on its one port)."""
+    out: list[tuple[str, str]] = []
+    for i, url in enumerate(urls):
+        if not isinstance(url, str):
+            continue
+        scheme = urlsplit(url).scheme
+        if tls and scheme == "http":
+            out.append((f"cluster.nodes.{i}.url", f"must be https:// with a tls section; got {url!r}"))
+        elif not tls and scheme == "https":
+            out.append((f"cluster.nodes.{i}.url",
+                        f"https:// needs a tls section (cert_file, key_file, ca_file); got {url!r}"))
+    return out
 
 
 def cross_field_problems(nodes: int, rep: ReplicationSection) -> list[tuple[str, str]]:
@@ -709,9 +808,12 @@ def _lenient_cross(data: dict[str, Any], sources: dict[str, str],
     nodes = (data.get("cluster") or {}).get("nodes") if isinstance(data.get("cluster"), dict) else None
     if not isinstance(nodes, list) or not nodes:
         return []
+    urls = [n.get("url") if isinstance(n, dict) else None for n in nodes]
+    out = [_located(loc, msg, sources, yaml_root)
+           for loc, msg in url_scheme_problems(urls, data.get("tls") is not None)]
     raw = data.get("replication") or {}
     if not isinstance(raw, dict):
-        return []
+        return out
     rep: ReplicationSection | None = None
     raw = dict(raw)
     while rep is None:
@@ -720,16 +822,18 @@ def _lenient_cross(data: dict[str, Any], sources: dict[str, str],
         except ValidationError as e:
             bad = {err["loc"][0] for err in e.errors() if err["loc"]} & set(raw)
             if not bad or bad & _CROSS_KEYS:
-                return []  # what the checks need is itself wrong (and reported)
+                return out  # what the checks need is itself wrong (and reported)
             for k in bad:
                 del raw[k]  # an unrelated bad key (an unknown one, a bad timeout): leave it out
-    out = []
-    for loc, msg in cross_field_problems(len(nodes), rep):
-        path = tuple(loc.split("."))
-        src = sources.get(loc)
-        line = line_of(yaml_root, path) if (yaml_root is not None and src is None) else None
-        out.append(Problem(loc, msg, line=line, source=src))
+    out.extend(_located(loc, msg, sources, yaml_root) for loc, msg in cross_field_problems(len(nodes), rep))
     return out
+
+
+def _located(loc: str, msg: str, sources: dict[str, str], yaml_root: yaml.Node | None) -> Problem:
+    path = tuple(int(p) if p.isdigit() else p for p in loc.split("."))
+    src = sources.get(loc)
+    line = line_of(yaml_root, path) if (yaml_root is not None and src is None) else None
+    return Problem(loc, msg, line=line, source=src)
 
 
 def _ordered(problems: list[Problem]) -> list[Problem]:
@@ -778,7 +882,29 @@ def check_file(path: str | os.PathLike[str], *, env: dict[str, str] | None = Non
     dups = duplicate_keys(root)
     if dups:
         return None, _ordered(dups + problems)
+    if cfg is not None:
+        cfg = relative_to(cfg, Path(os.path.abspath(p.parent)))
     return cfg, problems
+
+
+def relative_to(cfg: ClusterConfig, base: Path) -> ClusterConfig:
+    """`cfg` with the relative paths of `security` and `tls` made absolute from `base`
+    (the directory of the cluster file, so a file and its secrets/ and certs/ can move
+    together; `storage.data_dir` stays relative to the current directory, CONTRACT §1).
+    A `{id}` in a path survives for the node to fill in."""
+
+    def fix(v: str | None) -> str | None:
+        if v is None or os.path.isabs(os.path.expanduser(v)):
+            return None if v is None else os.path.expanduser(v)
+        return os.path.join(base, v)
+
+    sec = cfg.security
+    update: dict[str, Any] = {"security": sec.model_copy(update={
+        "cluster_secret_file": fix(sec.cluster_secret_file), "users_file": fix(sec.users_file)})}
+    if cfg.tls is not None:
+        update["tls"] = cfg.tls.model_copy(update={
+            "cert_file": fix(cfg.tls.cert_file), "key_file": fix(cfg.tls.key_file), "ca_file": fix(cfg.tls.ca_file)})
+    return cfg.model_copy(update=update)
 
 
 def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = None,

@@ -43,6 +43,13 @@ class Unauthorized(KVError):
     http_status = 401
 
 
+class Forbidden(KVError):
+    """A known credential without the right to this request (its role or key prefix)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(KVError):
     code = "not_found"
     http_status = 404
@@ -51,6 +58,13 @@ class NotFound(KVError):
 class VersionMismatch(KVError):
     code = "version_mismatch"
     http_status = 412
+
+
+class Compacted(KVError):
+    """A watch asked to resume from a position this node no longer holds."""
+
+    code = "compacted"
+    http_status = 410
 
 
 class TooLarge(KVError):

@@ -32,10 +32,13 @@ from kvstore.api.request import (
     parse_batch,
     read_options,
     read_value,
+    scan_options,
+    ttl_ms,
     write_options,
 )
+from kvstore.api.ui import add_ui_routes
 from kvstore.errors import BadRequest, KVError, TooLarge
-from kvstore.replication.core import Delete, Put, ReadResult, WriteResult
+from kvstore.replication.core import Change, Delete, Put, ReadResult, ScanResult, WriteResult
 
 log = logging.getLogger("kvstore.api")
 
@@ -52,7 +55,7 @@ async def metrics_middleware(request: web.Request,
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Latency and count of every answered request, by route, method and status."""
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    if route == "/internal/stream":
+    if route in ("/internal/stream", "/watch"):
         return await handler(request)          # a stream lasts as long as the peer's connection
     t0 = time.perf_counter()
     status = 500
@@ -106,8 +109,15 @@ def _write_answer(request: web.Request, node: NodeAPI, res: WriteResult) -> web.
     return web.Response(text=text, content_type="application/json", headers=headers)
 
 
+def ttl_header(ms: int) -> str:
+    """KV-TTL: remaining seconds, to the millisecond."""
+    return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") if ms % 1000 else str(ms // 1000)
+
+
 def _read_answer(request: web.Request, node: NodeAPI, res: ReadResult) -> web.Response:
     headers = {"KV-Token": res.token, "KV-Node": node.id}
+    if res.ttl_ms is not None and res.value is not None:
+        headers["KV-TTL"] = ttl_header(res.ttl_ms)
     if res.context:
         headers["KV-Context"] = res.context
     headers.update(res.headers)
@@ -137,8 +147,9 @@ async def kv_put(request: web.Request) -> web.Response:
     check_client_auth(request, node.config)
     key = key_of(request, node.config.limits.max_key_bytes)
     opts = write_options(request)
+    ttl = ttl_ms(request)
     value = await read_value(request, node.config.limits.max_value_bytes)
-    res = await node.write([Put(key, value)], **opts)
+    res = await node.write([Put(key, value)], ttl_ms=ttl, **opts)
     return _write_answer(request, node, res)
 
 
@@ -156,6 +167,74 @@ async def kv_get(request: web.Request) -> web.Response:
     key = key_of(request, node.config.limits.max_key_bytes)
     res = await node.read(key, **read_options(request))
     return _read_answer(request, node, res)
+
+
+async def kv_scan(request: web.Request) -> web.Response:
+    """GET /kv?prefix=P | ?start=A&end=B, &limit, &cursor, &keys_only (CONTRACT §9)."""
+    node = _node(request)
+    check_client_auth(request, node.config)
+    opts = scan_options(request, node.config.limits)
+    page: ScanResult = await node.scan(**opts)
+    headers = {"KV-Token": page.token, "KV-Node": node.id}
+    if wants_msgpack(request):
+        items: list[dict[str, Any]] = []
+        for it in page.items:
+            row: dict[str, Any] = {"key": it.key, "version": it.version}
+            if it.value is not None:
+                row["value"] = it.value
+            if it.ttl_ms is not None:
+                row["ttl"] = it.ttl_ms / 1000
+            items.append(row)
+        return body_response(request, {"items": items, "cursor": page.cursor, "token": page.token}, 200, headers)
+    rows = []
+    for it in page.items:
+        row = {"key": it.key, "version": it.version}
+        if it.value is not None:
+            row["value_b64"] = base64.b64encode(it.value).decode()
+        if it.ttl_ms is not None:
+            row["ttl"] = it.ttl_ms / 1000
+        rows.append(row)
+    return web.json_response({"items": rows, "cursor": page.cursor, "token": page.token}, headers=headers)
+
+
+def _event(c: Change) -> bytes:
+    obj: dict[str, Any] = {"type": c.type, "key": c.key, "version": c.version, "token": c.token}
+    if c.type == "put" and c.value is not None:
+        obj["value_b64"] = base64.b64encode(c.value).decode()
+    return f"id: {c.token}\ndata: {json.dumps(obj)}\n\n".encode()
+
+
+WATCH_KEEPALIVE_S = 15.0
+
+
+async def watch(request: web.Request) -> web.StreamResponse:
+    """GET /watch?prefix=P[&from=TOKEN] (or Last-Event-ID): Server-Sent Events, one per
+    change, `id:` the change's token (CONTRACT §9)."""
+    node = _node(request)
+    check_client_auth(request, node.config)
+    prefix = request.query.get("prefix", "")
+    if "\x00" in prefix or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in prefix):
+        raise BadRequest("prefix contains control characters (no key can)")
+    token = request.query.get("from") or request.headers.get("Last-Event-ID") or None
+    sub = node.watch(prefix, token)        # BadRequest / Compacted (410) before the stream starts
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no", "KV-Node": node.id})
+    try:
+        await resp.prepare(request)
+        await resp.write(b": watching\n\n")
+        async for batch in sub.batches(WATCH_KEEPALIVE_S):
+            if not batch:
+                await resp.write(b": keepalive\n\n")
+                continue
+            await resp.write(b"".join(_event(c) for c in batch))
+        if sub.closed:
+            msg = json.dumps({"error": "unavailable", "message": sub.closed})
+            await resp.write(f"event: error\ndata: {msg}\n\n".encode())
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass
+    finally:
+        node.unwatch(sub)
+    return resp
 
 
 async def kv_batch(request: web.Request) -> web.Response:
@@ -188,11 +267,13 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def cluster(request: web.Request) -> web.Response:
-    return web.json_response(cluster_json(_node(request)))
+    # CORS: the status page (api/ui.py) keeps polling the other members when its own node dies
+    return web.json_response(cluster_json(_node(request)), headers={"Access-Control-Allow-Origin": "*"})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+    return web.Response(body=request.app[METRICS].scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
+                                                                      "Access-Control-Allow-Origin": "*"})
 
 
 async def ring(request: web.Request) -> web.Response:
@@ -272,6 +353,8 @@ def create_app(node: NodeAPI, *, manage_node: bool = True) -> web.Application:
     r.add_route("*", "/admin/faults", faults)
     r.add_post("/admin/switchover", switchover)
     r.add_post("/kv/_batch", kv_batch)
+    r.add_get("/kv", kv_scan)
+    r.add_get("/watch", watch)
     if node.mode == "leaderless":
         r.add_get("/ring", ring)
     # [\s\S]*, not .*: a key may hold any character after percent-decoding (a newline
@@ -279,6 +362,7 @@ def create_app(node: NodeAPI, *, manage_node: bool = True) -> web.Application:
     r.add_put(r"/kv/{key:[\s\S]*}", kv_put)
     r.add_get(r"/kv/{key:[\s\S]*}", kv_get)
     r.add_delete(r"/kv/{key:[\s\S]*}", kv_delete)
+    add_ui_routes(app)
     add_routes = getattr(node.transport, "add_routes", None)
     if add_routes is not None:
         add_routes(app)
