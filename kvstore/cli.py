@@ -1,6 +1,6 @@
 """The `kvstore` command: argv -> config -> runtime.
 
-`node`, `cluster up` and `config check` live here; the client subcommands (get/put/
+`node`, `cluster up`, `config check`, `users` and `certs init` live here; the client subcommands (get/put/
 delete/status/watch-status/ring) and the parser conventions (CommandParser: one-line
 usage errors, exit code 2) are in kvstore.client.cli, `chaos` in kvstore.chaos.cli.
 Exit codes: 0 ok, 2 bad usage/config (one line, no traceback), 1 other failures; the
@@ -28,8 +28,8 @@ from kvstore.client.cli import CommandParser as _Parser
 from kvstore.config import ClusterConfig, load_config
 from kvstore.errors import ConfigError, KVError
 
-SERVER_COMMANDS = ("node", "cluster", "config", "chaos")
-CLIENT_COMMANDS = {"get", "put", "delete", "status", "watch-status", "ring"}
+SERVER_COMMANDS = ("node", "cluster", "config", "users", "certs", "chaos")
+CLIENT_COMMANDS = {"get", "put", "delete", "ls", "watch", "status", "watch-status", "ring"}
 VALUE_OPTS = {"--url", "--token", "--timeout"}     # top-level options that take a value
 
 
@@ -266,6 +266,57 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- kvstore users add|remove|list ------------------------------------------------------
+def cmd_users(args: argparse.Namespace) -> int:
+    """`kvstore users add FILE NAME --role ROLE [--prefix P]`: the new token is the LAST line
+    of stdout (shown once; the file keeps its scrypt hash only). Adding an existing NAME
+    replaces it with a new token (rotation). `remove FILE NAME` revokes; `list FILE` shows."""
+    from kvstore.security import users
+
+    if args.action == "add":
+        if not args.name:
+            raise ConfigError("users add: NAME is required (kvstore users add FILE NAME --role ROLE)")
+        if not args.role:
+            raise ConfigError("users add: --role is required (read, readwrite or admin)")
+        token, replaced = users.add_user(args.file, args.name, args.role, args.prefix)
+        scope = f", keys under {args.prefix!r}" if args.prefix else ""
+        verb = "replaced" if replaced else "added"
+        print(f"{verb} user {args.name!r} (role {args.role}{scope}) in {args.file}; its token, shown "
+              "only now (nodes reload the file within a second):")
+        print(token, flush=True)
+        return 0
+    if args.action == "remove":
+        if not args.name:
+            raise ConfigError("users remove: NAME is required (kvstore users remove FILE NAME)")
+        if not users.remove_user(args.file, args.name):
+            print(f"kvstore: no user {args.name!r} in {args.file}", file=sys.stderr)
+            return 1
+        print(f"removed user {args.name!r} from {args.file}")
+        return 0
+    if args.name or args.role or args.prefix:
+        raise ConfigError("users list: takes only FILE")
+    records = users.read_records(args.file)
+    print(f"{'NAME':<24} {'ROLE':<10} {'PREFIX':<24} CREATED")
+    for r in records.values():
+        print(f"{r.name:<24} {r.role.value:<10} {(r.prefix or '-'):<24} {r.created or '-'}")
+    return 0
+
+
+# ---- kvstore certs init ---------------------------------------------------------------------
+def cmd_certs(args: argparse.Namespace) -> int:
+    """`kvstore certs init DIR --config FILE [--force]`: a CA, a certificate per node of
+    FILE and a client certificate in DIR (kvstore/security/certs.py)."""
+    from kvstore.security.certs import init_certs
+
+    config = load_config(_config_path(args.config))
+    written = init_certs(config, args.dir, force=args.force)
+    for path in written:
+        print(path)
+    print(f"{len(written)} files in {args.dir}: ca.pem is the cluster's CA (give it to clients as --cacert); "
+          "keep the *-key.pem files private", flush=True)
+    return 0
+
+
 # ---- dispatch --------------------------------------------------------------------------
 def _subcommand(argv: list[str]) -> str | None:
     """The first word of argv that is not an option or the value of a top-level option."""
@@ -338,6 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("action", choices=["check"], help="check: validate the file")
     cc.add_argument("file", nargs="?", metavar="FILE", help="the cluster file (or --config, or KVSTORE_CONFIG)")
     cc.add_argument("--config", metavar="FILE", help="the cluster file")
+    u = sub.add_parser("users", help="users add|remove|list FILE: client users and their tokens",
+                       description="Manage the users file (security.users_file). `add` prints the new "
+                                   "token as the last line of stdout and stores only its hash; adding an "
+                                   "existing NAME replaces it (a new token).")
+    u.add_argument("action", choices=["add", "remove", "list"], help="add, remove or list users")
+    u.add_argument("file", metavar="FILE", help="the users file (created by the first add, mode 0600)")
+    u.add_argument("name", nargs="?", metavar="NAME", help="the user's name (add, remove)")
+    u.add_argument("--role", choices=["read", "readwrite", "admin"],
+                   help="read: GET, scans, watch; readwrite: also PUT/DELETE/batch; admin: also /admin/*")
+    u.add_argument("--prefix", metavar="P", help="limit the user to keys that start with P")
+    ce = sub.add_parser("certs", help="certs init DIR --config FILE: a CA and certificates for tls",
+                        description="Write a new CA (DIR/ca.pem, DIR/ca-key.pem), a certificate per node "
+                                    "(DIR/ID.pem, DIR/ID-key.pem) and a client certificate "
+                                    "(DIR/client.pem, DIR/client-key.pem).")
+    ce.add_argument("action", choices=["init"], help="init: make the certificates")
+    ce.add_argument("dir", metavar="DIR", help="where to write them (created if needed)")
+    ce.add_argument("--config", metavar="FILE", help="the cluster file (env KVSTORE_CONFIG)")
+    ce.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
     # `kvstore chaos` has its own parser (kvstore/chaos/cli.py; `kvstore chaos --help`):
     # main() hands it the arguments before argparse sees them.
     sub.add_parser("chaos", help="run a workload while injecting faults, then check the history",
@@ -382,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cluster(args)
         if args.command == "config":
             return cmd_config(args)
+        if args.command == "users":
+            return cmd_users(args)
+        if args.command == "certs":
+            return cmd_certs(args)
         raise ConfigError(f"unknown command {args.command!r}")
     except ConfigError as e:
         print(f"kvstore: {e.message}", file=sys.stderr)

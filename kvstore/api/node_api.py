@@ -11,7 +11,8 @@ from typing import Any, Protocol, Sequence
 
 from kvstore.config import ClusterConfig
 from kvstore.ids import NodeId
-from kvstore.replication.core import CoreConfig, CoreStatus, Op, Precondition, ReadResult, WriteResult
+from kvstore.replication.core import CoreConfig, CoreStatus, Op, Precondition, ReadResult, ScanResult, WriteResult
+from kvstore.runtime.watch import Subscriber
 from kvstore.storage.log import LogStats
 
 
@@ -31,7 +32,16 @@ class NodeAPI(Protocol):
     async def stop(self) -> None: ...
 
     async def write(self, ops: Sequence[Op], *, acks: str | None = None, precondition: Precondition | None = None,
-                    context: str | None = None, rid: str | None = None, after: str | None = None) -> WriteResult: ...
+                    context: str | None = None, rid: str | None = None, after: str | None = None,
+                    ttl_ms: int | None = None) -> WriteResult: ...
+
+    async def scan(self, start: str, end: str | None, *, limit: int, cursor: str | None = None,
+                   keys_only: bool = False, consistency: str | None = None, after: str | None = None,
+                   r: int | None = None) -> ScanResult: ...
+
+    def watch(self, prefix: str, from_token: str | None) -> Subscriber: ...
+
+    def unwatch(self, sub: Subscriber) -> None: ...
 
     async def read(self, key: str, *, consistency: str | None = None, after: str | None = None,
                    r: int | None = None) -> ReadResult: ...

@@ -108,9 +108,6 @@ def cluster_json(node: NodeAPI) -> dict[str, Any]:
     return out
 
 
-READY_MAX_LAG_ENTRIES = 10_000   # a follower further behind its leader is not ready
-
-
 def readiness(node: NodeAPI) -> tuple[bool, str]:
     """Can this node do its job now? (CONTRACT §8 GET /ready) — with the reason if not."""
     if not node.ready:
@@ -127,8 +124,9 @@ def readiness(node: NodeAPI) -> tuple[bool, str]:
             return False, f"leader {st.leader_id} is not reachable from here ({state})"
         me = next((p for p in st.nodes if p.id == node.id), None)
         lag = me.lag_entries if me is not None else None
-        if lag is not None and lag > READY_MAX_LAG_ENTRIES:
-            return False, f"{lag} entries behind the leader (more than {READY_MAX_LAG_ENTRIES})"
+        bound = node.config.limits.ready_max_lag_entries
+        if lag is not None and lag > bound:
+            return False, f"{lag} entries behind the leader (more than limits.ready_max_lag_entries={bound})"
         return True, f"following {st.leader_id}"
     if st.mode == "leaderless":
         w = int(st.extra.get("w", 1))

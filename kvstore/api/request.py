@@ -112,10 +112,76 @@ def _rid(request: web.Request) -> str | None:
     return rid
 
 
+def ttl_ms(request: web.Request) -> int | None:
+    """`ttl=SECONDS` or `KV-TTL: SECONDS` on a put: a positive number (fractions allowed)."""
+    raw = request.query.get("ttl")
+    if raw is None:
+        raw = request.headers.get("KV-TTL")
+    if raw is None or raw == "":
+        return None
+    try:
+        secs = float(raw)
+    except ValueError:
+        raise BadRequest(f"ttl must be a positive number of seconds (got {raw!r:.40})") from None
+    if not (secs > 0) or secs != secs or secs > 10 * 365 * 86400:
+        raise BadRequest(f"ttl must be a positive number of seconds, at most ten years (got {raw!r:.40})")
+    return max(1, int(round(secs * 1000)))
+
+
 def write_options(request: web.Request) -> dict[str, Any]:
     return {"acks": _acks(request), "precondition": precondition(request),
             "context": request.headers.get("KV-Context") or None, "rid": _rid(request),
             "after": opt(request, "after") or None}
+
+
+def _query_text(request: web.Request, name: str) -> str | None:
+    """A query parameter decoded strictly as UTF-8 (aiohttp would replace bad bytes)."""
+    from urllib.parse import parse_qs
+    try:
+        vals = parse_qs(request.query_string, keep_blank_values=True, errors="strict").get(name)
+    except UnicodeDecodeError:
+        raise BadRequest(f"{name}: not valid UTF-8 after percent-decoding") from None
+    if not vals:
+        return None
+    if len(vals) > 1:
+        raise BadRequest(f"{name}: given more than once")
+    return vals[0]
+
+
+def scan_options(request: web.Request, limits: LimitsSection) -> dict[str, Any]:
+    """GET /kv?prefix=P | ?start=A&end=B, limit, cursor, keys_only (CONTRACT §9)."""
+    from kvstore.storage.keyspace import prefix_end
+
+    prefix = _query_text(request, "prefix")
+    start = _query_text(request, "start")
+    end = _query_text(request, "end")
+    if prefix is not None and (start is not None or end is not None):
+        raise BadRequest("give either prefix=P or start=A&end=B, not both")
+    for name, v in (("prefix", prefix), ("start", start), ("end", end)):
+        if v is not None:
+            if _CTRL_RE.search(v):
+                raise BadRequest(f"{name} contains control characters (no key can)")
+            if len(v.encode()) > limits.max_key_bytes:
+                raise BadRequest(f"{name} is longer than max_key_bytes ({limits.max_key_bytes})")
+    if prefix is not None:
+        start, end = prefix, prefix_end(prefix)
+    start = start or ""
+    if end is not None and end <= start:
+        raise BadRequest("end must be after start (the range is [start, end))")
+    raw_limit = request.query.get("limit")
+    cap = limits.max_scan_limit
+    if raw_limit is None:
+        limit = min(1000, cap)
+    elif not raw_limit.isdigit() or not (1 <= int(raw_limit) <= cap):
+        raise BadRequest(f"limit must be an integer from 1 to {cap} (limits.max_scan_limit)")
+    else:
+        limit = int(raw_limit)
+    ko = request.query.get("keys_only", "false").lower()
+    if ko not in ("true", "false", "1", "0", ""):
+        raise BadRequest("keys_only must be true or false")
+    cursor = request.query.get("cursor") or None
+    return {"start": start, "end": end, "limit": limit, "cursor": cursor, "keys_only": ko in ("true", "1"),
+            **read_options(request)}
 
 
 def read_options(request: web.Request) -> dict[str, Any]:
@@ -194,4 +260,4 @@ def check_cluster_auth(request: web.Request, config: ClusterConfig) -> None:
 
 
 __all__ = ["check_client_auth", "check_cluster_auth", "check_key", "key_of", "parse_batch", "precondition",
-           "read_options", "read_value", "write_options"]
+           "read_options", "read_value", "scan_options", "ttl_ms", "write_options"]

@@ -11,6 +11,7 @@ It needs only aiohttp and msgpack (plus kvstore.errors): none of the server's mo
 
 from kvstore.errors import (
     BadRequest,
+    Compacted,
     ConfigError,
     KVError,
     NotFound,
@@ -26,6 +27,7 @@ from .aio import AsyncClient, BatchOp, MergeFn, Session
 from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
 from .options import Acks, Consistency, ReadPreference, Value
 from .results import NodeStatus, Result, Sibling, Siblings
+from .streams import ScanEntry, WatchEvent
 from .sync import Client, SyncSession
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "BadRequest",
     "BatchOp",
     "Client",
+    "Compacted",
     "ConfigError",
     "Conflict",
     "Consistency",
@@ -45,6 +48,7 @@ __all__ = [
     "NotLeader",
     "ReadPreference",
     "Result",
+    "ScanEntry",
     "Session",
     "Sibling",
     "Siblings",
@@ -55,6 +59,7 @@ __all__ = [
     "Unavailable",
     "Value",
     "VersionMismatch",
+    "WatchEvent",
     "error_from_reply",
     "map_exceptions",
 ]

@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -31,6 +31,7 @@ from kvstore.errors import BadRequest, KVError, NotLeader, Unavailable
 from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
 from .options import ACKS, CONSISTENCIES, READ_PREFERENCES, Acks, Consistency, ReadPreference, Value, check_choice
 from .results import NodeStatus, Result, Sibling, Siblings
+from .streams import ScanEntry, WatchEvent, scan_pages, watch_events
 from .topology import Topology, backoff_delay
 from .wire import (
     ACCEPT_JSON,
@@ -189,13 +190,14 @@ class AsyncClient:
 
     async def put(self, key: str, value: Value, *, if_match: str | None = None,
                   context: str | None = None, acks: Acks | None = None,
-                  request_id: str | None = None) -> Result:
+                  request_id: str | None = None, ttl: float | None = None) -> Result:
         """Store value under key. if_match: only if the key's version is that one
         (VersionMismatch otherwise); context: supersede the siblings of that context;
         acks: this write's acknowledgement level; request_id: the KV-Request-Id (one is
-        made up when None) every retry of this write carries."""
+        made up when None) every retry of this write carries; ttl: seconds until the key
+        expires (None: never — and a put without ttl clears an earlier one)."""
         return await self._write("PUT", key, as_bytes(value), if_match=if_match, context=context,
-                                 acks=acks, request_id=request_id, sess=None)
+                                 acks=acks, request_id=request_id, sess=None, ttl=ttl)
 
     async def create(self, key: str, value: Value, *, acks: Acks | None = None,
                      request_id: str | None = None) -> Result:
@@ -236,6 +238,21 @@ class AsyncClient:
         body = pack({"ops": wire_ops})
         return await self._write("POST", "_batch", body, if_match=None, context=None, acks=acks,
                                  request_id=request_id, sess=None)
+
+    def scan(self, prefix: str | None = None, *, start: str | None = None, end: str | None = None,
+             limit: int = 1000, keys_only: bool = False, consistency: Consistency | None = None,
+             read_preference: ReadPreference | None = None) -> AsyncIterator[ScanEntry]:
+        """Every key under `prefix` (or in [start, end)) in byte order, fetched page by page
+        (`limit` keys per request) as you iterate: bounded memory for any number of keys."""
+        return scan_pages(self, prefix, start, end, limit, keys_only, consistency,
+                          read_preference or self.read_preference)
+
+    def watch(self, prefix: str = "", *, from_token: str | None = None) -> AsyncIterator[WatchEvent]:
+        """Every change of a key under `prefix` after `from_token` (None: from now on), as
+        they happen; reconnects by itself (to another node if one dies) and resumes after
+        the last event it delivered — no gap, no duplicate — until the caller stops.
+        Raises Compacted when no node holds the history back to that token."""
+        return watch_events(self, prefix, from_token)
 
     async def resolve(self, key: str, merge_fn: MergeFn) -> Result:
         """Read every sibling of key, merge their live values with merge_fn(list[bytes])
@@ -455,7 +472,7 @@ class AsyncClient:
     # ---- internals: writes ------------------------------------------------------------
     async def _write(self, method: str, key: str, body: bytes | None, *, if_match: str | None,
                      context: str | None, acks: Acks | None, request_id: str | None,
-                     sess: Session | None, if_none_match: bool = False) -> Result:
+                     sess: Session | None, if_none_match: bool = False, ttl: float | None = None) -> Result:
         """Send a write to the leader, following it through failovers, within the deadline.
 
         Every attempt carries the same KV-Request-Id. A failure that proves the write was
@@ -481,6 +498,10 @@ class AsyncClient:
             extra["KV-Context"] = context
         if acks is not None:
             extra["KV-Acks"] = acks
+        if ttl is not None:
+            if not ttl > 0:
+                raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+            extra["KV-TTL"] = repr(float(ttl))
         await self._ensure_topology()
         uncertain: IndeterminateError | None = None
         last: KVError | None = None
@@ -569,10 +590,15 @@ class AsyncClient:
                     pref: ReadPreference, want_siblings: bool) -> Result | Siblings:
         """Read with retries: any node that fails (connection error, timeout, 503) is
         avoided for a while and the read goes to the next one, until the deadline."""
+        reply = await self._get(key_path(key), sess, consistency, pref, f"GET {key}")
+        return self._read_result(key, reply, want_siblings)
+
+    async def _get(self, path: str, sess: Session | None, consistency: Consistency | None,
+                   pref: ReadPreference, what: str) -> _Reply:
+        """GET `path` (a key, a scan page) from the nodes in read order, with retries."""
         check_choice("read_preference", pref, READ_PREFERENCES)
         if consistency is not None:
             check_choice("consistency", consistency, CONSISTENCIES)
-        path = key_path(key)
         deadline = self._clock() + self.timeout
         await self._ensure_topology()
         if pref == "nearest":
@@ -619,10 +645,10 @@ class AsyncClient:
                     sess.sticky_url = None  # its follower failed: move on
             else:
                 self.topology.mark_ok(url)
-                return self._read_result(key, reply, want_siblings)
+                return reply
             attempt += 1
             self.stats["read_retries"] += 1
-            log.debug("read %s from %s failed, retrying: %s", key, url, last.message)
+            log.debug("%s from %s failed, retrying: %s", what, url, last.message)
             if self._redirected(last, url) and redirects < 3:
                 redirects += 1  # a node named the leader: go there at once
                 self.stats["redirects"] += 1
@@ -632,7 +658,7 @@ class AsyncClient:
             if not self._redirected(last, url):
                 await self.refresh()
         assert last is not None
-        raise Unavailable(f"GET {key}: gave up after {attempt} attempt(s) in {self.timeout:g}s; "
+        raise Unavailable(f"{what}: gave up after {attempt} attempt(s) in {self.timeout:g}s; "
                           f"last error: {last.message}", **last.details) from last
 
     def _read_result(self, key: str, reply: _Reply, want_siblings: bool) -> Result | Siblings:
@@ -660,8 +686,13 @@ class AsyncClient:
             return Siblings(key=key, siblings=(Sibling(value, version),),
                             context=h.get("KV-Context") or version, token=h.get("KV-Token"),
                             node=h.get("KV-Node"))
+        ttl_h = h.get("KV-TTL")
+        try:
+            ttl = float(ttl_h) if ttl_h else None
+        except ValueError:
+            ttl = None
         return Result(key=key, value=value, version=version, token=h.get("KV-Token"),
-                      node=h.get("KV-Node"), leader=h.get("KV-Leader"), context=h.get("KV-Context"))
+                      node=h.get("KV-Node"), leader=h.get("KV-Leader"), context=h.get("KV-Context"), ttl=ttl)
 
 
 class Session:

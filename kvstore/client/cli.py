@@ -55,7 +55,7 @@ from .options import ACKS, CONSISTENCIES, READ_PREFERENCES, Acks, Consistency, R
 from .results import NodeStatus, Result
 from .wire import DEFAULT_URL, parse_urls
 
-COMMANDS = ("get", "put", "delete", "status", "watch-status", "ring")
+COMMANDS = ("get", "put", "delete", "ls", "watch", "status", "watch-status", "ring")
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -221,6 +221,8 @@ def add_client_commands(sub: Any) -> None:
     pre.add_argument("--create", action="store_true",
                      help="only if the key does not exist yet (If-None-Match: *; exit 4 if it does)")
     p.add_argument("--acks", choices=ACKS, help=acks_help)
+    p.add_argument("--ttl", type=_seconds_arg, metavar="SECONDS",
+                   help="the key expires after SECONDS (a put without --ttl clears an earlier one)")
 
     p = command("delete", "delete KEY (an absent key is not an error)",
                 "Delete KEY. Deleting an absent key is not an error.")
@@ -228,6 +230,22 @@ def add_client_commands(sub: Any) -> None:
     p.add_argument("--if-match", metavar="VERSION",
                    help="only if the key's current version is VERSION (exit 4 if not)")
     p.add_argument("--acks", choices=ACKS, help=acks_help)
+
+    p = command("ls", "list the keys under PREFIX (all keys without one)",
+                "List the keys under PREFIX in byte order, one per line (with --values: key, tab, value "
+                "as UTF-8 with escapes). Pages through any number of keys with bounded memory.")
+    p.add_argument("key", metavar="PREFIX", nargs="?", default="", help="the key prefix (default: every key)")
+    p.add_argument("--values", action="store_true", help="print each key's value too")
+    p.add_argument("--limit", type=_count_arg, metavar="N", help="stop after N keys")
+    p.add_argument("--consistency", choices=CONSISTENCIES, help="leader (linearizable pages) or local")
+
+    p = command("watch", "print every change under PREFIX as it happens",
+                "Print every change of a key under PREFIX (put, delete, expire) as it happens, until "
+                "Ctrl-C (or --count changes); resumes by itself after a disconnect or a failover.")
+    p.add_argument("key", metavar="PREFIX", nargs="?", default="", help="the key prefix (default: every key)")
+    p.add_argument("--from", dest="from_token", metavar="TOKEN",
+                   help="start after this change token (the last one printed) instead of now")
+    p.add_argument("--count", type=_count_arg, metavar="N", help="stop after N changes")
 
     command("status", "the cluster as a table: node, role, term, state, lag",
             "Print the cluster as a table: each node's role, term, state and replication lag.")
@@ -290,6 +308,10 @@ class Args:
     consistency: Consistency | None = None
     acks: Acks | None = None
     read_preference: ReadPreference = "leader"
+    ttl: float | None = None
+    values: bool = False
+    limit: int | None = None
+    from_token: str | None = None
 
     @property
     def prog(self) -> str:
@@ -320,6 +342,8 @@ def args_from_namespace(ns: argparse.Namespace, env: Mapping[str, str]) -> Args:
         consistency=cast("Consistency | None", getattr(ns, "consistency", None)),
         acks=cast("Acks | None", getattr(ns, "acks", None)),
         read_preference=cast(ReadPreference, getattr(ns, "read_preference", "leader")),
+        ttl=getattr(ns, "ttl", None), values=bool(getattr(ns, "values", False)),
+        limit=getattr(ns, "limit", None), from_token=getattr(ns, "from_token", None),
     )
 
 
@@ -503,6 +527,10 @@ async def _run(args: Args, stdin: IO[Any], out: TextIO, err: TextIO) -> int:
             return await _status(client, args, out, err)
         if args.command == "ring":
             return await _ring(client, args, out)
+        if args.command == "ls":
+            return await _ls(client, args, out)
+        if args.command == "watch":
+            return await _watch(client, args, out)
         # Fail fast with one clear line when no URL answers at all (a typo'd --url
         # should not wait out the whole retry deadline).
         await client.status()
@@ -527,7 +555,7 @@ async def _run(args: Args, stdin: IO[Any], out: TextIO, err: TextIO) -> int:
             if args.create:
                 res = await client.create(key, data, acks=args.acks)
             else:
-                res = await client.put(key, data, if_match=args.if_match, acks=args.acks)
+                res = await client.put(key, data, if_match=args.if_match, acks=args.acks, ttl=args.ttl)
         else:
             res = await client.delete(key, if_match=args.if_match, acks=args.acks)
         if args.json:
@@ -537,6 +565,53 @@ async def _run(args: Args, stdin: IO[Any], out: TextIO, err: TextIO) -> int:
         return EXIT_OK
     finally:
         await client.close()
+
+
+def _text(value: bytes | None) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii")
+
+
+async def _ls(client: AsyncClient, args: Args, out: TextIO) -> int:
+    n = 0
+    page = min(1000, args.limit) if args.limit else 1000
+    async for e in client.scan(args.positionals[0] if args.positionals else "", limit=page,
+                               keys_only=not args.values, consistency=args.consistency):
+        if args.json:
+            row: dict[str, Any] = {"key": e.key, "version": e.version}
+            if args.values:
+                row.update(_value_json(e.value))
+            if e.ttl is not None:
+                row["ttl"] = e.ttl
+            out.write(json.dumps(row) + "\n")
+        elif args.values:
+            out.write(f"{e.key}\t{_text(e.value)}\n")
+        else:
+            out.write(e.key + "\n")
+        n += 1
+        if args.limit and n >= args.limit:
+            break
+    out.flush()
+    return EXIT_OK
+
+
+async def _watch(client: AsyncClient, args: Args, out: TextIO) -> int:
+    n = 0
+    async for ev in client.watch(args.positionals[0] if args.positionals else "", from_token=args.from_token):
+        if args.json:
+            row: dict[str, Any] = {"type": ev.type, "key": ev.key, "version": ev.version, "token": ev.token}
+            if ev.value is not None:
+                row.update(_value_json(ev.value))
+            out.write(json.dumps(row) + "\n")
+        else:
+            tail = f" {_text(ev.value)}" if ev.type == "put" else ""
+            out.write(f"{ev.type} {ev.key}{tail}  (token {ev.token})\n")
+        out.flush()
+        n += 1
+        if args.count and n >= args.count:
+            break
+    return EXIT_OK
 
 
 async def _status(client: AsyncClient, args: Args, out: TextIO, err: TextIO) -> int:
@@ -585,7 +660,7 @@ def run(args: Args, *, stdin: IO[Any] | None = None, stdout: TextIO | None = Non
     except KVError as e:
         return report_error(e, args, err)
     except KeyboardInterrupt:
-        if args.command == "watch-status":
+        if args.command in ("watch-status", "watch"):
             return EXIT_OK
         return _write_error(err, as_json=args.json, code="interrupted", message="interrupted", exit_code=130)
     except OSError as e:  # e.g. a closed stdout pipe, an unreadable stdin

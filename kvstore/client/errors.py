@@ -18,6 +18,7 @@ import aiohttp
 
 from kvstore.errors import (
     BadRequest,
+    Compacted,
     ConfigError,
     KVError,
     NotFound,
@@ -89,6 +90,7 @@ _BY_CODE: dict[str, type[KVError]] = {
     "version_mismatch": VersionMismatch,
     "too_large": TooLarge,
     "unavailable": Unavailable,
+    "compacted": Compacted,
 }
 
 _BY_STATUS: dict[int, type[KVError]] = {
@@ -97,6 +99,7 @@ _BY_STATUS: dict[int, type[KVError]] = {
     403: Unauthorized,
     404: NotFound,
     412: VersionMismatch,
+    410: Compacted,
     413: TooLarge,
     503: Unavailable,
 }

@@ -16,6 +16,7 @@ class Result:
     node: the node that served the request (KV-Node), leader: KV-Leader when it was forwarded.
     context: KV-Context when the server sent one (siblings modes).
     request_id: the KV-Request-Id a write carried.
+    ttl: a read's remaining lifetime of the key in seconds (KV-TTL), None without one.
     """
 
     key: str
@@ -26,6 +27,7 @@ class Result:
     leader: str | None = None
     context: str | None = None
     request_id: str | None = None
+    ttl: float | None = None          # seconds left before the key expires (None: no TTL)
 
     @property
     def text(self) -> str | None:

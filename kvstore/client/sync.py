@@ -13,12 +13,13 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from .aio import AsyncClient, BatchOp, MergeFn, Session
 from .options import Acks, Consistency, ReadPreference, Value
 from .results import NodeStatus, Result, Siblings
+from .streams import ScanEntry, WatchEvent
 from .wire import DEFAULT_URL
 
 T = TypeVar("T")
@@ -111,9 +112,34 @@ class Client:
                                                      read_preference=read_preference))
 
     def put(self, key: str, value: Value, *, if_match: str | None = None, context: str | None = None,
-            acks: Acks | None = None, request_id: str | None = None) -> Result:
+            acks: Acks | None = None, request_id: str | None = None, ttl: float | None = None) -> Result:
         return self._call(self._aclient.put(key, value, if_match=if_match, context=context, acks=acks,
-                                            request_id=request_id))
+                                            request_id=request_id, ttl=ttl))
+
+    def scan(self, prefix: str | None = None, *, start: str | None = None, end: str | None = None,
+             limit: int = 1000, keys_only: bool = False,
+             consistency: Consistency | None = None) -> Iterator[ScanEntry]:
+        """Every key under `prefix` (or in [start, end)), page by page as you iterate."""
+        it = self._aclient.scan(prefix, start=start, end=end, limit=limit, keys_only=keys_only,
+                                consistency=consistency)
+        return self._iterate(it)
+
+    def watch(self, prefix: str = "", *, from_token: str | None = None) -> Iterator[WatchEvent]:
+        """Changes under `prefix` as they happen (blocks between them); resumes by itself."""
+        return self._iterate(self._aclient.watch(prefix, from_token=from_token))
+
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        nxt = agen.__anext__
+        try:
+            while True:
+                try:
+                    yield self._call(nxt())   # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None and not self._closed:
+                self._call(aclose())
 
     def create(self, key: str, value: Value, *, acks: Acks | None = None,
                request_id: str | None = None) -> Result:

@@ -43,11 +43,14 @@ from kvstore.replication.core import (
     ReadResult,
     Ready,
     RequestId,
+    ScanRequest,
+    ScanResult,
     WriteRequest,
     WriteResult,
 )
 from kvstore.runtime.logs import LogContext
 from kvstore.runtime.tasks import exit_if_failed, spawn, stop_tasks
+from kvstore.runtime.watch import ChangeHub, Subscriber
 from kvstore.storage.log import Log, LogStats
 from kvstore.transport.base import Clock, SystemClock, Transport
 
@@ -113,6 +116,7 @@ class Node:
         self.ready = False          # recovered and serving (GET /ready adds the mode's own checks)
         self.log_context: LogContext | None = None   # set by the CLI: role and term on every log line
         self._batch_sizes: deque[int] = deque(maxlen=4096)   # entries per flush, drained by /metrics
+        self.hub = ChangeHub(config.limits.watch_history)
 
     def _skew(self) -> int:
         raw = os.environ.get(SKEW_ENV, "").strip() if self.config.testing.faults else ""
@@ -135,6 +139,10 @@ class Node:
         rec = await self.log.open()
         self.core = build_core(self.config, self.cfg, hard_state=rec.hard_state, image=rec.image,
                                entries=rec.entries, fresh=rec.fresh, rng=self.rng, now_ms=self.now_ms)
+        # what this process can vouch for: single-leader re-applies (and re-emits) the log
+        # after the snapshot; the other modes replay their log into the store silently
+        last = rec.entries[-1].index if rec.entries else (rec.image.index if rec.image else 0)
+        self.hub.floor = (rec.image.index if rec.image else 0) if self.mode == "single-leader" else last
         st = self.core.status()
         if self.log_context is not None:
             self.log_context.role, self.log_context.term = st.role, st.term
@@ -170,6 +178,7 @@ class Node:
             return
         self._stopping = True
         self.ready = False
+        self.hub.close_all("the node is shutting down; resume the watch on another node")
         await self.transport.stop()
         await stop_tasks(list(self._tasks), TASKS_STOP_S)
         try:
@@ -259,6 +268,8 @@ class Node:
             self._send(rd.outbox)
         if rd.results:
             self._answer(rd.results)
+        if rd.changes:
+            self.hub.publish(rd.changes)
         if rd.events:
             self._log_events(rd.events)
         core.advance(rd)
@@ -370,9 +381,11 @@ class Node:
         return core
 
     async def write(self, ops: Sequence[Op], *, acks: str | None = None, precondition: Precondition | None = None,
-                    context: str | None = None, rid: str | None = None, after: str | None = None) -> WriteResult:
+                    context: str | None = None, rid: str | None = None, after: str | None = None,
+                    ttl_ms: int | None = None) -> WriteResult:
         core = self._check_serving()
-        req = WriteRequest(self._next_req(), tuple(ops), acks, precondition, context, rid, after)  # type: ignore[arg-type]
+        req = WriteRequest(self._next_req(), tuple(ops), acks, precondition, context, rid, after,  # type: ignore[arg-type]
+                           ttl_ms=ttl_ms)
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[req.req] = fut
         self._catch_up_ticks()    # a leader that was paused must notice before it takes a write
@@ -398,6 +411,34 @@ class Node:
         out = await self._await(req.req, fut, max(self.cfg.write_timeout_ticks, self.cfg.election_ticks))
         assert isinstance(out, ReadResult)
         return out
+
+    async def scan(self, start: str, end: str | None, *, limit: int, cursor: str | None = None,
+                   keys_only: bool = False, consistency: str | None = None, after: str | None = None,
+                   r: int | None = None) -> ScanResult:
+        core = self._check_serving()
+        req = ScanRequest(self._next_req(), start, end, limit, cursor, keys_only, consistency, after, r)
+        self._catch_up_ticks()
+        now = core.scan(req)
+        if isinstance(now, KVError):
+            raise now
+        if now is not None:
+            return now
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters[req.req] = fut
+        self._wake.set()
+        out = await self._await(req.req, fut, max(self.cfg.write_timeout_ticks, self.cfg.election_ticks))
+        assert isinstance(out, ScanResult)
+        return out
+
+    def watch(self, prefix: str, from_token: str | None) -> Subscriber:
+        """Changes of keys under `prefix` after `from_token` (None: from now on). Raises
+        BadRequest (a token this node cannot read) or Compacted (410: too old)."""
+        core = self._check_serving()
+        after = core.watch_position(from_token) if from_token else None
+        return self.hub.subscribe(prefix, after)
+
+    def unwatch(self, sub: Subscriber) -> None:
+        self.hub.unsubscribe(sub)
 
     async def switchover(self, to: str | None) -> dict[str, Any]:
         """Planned hand-over (single-leader): returns once `to` leads, or Timeout."""
