@@ -40,6 +40,7 @@ class SnapshotImage:
     `sections` maps a name to rows (msgpack-able values), `meta` holds small values.
     The rows of each mode (documented where the core builds them):
       single-leader  "kv": [key, value, version_int]; "dedup": [rid, index, [ok, version, versions]];
+                     "ttl": [key, expires_at_ms] (keys with a TTL only);
                      meta "term_starts": [[term, first_index], ...]
       multi-leader   "containers": [key, container]; "log": [seq, key, container];
                      "dedup": [rid, key, version]; meta: positions, log_base, hlc, ...

@@ -171,8 +171,9 @@ class ScanResult:
 @dataclass(frozen=True, slots=True)
 class Change:
     """One change this node applied, for watchers (GET /watch). `position` orders this
-    node's changes (strictly increasing); `token` is the event id a watcher resumes
-    from (`Core.watch_position(token)` maps it back to the position)."""
+    node's changes (non-decreasing: the keys of one batch share their entry's position and
+    are released together); `token` is the event id a watcher resumes from
+    (`Core.watch_position(token)` maps it back to the position)."""
 
     position: int
     token: str

@@ -12,16 +12,22 @@ Owns:
   soon as the leader has it durably (its result cannot depend on the state then: CAS
   and preconditions always wait for the apply). Refused up front (503) when too few
   followers answer for the acks asked; 504 at the deadline (outcome unknown).
-- reads: `local` from this node's state; `leader` (linearizable) by ReadIndex — on a
-  follower, the leader is asked for a read index over the stream (ReadIndexRequest),
-  then the follower waits until it has applied that index; `after=TOKEN` waits until
-  this node has applied the token's position with the same term there.
+- reads and range scans: `local` from this node's state; `leader` (linearizable) by
+  ReadIndex — on a follower, the leader is asked for a read index over the stream
+  (ReadIndexRequest), then the follower waits until it has applied that index, and a
+  scan's page is then built at once from the local state (one log position: the
+  answer's token); `after=TOKEN` waits until this node has applied the token's position
+  with the same term there. A page costs O(limit log n) (storage/state.py `page`).
+- TTLs: the leader turns a write's `ttl_ms` into a deadline on its own clock, carried in
+  the command; reads and scans hide a key whose deadline has passed on this node's
+  clock; the leader proposes the deletes (replication/sl_expiry.py).
 - applying committed entries (only once they are durable here), undoing applied but
-  unsafe entries when a failover removes them (async acks), rollback rows for them.
+  unsafe entries when a failover removes them (async acks), rollback rows for them; the
+  change feed of applied entries, released once safe (replication/sl_feed.py).
 - snapshots of the state at min(applied, safe), installing a leader's snapshot.
 - status for /cluster and /metrics.
 
-Pure: imports kvstore.errors/ids/protocol/storage.state/cluster/replication.
+Pure: imports kvstore.errors/ids/protocol/storage.state/storage.keyspace/cluster/replication.
 """
 
 from __future__ import annotations
@@ -50,19 +56,25 @@ from kvstore.replication.core import (
     CoreEvent,
     CoreStatus,
     Outcome,
-    PeerStatus,
     Put,
     ReadRequest,
     ReadResult,
     Ready,
     RequestId,
     RollbackRow,
+    ScanItem,
+    ScanRequest,
+    ScanResult,
     WriteRequest,
     WriteResult,
 )
 from kvstore.replication.raft import Raft, RaftConfig, RaftReady
+from kvstore.replication.sl_expiry import ExpiryProposer
+from kvstore.replication.sl_feed import ChangeFeed, watch_position
+from kvstore.replication.sl_status import core_status
 from kvstore.replication.sl_wire import (
     ACK_RANK,
+    MAX_TTL_MS,
     outcome_from_plain,
     outcome_to_plain,
     parse_token,
@@ -71,14 +83,17 @@ from kvstore.replication.sl_wire import (
     write_from_plain,
     write_to_plain,
 )
+from kvstore.storage.keyspace import decode_cursor, encode_cursor
 from kvstore.storage.state import (
     EXPECT_EXISTS,
     EXPECT_NEVER,
     KVState,
+    RawChange,
     Result,
     encode_batch,
     encode_cas,
     encode_delete,
+    encode_expire,
     encode_put,
     parse_version,
     version_str,
@@ -107,12 +122,13 @@ class _Write:
 
 @dataclass(slots=True)
 class _Read:
-    req: ReadRequest
+    req: ReadRequest | ScanRequest
     deadline: int
     stage: str                   # "after" | "barrier" | "index" | "apply"
     after: tuple[int, int | None] | None
     linearizable: bool
     index: int = 0               # the read index to wait for (stage "apply")
+    scan_after: str | None = None   # a scan's decoded cursor: the page starts after this key
 
 
 @dataclass(slots=True)
@@ -134,8 +150,10 @@ class _Counters:
 class SingleLeaderCore:
     mode = MODE
 
-    def __init__(self, cfg: CoreConfig, raft: Raft, state: KVState) -> None:
+    def __init__(self, cfg: CoreConfig, raft: Raft, state: KVState,
+                 now_ms: Callable[[], int] = lambda: 0) -> None:
         self.cfg = cfg
+        self.now_ms = now_ms             # wall clock (ms): TTL deadlines, expiry
         self.id = cfg.node_id
         self.raft = raft
         self.state = state
@@ -159,6 +177,8 @@ class SingleLeaderCore:
         self._append_ticks: deque[tuple[int, int]] = deque(maxlen=200_000)
         self._seen = (raft.role, raft.leader_id, raft.term)
         self._snap_index = raft.snap_index
+        self.feed = ChangeFeed()
+        self.expirer = ExpiryProposer()
 
     # ---- inputs ------------------------------------------------------------------------
     def tick(self) -> None:
@@ -167,7 +187,9 @@ class SingleLeaderCore:
         if was_leader and self.raft.role != "leader":
             self._event("warning", f"stepping down: no contact with a majority for "
                                    f"{self.cfg.election_ticks * self.cfg.tick_ms} ms (check-quorum)")
-        self._expire()
+        self._check_deadlines()
+        if len(self.state.expiry) or len(self.expirer):    # stale queue entries are drained too
+            self._tick_expiry()
 
     def step(self, msg: Any) -> None:
         sender = getattr(msg, "sender", None)
@@ -211,23 +233,19 @@ class SingleLeaderCore:
         self.metrics.inc("kv_forwarded_total")
 
     def read(self, req: ReadRequest) -> ReadResult | KVError | None:
-        consistency = req.consistency or ("leader" if self.cfg.read_from == "leader" else "local")
-        if consistency not in ("leader", "local"):
-            return BadRequest(f"consistency must be leader or local (got {consistency!r})")
-        after = None
-        if req.after:
-            try:
-                after = parse_token(req.after)
-            except BadRequest as e:
-                return e
-        rd = _Read(req, self.raft.tick_now + (req.timeout_ticks or self.cfg.election_ticks), "after", after,
-                   consistency == "leader")
-        if not rd.linearizable and (after is None or self.has_position(*after)):
-            self.metrics.inc("kv_reads_total")
-            return self._answer_read(req.key)
-        self._reads[req.req] = rd
-        self._progress_read(rd)
-        return None
+        return self._begin_read(req, None)   # type: ignore[return-value]
+
+    def scan(self, req: ScanRequest) -> ScanResult | KVError | None:
+        if req.limit < 1:
+            return BadRequest(f"limit must be at least 1 (got {req.limit})")
+        try:
+            after_key = decode_cursor(req.cursor) if req.cursor else None
+        except BadRequest as e:
+            return e
+        return self._begin_read(req, after_key)   # type: ignore[return-value]
+
+    def watch_position(self, token: str) -> int:
+        return watch_position(token, self.raft)
 
     def cancel(self, req: RequestId) -> None:
         self._reads.pop(req, None)
@@ -240,6 +258,12 @@ class SingleLeaderCore:
     def _validate_write(self, req: WriteRequest) -> None:
         if not req.ops:
             raise BadRequest("a write needs at least one operation")
+        if req.ttl_ms is not None:
+            if type(req.ttl_ms) is not int or not 0 < req.ttl_ms <= MAX_TTL_MS:
+                raise BadRequest(f"ttl must be a positive number of milliseconds up to {MAX_TTL_MS} "
+                                 f"(got {req.ttl_ms!r})")
+            if not any(isinstance(o, Put) for o in req.ops):
+                raise BadRequest("a TTL applies to puts; this write has none")
         if req.precondition is not None and len(req.ops) != 1:
             raise BadRequest("preconditions (If-Match / If-None-Match) apply to one key, not a batch")
         if req.acks is not None and req.acks not in ACK_RANK:
@@ -262,9 +286,11 @@ class SingleLeaderCore:
         return 1 + min(self.cfg.sync_followers, self.n - 1)
 
     def _encode(self, req: WriteRequest) -> tuple[bytes, bool]:
-        """The command for `req` and whether its result depends on the state (CAS)."""
+        """The command for `req` and whether its result depends on the state (CAS). A TTL
+        becomes a deadline on this (the leader's) clock, the same on every replica."""
+        at = self.now_ms() + req.ttl_ms if req.ttl_ms is not None else None
         if len(req.ops) > 1:
-            return encode_batch([("put", o.key, o.value) if isinstance(o, Put) else ("delete", o.key)
+            return encode_batch([("put", o.key, o.value, at) if isinstance(o, Put) else ("delete", o.key)
                                  for o in req.ops], req.rid), False
         op = req.ops[0]
         value = op.value if isinstance(op, Put) else None
@@ -281,9 +307,12 @@ class SingleLeaderCore:
                     expected = EXPECT_NEVER   # names no version a key can have: a mismatch
                 if expected == 0:
                     expected = EXPECT_NEVER
-            return encode_cas(op.key, expected, value, req.rid), True
+            # A key with a TTL may have expired by now: the command says when "now" is, so
+            # that every replica decides the precondition as reads answer (absent).
+            now = self.now_ms() if at is not None or op.key in self.state.expires else None
+            return encode_cas(op.key, expected, value, req.rid, at, now), True
         if isinstance(op, Put):
-            return encode_put(op.key, op.value, req.rid), False
+            return encode_put(op.key, op.value, req.rid, at), False
         return encode_delete(op.key, req.rid), False
 
     def _leader_propose(self, origin: NodeId, req: WriteRequest) -> WriteResult | KVError | None:
@@ -371,12 +400,40 @@ class SingleLeaderCore:
     def token_reached(self, token: str) -> bool:
         return self.has_position(*parse_token(token))
 
-    def _answer_read(self, key: str) -> ReadResult:
-        item = self.state.get(key)
-        token = position_token(self.state.applied_term, self.state.applied_index)
+    def _serve(self, rd: _Read) -> ReadResult | ScanResult:
+        """The answer from this node's state now (every stage passed)."""
+        state = self.state
+        token = position_token(state.applied_term, state.applied_index)
+        now = self.now_ms()
+        req = rd.req
+        if isinstance(req, ScanRequest):
+            self.metrics.inc("kv_scans_total")
+            rows, nxt = state.page(req.start, req.end, rd.scan_after, req.limit, req.keys_only, now)
+            return ScanResult(tuple(ScanItem(k, v, version_str(ver), ttl) for k, v, ver, ttl in rows),
+                              None if nxt is None else encode_cursor(nxt), token)
+        self.metrics.inc("kv_reads_total")
+        item = state.get_live(req.key, now)
         if item is None:
-            return ReadResult(key, None, None, token)
-        return ReadResult(key, item[0], version_str(item[1]), token)
+            return ReadResult(req.key, None, None, token)
+        return ReadResult(req.key, item[0], version_str(item[1]), token, ttl_ms=item[2])
+
+    def _begin_read(self, req: ReadRequest | ScanRequest, scan_after: str | None) -> Outcome | None:
+        consistency = req.consistency or ("leader" if self.cfg.read_from == "leader" else "local")
+        if consistency not in ("leader", "local"):
+            return BadRequest(f"consistency must be leader or local (got {consistency!r})")
+        after = None
+        if req.after:
+            try:
+                after = parse_token(req.after)
+            except BadRequest as e:
+                return e
+        rd = _Read(req, self.raft.tick_now + (req.timeout_ticks or self.cfg.election_ticks), "after", after,
+                   consistency == "leader", scan_after=scan_after)
+        if not rd.linearizable and (after is None or self.has_position(*after)):
+            return self._serve(rd)
+        self._reads[req.req] = rd
+        self._progress_read(rd)
+        return None
 
     def _progress_read(self, rd: _Read) -> None:
         """Move a held read through its stages: after -> barrier -> apply -> answer."""
@@ -407,8 +464,7 @@ class SingleLeaderCore:
 
     def _finish_read(self, rd: _Read) -> None:
         self._reads.pop(rd.req.req, None)
-        self.metrics.inc("kv_reads_total")
-        self._results.append((rd.req.req, self._answer_read(rd.req.key)))
+        self._results.append((rd.req.req, self._serve(rd)))
 
     def _fail_read(self, rd: _Read, err: KVError) -> None:
         self._reads.pop(rd.req.req, None)
@@ -458,8 +514,19 @@ class SingleLeaderCore:
             self._out.append(Envelope(asker, ReadIndexResponse(self.raft.term, self.id, req, ok,
                                                                LogIndex(index or 0))))
 
+    # ---- TTLs ----------------------------------------------------------------------------
+    def _tick_expiry(self) -> None:
+        """Only the leader deletes expired keys, through the log (sl_expiry.py)."""
+        raft = self.raft
+        leader = raft.role == "leader" and raft.transfer_to is None
+        keys = self.expirer.take(self.state, self.now_ms(), leader)
+        if keys:
+            (index,) = raft.propose([encode_expire(keys)])
+            self._append_ticks.append((index, raft.tick_now))
+            self.metrics.inc("kv_expiries_proposed_total", len(keys))
+
     # ---- deadlines -------------------------------------------------------------------
-    def _expire(self) -> None:
+    def _check_deadlines(self) -> None:
         now = self.raft.tick_now
         for w in [w for w in self._writes.values() if w.deadline <= now and not w.early]:
             del self._writes[w.index]
@@ -497,7 +564,8 @@ class SingleLeaderCore:
 
     # ---- Ready -------------------------------------------------------------------------
     def has_ready(self) -> bool:
-        return bool(self._results or self._out or self._events or self._rollback or self.raft.has_ready())
+        return bool(self._results or self._out or self._events or self._rollback or self.raft.has_ready()
+                    or self.feed.releasable(self.raft.safe))
 
     def ready(self) -> Ready:
         raft = self.raft
@@ -513,6 +581,13 @@ class SingleLeaderCore:
         self._apply_later = rrd.committed[len(apply_now):]
         if apply_now:
             self._apply(apply_now, rrd.safe)
+        # Before releasing against the new safe index: changes of entries this Ready undoes
+        # (advance() rolls the state back) or replaces (a snapshot) must never go out.
+        if rrd.rollback_from is not None:
+            self.feed.undone_from(rrd.rollback_from)
+        if rrd.install is not None:
+            self.feed.reset()      # the state jumps: the shell restarts its feed at the install
+        self.feed.release(raft.safe)
         for rid, index in rrd.read_states:
             self._raft_read_done(rid, index)
         for rid in rrd.reads_failed:
@@ -524,7 +599,7 @@ class SingleLeaderCore:
         rollback, self._rollback = tuple(self._rollback), []
         return Ready(hard_state=rrd.hard_state, entries=rrd.entries, early_outbox=rrd.early_outbox,
                      outbox=rrd.outbox + out, early_results=results, install=rrd.install, rollback=rollback,
-                     events=events)
+                     events=events, changes=self.feed.take())
 
     def advance(self, rd: Ready) -> None:
         raft = self.raft
@@ -543,6 +618,7 @@ class SingleLeaderCore:
             self._apply(later, rrd.safe)
         self.state.forget_undo(rrd.safe)
         raft.advance(rrd)
+        self.feed.release(raft.safe)
         self._after_advance()
         self._note_role()
 
@@ -550,10 +626,16 @@ class SingleLeaderCore:
     def _apply(self, entries: tuple[Entry, ...], safe: int) -> None:
         state = self.state
         writes = self._writes
+        raw: list[RawChange] = []
         for e in entries:
             if e.index <= state.applied_index:
                 continue    # an install already covered it
-            res = state.apply(e, record_undo=e.index > safe)
+            res = state.apply(e, record_undo=e.index > safe, changes=raw)
+            if raw:
+                self.feed.applied(e, raw)
+                if raw[0][0] == "expire":
+                    self.metrics.inc("kv_keys_expired_total", len(raw))
+                raw.clear()
             w = writes.pop(e.index, None) if writes else None
             if w is None:
                 continue
@@ -627,6 +709,7 @@ class SingleLeaderCore:
             self._event("warning", f"became leader for term {raft.term} (last index {raft.last_index})",
                         "kv_leader_elections_won_total")
             self._append_ticks.clear()
+            self.expirer.lead()     # what it parked as a follower (or proposed in a lost term) is due
         elif prev_role == "leader":
             self._event("warning", f"no longer leader (term {raft.term}, leader {raft.leader_id})")
         elif raft.leader_id != prev_leader and raft.leader_id is not None:
@@ -668,10 +751,13 @@ class SingleLeaderCore:
         term = raft.term_at(at)
         if term is None:
             return None
-        data, dedup = self.state.snapshot_view(at, term)
-        rows = ((k, v, ver) for k, (v, ver) in data.items())   # a copy nobody changes: read on a disk thread
+        data, dedup, expires = self.state.snapshot_parts(at, term)
+        # copies nobody changes: read on a disk thread. "ttl" [key, expires_at_ms] names only
+        # the keys with a TTL, so images without TTLs cost nothing more to write or load.
+        rows = ((k, v, ver) for k, (v, ver) in data.items())
+        ttl = ((k, t) for k, t in expires.items())
         starts = [list(t) for t in raft.term_starts if t[1] <= at]
-        return SnapshotImage(MODE, at, term, {"kv": rows, "dedup": dedup}, {"term_starts": starts})
+        return SnapshotImage(MODE, at, term, {"kv": rows, "dedup": dedup, "ttl": ttl}, {"term_starts": starts})
 
     def compacted(self, index: LogIndex, term: Term) -> None:
         if index > self._snap_index:
@@ -680,60 +766,15 @@ class SingleLeaderCore:
 
     def installed(self, image: SnapshotImage) -> None:
         invariant(image.index == self.raft.snap_index, "installed snapshot is not the one the core accepted")
-        self.state.load(image.index, image.term, {k: (v, ver) for k, v, ver in image.sections.get("kv", ())},
-                        list(image.sections.get("dedup", ())))
+        self.state.load_sections(image.index, image.term, image.sections)
         self._snap_index = image.index
         for rd in list(self._reads.values()):
             self._progress_read(rd)
 
     # ---- status --------------------------------------------------------------------------
-    def _lag_ticks(self, match: int) -> int:
-        raft = self.raft
-        if match >= raft.last_index:
-            return 0
-        for idx, t in self._append_ticks:
-            if idx > match:
-                return raft.tick_now - t
-        return 0
-
     def status(self) -> CoreStatus:
-        raft = self.raft
-        now = raft.tick_now
-        nodes = []
-        for nid in self.cfg.nodes:
-            if nid == self.id:
-                lag = 0 if raft.role == "leader" else max(0, raft.commit - self.state.applied_index)
-                nodes.append(PeerStatus(nid, raft.role, "up", lag, 0 if lag == 0 else None))
-                continue
-            role = "leader" if nid == raft.leader_id else "follower"
-            state = self.fd.state(nid, now)
-            lag_e: int | None = None
-            lag_t: int | None = None
-            if raft.role == "leader":
-                pr = raft.progress[nid]
-                age = now - pr.last_ack_tick
-                state = "up" if age < self.cfg.election_ticks else "suspect" if age < 3 * self.cfg.election_ticks \
-                    else "down"
-                lag_e = max(0, raft.last_index - pr.match)
-                lag_t = self._lag_ticks(pr.match)
-            elif nid == raft.leader_id:
-                lag_e, lag_t = 0, 0
-            nodes.append(PeerStatus(nid, role, state, lag_e, lag_t))
-        st = self.state
-        extra = {"commit": raft.commit, "safe": raft.safe, "last_index": raft.last_index,
-                 "election_quorum": raft.qe, "acks": self.cfg.acks}
-        counters = dict(self.metrics.c)
-        counters["kv_elections_total"] = float(raft.stats_elections)
-        counters["kv_leader_changes_total"] = float(raft.stats_leader_changes)
-        gauges = {"kv_term": float(raft.term), "kv_is_leader": 1.0 if raft.role == "leader" else 0.0,
-                  "kv_applied_index": float(st.applied_index), "kv_commit_index": float(raft.commit),
-                  "kv_last_index": float(raft.last_index), "kv_keys": float(len(st)),
-                  "kv_undo_records": float(st.undo_depth),
-                  # writes a failover could still remove (not yet on the quorum every election meets)
-                  "kv_writes_at_risk": float(max(0, raft.last_index - raft.safe)) if raft.role == "leader" else 0.0}
-        return CoreStatus(MODE, raft.role, raft.term, raft.leader_id, st.applied_index,
-                          position_token(st.applied_term, st.applied_index), len(st), tuple(nodes), extra,
-                          counters, gauges)
+        return core_status(MODE, self.cfg, self.raft, self.state, self.fd, self.metrics.c, self._append_ticks,
+                           self.feed.pending)
 
 
 def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState, image: SnapshotImage | None,
@@ -746,8 +787,7 @@ def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState,
     starts: list[tuple[int, int]] = []
     if image is not None:
         invariant(image.mode == MODE, f"a {image.mode} snapshot in a single-leader node")
-        state.load(image.index, image.term, {k: (v, ver) for k, v, ver in image.sections.get("kv", ())},
-                   list(image.sections.get("dedup", ())))
+        state.load_sections(image.index, image.term, image.sections)
         snap_index, snap_term = image.index, image.term
         starts = [(int(t), int(i)) for t, i in image.meta.get("term_starts", [])]
     fd = config.failure_detector
@@ -757,7 +797,7 @@ def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState,
         jitter_ticks=max(1, (fd.timeout_ms // 4) // cfg.tick_ms),
         keep_tail_entries=config.storage.keep_log_entries)
     raft = Raft(rcfg, hard_state, list(entries), snap_index, snap_term, state.applied_index, rng, starts)
-    return SingleLeaderCore(cfg, raft, state)
+    return SingleLeaderCore(cfg, raft, state, now_ms)
 
 
 __all__ = ["MODE", "SingleLeaderCore", "build_core", "parse_token", "position_token"]

@@ -1,6 +1,7 @@
 """The single-leader core's values on the wire and on disk, as plain msgpack-able lists:
-a forwarded write and its answer (ForwardRequest.write / ForwardResponse.outcome), the
-KV-Token "TERM.INDEX", and the rollback rows of entries a failover removed.
+a forwarded write (with its TTL) and its answer (ForwardRequest.write /
+ForwardResponse.outcome), the KV-Token "TERM.INDEX", and the rollback rows of entries a
+failover removed.
 
 Every decoder treats its input as a peer's, never trusted: anything malformed is a
 BadRequest (or, for an answer, an indeterminate Timeout), never a crash.
@@ -16,7 +17,16 @@ from kvstore.errors import BadRequest, KVError, NotLeader, Timeout, Unavailable,
 from kvstore.ids import NodeId
 from kvstore.protocol.messages import Entry
 from kvstore.replication.core import Delete, Precondition, Put, RequestId, RollbackRow, WriteRequest, WriteResult
-from kvstore.storage.state import decode_command, version_str
+from kvstore.storage.state import (
+    OP_BATCH,
+    OP_CAS,
+    OP_CAS_AT,
+    OP_DELETE,
+    OP_PUT,
+    OP_PUT_TTL,
+    decode_command,
+    version_str,
+)
 
 ACK_RANK = {"async": 0, "semi-sync": 1, "sync": 2}
 _ERRORS: dict[str, type[KVError]] = {c.code: c for c in (BadRequest, VersionMismatch, Unavailable, Timeout)}
@@ -36,16 +46,27 @@ def parse_token(token: str) -> tuple[int, int | None]:
 
 
 # ---- write requests on the wire (follower -> leader) -----------------------------------
+# [ops, acks, precondition, rid] or, with a TTL, [ops, acks, precondition, rid, ttl_ms]: the
+# follower forwards the relative TTL; the leader turns it into a deadline on its own clock.
+MAX_TTL_MS = 10 ** 13          # ~317 years: beyond this a TTL is a client's mistake
+
+
 def write_to_plain(req: WriteRequest) -> list[Any]:
     ops = [[1, o.key, o.value] if isinstance(o, Put) else [2, o.key] for o in req.ops]
     pre = None if req.precondition is None else [req.precondition.if_match, req.precondition.if_none_match]
-    return [ops, req.acks, pre, req.rid]
+    if req.ttl_ms is None:
+        return [ops, req.acks, pre, req.rid]
+    return [ops, req.acks, pre, req.rid, req.ttl_ms]
 
 
 def write_from_plain(req: RequestId, obj: Any) -> WriteRequest:
     """Decode a forwarded write; BadRequest on anything malformed (a peer's bug, never ours to crash on)."""
     try:
-        ops_p, acks, pre, rid = obj
+        if len(obj) == 5:
+            ops_p, acks, pre, rid, ttl_ms = obj
+        else:
+            ops_p, acks, pre, rid = obj
+            ttl_ms = None
         ops: list[Put | Delete] = []
         for o in ops_p:
             if o[0] == 1 and isinstance(o[1], str) and isinstance(o[2], bytes) and len(o) == 3:
@@ -64,11 +85,13 @@ def write_from_plain(req: RequestId, obj: Any) -> WriteRequest:
             precondition = Precondition(pre[0], pre[1])
         if rid is not None and not isinstance(rid, str):
             raise ValueError(rid)
+        if ttl_ms is not None and (type(ttl_ms) is not int or not 0 < ttl_ms <= MAX_TTL_MS):
+            raise ValueError(ttl_ms)
     except (ValueError, TypeError, IndexError) as e:
         raise BadRequest(f"malformed forwarded write: {e!r:.80}") from None
     if not ops:
         raise BadRequest("malformed forwarded write: no ops")
-    return WriteRequest(req, tuple(ops), acks, precondition, None, rid)
+    return WriteRequest(req, tuple(ops), acks, precondition, None, rid, ttl_ms=ttl_ms)
 
 
 def outcome_to_plain(o: WriteResult | KVError) -> list[Any]:
@@ -95,6 +118,9 @@ def outcome_from_plain(obj: Any, leader: NodeId, key: str | None) -> WriteResult
 
 
 def rollback_rows(truncated: Sequence[Entry]) -> list[RollbackRow]:
+    """The client writes among `truncated` (a TTL put is a put like any other; expire
+    entries are the leader's housekeeping, not writes: a later leader expires the key
+    again, so they leave no row)."""
     rows: list[RollbackRow] = []
     for e in truncated:
         cmd = decode_command(e.data)
@@ -102,18 +128,19 @@ def rollback_rows(truncated: Sequence[Entry]) -> list[RollbackRow]:
             continue
         ver = version_str((e.term << 40) | e.index)
         op = cmd[0]
-        if op == 1:
+        if op == OP_PUT or op == OP_PUT_TTL:
             rows.append(RollbackRow(cmd[1], cmd[2], ver, e.term, e.index, "put"))
-        elif op == 2:
+        elif op == OP_DELETE:
             rows.append(RollbackRow(cmd[1], None, ver, e.term, e.index, "delete"))
-        elif op == 3:
+        elif op == OP_CAS or op == OP_CAS_AT:
             rows.append(RollbackRow(cmd[1], cmd[3], ver, e.term, e.index, "cas"))
-        elif op == 4:
+        elif op == OP_BATCH:
             for sub in cmd[1]:
-                rows.append(RollbackRow(sub[1], sub[2] if sub[0] == 1 else None, ver, e.term, e.index,
-                                        "put" if sub[0] == 1 else "delete"))
+                put = sub[0] != OP_DELETE
+                rows.append(RollbackRow(sub[1], sub[2] if put else None, ver, e.term, e.index,
+                                        "put" if put else "delete"))
     return rows
 
 
-__all__ = ["ACK_RANK", "outcome_from_plain", "outcome_to_plain", "parse_token", "position_token", "rollback_rows",
+__all__ = ["ACK_RANK", "MAX_TTL_MS", "outcome_from_plain", "outcome_to_plain", "parse_token", "position_token", "rollback_rows",
            "write_from_plain", "write_to_plain"]

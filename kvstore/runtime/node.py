@@ -252,6 +252,9 @@ class Node:
             image = await log_.install(m.data, m.index, m.snap_term)
             core.installed(image)
             self._since_snapshot = 0
+            # the state jumped to the leader's snapshot: no change before it can be replayed
+            self.hub.floor = max(self.hub.floor, m.index)
+            self.hub.close_all("this node installed a snapshot from the leader; resume the watch")
             log.warning("installed snapshot from %s at index %d", m.sender, m.index)
         if rd.early_outbox:
             self._send(rd.early_outbox)
