@@ -17,6 +17,9 @@ message it cannot read, so a malformed peer never crashes a node.
                                  the answer lists the leaves of the differing ones
   LLAESync / LLAESyncAnswer      anti-entropy: the containers of differing leaves both
                                  ways (the receiver merges, then answers its own)
+  LLScan / LLScanAnswer          a range scan: the first `limit` keys a replica holds in
+                                 [start, end) after `after` (store and hints, tombstones
+                                 included), with their containers; `more`: it holds more
 
 Pure: imports dataclasses, typing, kvstore.ids and kvstore.protocol.wire.
 """
@@ -47,6 +50,8 @@ __all__ = [
     "LLAERootsAnswer",
     "LLAESync",
     "LLAESyncAnswer",
+    "LLScan",
+    "LLScanAnswer",
     "LLMessage",
     "CoordStatus",
 ]
@@ -77,13 +82,15 @@ class LLKeyed:
 @dataclass(frozen=True, slots=True)
 class LLCoordItem:
     """A forwarded client write. `value` None: a delete. `context`: the client's
-    KV-Context; `rid`: its KV-Request-Id (retries apply once at one coordinator)."""
+    KV-Context; `rid`: its KV-Request-Id (retries apply once at one coordinator);
+    `ttl_ms`: a put's lifetime (the owner fixes the absolute expiry with its clock)."""
 
     req: int
     key: str
     value: bytes | None
     context: str | None
     rid: str | None
+    ttl_ms: int | None = None
 
 
 @struct
@@ -219,5 +226,34 @@ class LLAESyncAnswer:
     parts: tuple[LLAEPart, ...]
 
 
+@wire(52)
+@dataclass(frozen=True, slots=True)
+class LLScan:
+    """List the keys k with start <= k < end (end None: no bound) and k > after (None:
+    from start), at most `limit` of them. `keys_only`: the containers may travel with
+    their values emptied (liveness, versions and expiries kept)."""
+
+    sender: NodeId
+    req: int
+    start: str
+    end: str | None
+    after: str | None
+    limit: int
+    keys_only: bool
+
+
+@wire(53)
+@dataclass(frozen=True, slots=True)
+class LLScanAnswer:
+    """The keys in key order with their containers (store merged with hints, sent once
+    durable); `more`: the replica holds keys past the last one listed (the listing
+    stopped at the limit or the byte cap)."""
+
+    sender: NodeId
+    req: int
+    items: tuple[LLKeyed, ...]
+    more: bool
+
+
 LLMessage = (LLPing | LLPong | LLReplicate | LLReplicateAck | LLRead | LLReadAnswer | LLCoord | LLCoordAnswer
-             | LLAERoots | LLAERootsAnswer | LLAESync | LLAESyncAnswer)
+             | LLAERoots | LLAERootsAnswer | LLAESync | LLAESyncAnswer | LLScan | LLScanAnswer)

@@ -2,8 +2,9 @@
 `build_core`, is the whole protocol of the mode behind kvstore/replication/core.py's
 `Core` contract. Its parts: ll_replica.py (the replica state and the pure decisions,
 re-exported here), ll_effects.py (what the next Ready carries, requests in flight),
-ll_background.py (liveness, hinted handoff, anti-entropy), protocol/leaderless.py
-(the messages).
+ll_background.py (liveness, hinted handoff, anti-entropy, expiry), ll_scan.py (range
+scans: the coordinator's merge and its guarantee), protocol/leaderless.py (the
+messages).
 
 Owns:
 - writes: a non-owner forwards to the key's first up owner (`LLCoord`), the next one
@@ -13,6 +14,17 @@ Owns:
   KV-Request-Id retries apply once per coordinator (remembered durably, bounded).
 - reads: R answers merged (`LLRead`), read repair of the stale ones afterwards; a
   read `after` a token of the same key waits for a replica that has that version.
+- TTLs: a put's `ttl_ms` becomes its version's absolute expiry (the coordinator's
+  hybrid clock time + ttl); reads and scans never show a version whose expiry is at or
+  before this node's now (hidden before its tombstone lands), and answer the time
+  left (`ttl_ms`); the tombstones: ll_background.Expiry.
+- the change feed (`Ready.changes`): every record this node applies to its own store
+  that changes what a local reader sees (a coordinated write, an expiry tombstone, a
+  replicated / repaired / handed-off / anti-entropy merge) is one `Change` named by
+  the record's WAL index: position = index, token = "<node id>.<index>" (this node's
+  history only: `watch_position` refuses another node's). Hints held for other owners,
+  merges that change nothing a reader sees, and tombstone purges are not changes.
+  Type: the newest version the record adds decides (ll_replica.change_of).
 - the replica side of every request, recovery, snapshots, status.
 
 Durability (the shell sends `outbox` and answers `results` only after `entries` are
@@ -42,26 +54,26 @@ from kvstore.errors import BadRequest, CorruptionError, KVError, Timeout, Unavai
 from kvstore.ids import LogIndex, NodeId, Term
 from kvstore.protocol.leaderless import (
     LLAERoots, LLAERootsAnswer, LLAESync, LLAESyncAnswer, LLCoord, LLCoordAnswer, LLCoordItem, LLMessage,
-    LLPing, LLPong, LLRead, LLReadAnswer, LLReplicate, LLReplicateAck,
+    LLPing, LLPong, LLRead, LLReadAnswer, LLReplicate, LLReplicateAck, LLScan, LLScanAnswer,
 )
 from kvstore.protocol.messages import Entry, HardState, SnapshotImage
 from kvstore.protocol.wire import Plain
 from kvstore.replication.core import (
-    CoreConfig, CoreStatus, PeerStatus, ReadRequest, ReadResult, Ready, RequestId, Version, WriteRequest,
-    WriteResult,
+    CoreConfig, CoreStatus, PeerStatus, ReadRequest, ReadResult, Ready, RequestId, ScanRequest, ScanResult,
+    WriteRequest, WriteResult,
 )
-from kvstore.replication.ll_background import AntiEntropy, HintHandoff, Liveness
+from kvstore.replication.ll_background import EXPIRY_RETRY_MS, AntiEntropy, Expiry, HintHandoff, Liveness
 from kvstore.replication.ll_effects import (
-    COUNTERS, ClientOrigin, Dedup, Effects, ForHint, Forward, ForWrite, LeaderlessSettings, Origin, Parked,
-    PeerOrigin, Purpose, ReadOp, ReadSpec, RepWait, Write, WriteOp, bounded_put, coord_outcome, no_quorum,
-    no_version, rebuild_error, write_of,
+    COUNTERS, ClientOrigin, Dedup, Effects, ExpiryOrigin, ForHint, Forward, ForWrite, LeaderlessSettings, Origin,
+    Parked, PeerOrigin, Purpose, RepWait, Write, WriteOp, bounded_put, coord_outcome, rebuild_error, write_of,
 )
 from kvstore.replication.ll_replica import *  # noqa: F403  (the pure pieces, re-exported)
 from kvstore.replication.ll_replica import (
-    NULL_TOKEN, REC_WRITE, ReadQuorum, Replica, WriteQuorum, check_read_quorum, coordinators, decode_record,
-    key_hash, key_placement, make_token, parse_context, parse_token, plan_write, read_targets, render,
-    ring_layout,
+    NULL_TOKEN, REC_WRITE, Replica, WritePlan, WriteQuorum, change_of, coordinators, decode_record, key_hash,
+    key_placement, make_token, parse_context, parse_token, plan_write, ring_layout,
 )
+from kvstore.replication.ll_reads import Reads
+from kvstore.replication.ll_scan import Scans
 from kvstore.replication.ll_replica import __all__ as _replica_all
 from kvstore.replication.quorum import Outcome, Reply, failure_error
 from kvstore.replication.versions import (
@@ -117,11 +129,21 @@ class LeaderlessCore:
         self.ae = AntiEntropy(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms, self._merge,
                               interval_ticks=self._ticks(settings.anti_entropy_interval_ms),
                               tombstone_gc_ms=settings.tombstone_gc_ms)
+        self.expiry = Expiry(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms,
+                             stamp=self.clock.now, plan=self._plan, write=self._write_expiry,
+                             retry_ticks=self._ticks(EXPIRY_RETRY_MS))
+        self.scans = Scans(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms,
+                           lambda until, req, retry: self._park(until, None, req, retry), self._observe,
+                           lww=self.lww, sloppy=settings.sloppy_quorum, default_r=settings.r,
+                           timeout_ticks=cfg.write_timeout_ticks)
+        self.reads = Reads(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms,
+                           after=self._after, park=self._park, observe=self._observe, merge=self._merge,
+                           local_answer=self._local_answer, lww=self.lww, sloppy=settings.sloppy_quorum,
+                           default_r=settings.r, timeout_ticks=cfg.write_timeout_ticks)
         self._probe_ticks = max(1, min(self._ticks(PROBE_MS), cfg.election_ticks))
         self._dedup: OrderedDict[str, Dedup] = OrderedDict()
         self._coord_seen: OrderedDict[PeerOrigin, None] = OrderedDict()   # forwards taken (duplicates)
         self._writes: dict[int, WriteOp] = {}
-        self._reads: dict[int, ReadOp] = {}
         self._forwards: dict[int, Forward] = {}
         self._parked: dict[int, Parked] = {}
 
@@ -208,6 +230,8 @@ class LeaderlessCore:
             self.handoff.run()
         if self.ae.due():
             self.ae.run()
+        if self.expiry.due():
+            self.expiry.run()
 
     # ---- liveness -----------------------------------------------------------------------
     def is_up(self, peer: NodeId) -> bool:
@@ -222,13 +246,12 @@ class LeaderlessCore:
         fx = self.fx
         for req in [r for r, w in fx.rep_waits.items() if w.peer == peer]:
             self._replicate_failed(fx.rep_waits.pop(req), Reply.FAIL, f"{peer} is unreachable")
-        for req in [r for r, w in fx.read_waits.items() if w.peer == peer]:
-            for op_id in fx.read_waits.pop(req).ops:
-                self._read_reply(op_id, peer, None, Reply.FAIL)
+        self.reads.lost(peer)
         for fw in [f for f in self._forwards.values() if f.waiting_on == peer]:
             fw.waiting_on = None
             self._route(fw, None)
         self.ae.lost(peer, f"{peer} is unreachable")
+        self.scans.lost(peer)
 
     def _heard(self, peer: NodeId) -> None:
         """Any message from `peer`. Back from down: hand off its hints, run anti-entropy
@@ -239,13 +262,14 @@ class LeaderlessCore:
             for p in parked.values():
                 p.retry(p.until)
 
-    def _park(self, until: int | None, key: str, req: RequestId | None, retry: Callable[[int], None]) -> bool:
-        """Before refusing for want of replicas, ping the key's owners believed down and
-        wait up to PROBE_MS for one to answer (a node that just started, a view that
-        lags): `retry(until)` runs when any peer comes up, and once at `until`. False:
-        nothing to wait for (refuse now)."""
+    def _park(self, until: int | None, key: str | None, req: RequestId | None, retry: Callable[[int], None]) -> bool:
+        """Before refusing for want of replicas, ping the key's owners (key None: every
+        peer) believed down and wait up to PROBE_MS for one to answer (a node that just
+        started, a view that lags): `retry(until)` runs when any peer comes up, and once
+        at `until`. False: nothing to wait for (refuse now)."""
         if until is None:
-            down = [o for o in self.ring.preference_list(key, self.s.n) if not self.is_up(o)]
+            down = [o for o in (self.peers if key is None else self.ring.preference_list(key, self.s.n))
+                    if not self.is_up(o)]
             if not down:
                 return False
             for o in down:
@@ -286,7 +310,7 @@ class LeaderlessCore:
                     self.fx.send(m.sender, LLReadAnswer(self.id, m.req, tuple(
                         Plain(None if (c := self._local_answer(k)) is None else c.to_plain()) for k in m.keys)))
                 case LLReadAnswer():
-                    self._on_read_answer(m)
+                    self.reads.on_answer(m)
                 case LLCoord():
                     for item in m.items:
                         self._on_coord(m.sender, item)
@@ -298,6 +322,10 @@ class LeaderlessCore:
                     self.ae.on_sync(m)
                 case LLAERootsAnswer() | LLAESyncAnswer():
                     self.ae.on_answer(m)
+                case LLScan():
+                    self.scans.on_scan(m)
+                case LLScanAnswer():
+                    self.scans.on_answer(m)
                 case _:
                     assert_never(m)
         except BadRequest as e:
@@ -318,10 +346,19 @@ class LeaderlessCore:
         """Merge a peer's container into the store (durable with the next Ready);
         1 if it changed anything."""
         self._observe(c)
+        old = self.replica.store.get(key)
         rec = self.replica.merge(key, c)
         if rec is not None:
-            self.fx.persist(rec, key)
+            self._persist(key, old, rec)
         return 0 if rec is None else 1
+
+    def _persist(self, key: str, old: DVVSet | None, rec: list[Any]) -> None:
+        """Persist a change of `key`'s container; a change a local reader sees is one
+        for watchers too, named by the record's index."""
+        self.fx.persist(rec, key)
+        change = change_of(old, self.replica.get(key), lww=self.lww, now_ms=self.now_ms())
+        if change is not None:
+            self.fx.change(change[0], key, change[1], change[2])
 
     def _local_answer(self, key: str) -> DVVSet | None:
         """What this replica answers a read with: its store merged with its hints."""
@@ -381,7 +418,7 @@ class LeaderlessCore:
             fw.waiting_on = cand
             fw.wait_until = self.now + w.timeout + self._probe_ticks + self.cfg.election_ticks
             self._forwards[fw.id] = fw
-            self.fx.forward(cand, LLCoordItem(fw.id, w.key, w.value, w.context_text, w.rid))
+            self.fx.forward(cand, LLCoordItem(fw.id, w.key, w.value, w.context_text, w.rid, w.ttl_ms))
             self.fx.at(fw.wait_until, lambda: self._forward_expired(fw.id, cand))
             return
         self._forwards.pop(fw.id, None)
@@ -412,11 +449,13 @@ class LeaderlessCore:
             ctx = parse_context(item.context)
             if self.id not in self.ring.preference_list(item.key, self.s.n):
                 raise BadRequest(f"{self.id} does not own {item.key!r}")
+            if item.ttl_ms is not None and item.ttl_ms < 1:
+                raise BadRequest(f"ttl must be a positive number of milliseconds (got {item.ttl_ms})")
         except BadRequest as e:
             self._answer(origin, item.key, None, e)
             return
         self._coordinate(Write(origin, item.key, item.value, ctx, item.context, item.rid,
-                               self.cfg.write_timeout_ticks), None)
+                               self.cfg.write_timeout_ticks, item.ttl_ms if item.value is not None else None), None)
 
     def _on_coord_answer(self, m: LLCoordAnswer) -> None:
         for out in m.items:
@@ -448,6 +487,9 @@ class LeaderlessCore:
                                                                 context=encode_vv(ctx))))
             case PeerOrigin():
                 self.fx.answer_forward(origin.peer, coord_outcome(origin.req, ok, err))
+            case ExpiryOrigin():
+                if err is not None:
+                    self.expiry.failed(key, origin.version)
             case _:
                 assert_never(origin)
 
@@ -466,7 +508,7 @@ class LeaderlessCore:
             self._answer(w.origin, w.key, (seen.version, seen.context), None)
             return
         try:
-            plan = plan_write(self.ring, w.key, self.s.n, self.s.w, self.id, self.is_up, sloppy=self.s.sloppy_quorum)
+            plan = self._plan(w.key)
         except Unavailable as e:
             if not self._park(until, w.key, w.req, lambda u: self._coordinate(w, u)):
                 self.fx.count("kv_writes_refused_total")
@@ -476,19 +518,38 @@ class LeaderlessCore:
             self.fx.count("kv_write_retries_deduplicated_total")
             container, version, ctx = self.replica.get(w.key), seen.version, seen.context
         else:
-            container, rec = self.replica.coordinate(w.key, w.value, w.context, self.clock.now())
+            old = self.replica.store.get(w.key)
+            ts = self.clock.now()
+            container, rec = self.replica.coordinate(w.key, w.value, w.context, ts,
+                                                     None if w.ttl_ms is None else ts.physical_ms + w.ttl_ms)
             version, ctx = encode_dot(Dot(self.id, container.context.get(self.id))), container.context
             if w.rid:
                 rec = [REC_WRITE, w.key, rec[2], w.rid]
                 self._remember(w.rid, w.key, version, ctx)
-            self.fx.persist(rec, w.key)
-        op = WriteOp(self.fx.next_id(), w.origin, w.key, container, version, ctx, WriteQuorum(plan),
-                     self.now + w.timeout, w.rid)
+            self._persist(w.key, old, rec)
+        self._drive(w.origin, w.key, container, version, ctx, plan, w.timeout, w.rid)
+
+    def _plan(self, key: str) -> WritePlan:
+        return plan_write(self.ring, key, self.s.n, self.s.w, self.id, self.is_up, sloppy=self.s.sloppy_quorum)
+
+    def _drive(self, origin: Origin | None, key: str, container: DVVSet, version: str, ctx: VersionVector,
+               plan: WritePlan, timeout: int, rid: str | None) -> None:
+        """Replicate `container` (this owner's, durable with this Ready) per `plan`;
+        answered at W acks, hints for the owners that miss it."""
+        op = WriteOp(self.fx.next_id(), origin, key, container, version, ctx, WriteQuorum(plan),
+                     self.now + timeout, rid)
         self._writes[op.id] = op
         self.fx.at(op.deadline, lambda: self._write_expired(op.id))
         for t in plan.targets:
-            self.fx.replicate(t.node, w.key, container, t.hint_for, ForWrite(op.id))
+            self.fx.replicate(t.node, key, container, t.hint_for, ForWrite(op.id))
         self._progress_write(op)
+
+    def _write_expiry(self, origin: ExpiryOrigin, key: str, old: DVVSet | None, rec: list[Any] | None,
+                      container: DVVSet, version: str, plan: WritePlan) -> None:
+        """An expiry tombstone (ll_background.Expiry): persisted, then driven to W."""
+        if rec is not None:
+            self._persist(key, old, rec)
+        self._drive(origin, key, container, version, container.context, plan, self.cfg.write_timeout_ticks, None)
 
     def _remember(self, rid: str, key: str, version: str, ctx: VersionVector) -> None:
         bounded_put(self._dedup, rid, Dedup(rid, key, version, ctx), REQUEST_IDS_MAX)
@@ -510,8 +571,7 @@ class LeaderlessCore:
         if there are none, wait (up to PROBE_MS) for a down owner to answer a ping.
         False: nothing more to try."""
         try:
-            fresh = plan_write(self.ring, op.key, self.s.n, self.s.w, self.id, self.is_up,
-                               sloppy=self.s.sloppy_quorum)
+            fresh = self._plan(op.key)
         except Unavailable:
             fresh = None
         more = op.quorum.untried(fresh) if fresh is not None else []
@@ -530,7 +590,7 @@ class LeaderlessCore:
 
     def _write_answered(self, op: WriteOp, err: KVError | None) -> None:
         op.answered = True
-        if err is not None:
+        if err is not None and not isinstance(op.origin, ExpiryOrigin):
             self.fx.count("kv_write_timeouts_total")
         elif op.rid is not None and (d := self._dedup.get(op.rid)) is not None and d.version == op.version:
             d.answered = True
@@ -596,24 +656,8 @@ class LeaderlessCore:
     # ---- reads ----------------------------------------------------------------------------
     def read(self, req: ReadRequest) -> ReadResult | KVError | None:
         """consistency local: this replica alone, now; None / quorum / leader: a quorum
-        read of r replicas (answered in a later Ready)."""
-        self.fx.count("kv_reads_total")
-        try:
-            if req.consistency not in (None, "", "local", "quorum", "leader"):
-                # "leader" (a single-leader client's default) is the strongest read there is here
-                raise BadRequest(f"consistency must be local (this replica alone), or quorum / omitted for "
-                                 f"a quorum read in leaderless mode (got {req.consistency!r})")
-            after = self._after(req.key, req.after)
-            if req.consistency == "local":
-                return self._local_read(req, after)
-            if req.r is not None and req.r < 1:
-                raise BadRequest(f"r={req.r}: a read needs at least one replica")
-            r = check_read_quorum(req.r, self.s.n, self.s.r)
-        except BadRequest as e:
-            return e
-        self._start_read(ReadSpec(req.req, req.key, r, after, req.timeout_ticks or self.cfg.write_timeout_ticks),
-                         None)
-        return None
+        read of r replicas (answered in a later Ready): ll_reads.py."""
+        return self.reads.read(req)
 
     def _after(self, key: str, token: str | None) -> VersionVector | None:
         """The context an `after` token requires of `key`'s answer. Tokens are per key:
@@ -631,127 +675,6 @@ class LeaderlessCore:
         parse_token(token)
         return True
 
-    def _local_read(self, req: ReadRequest, after: VersionVector | None) -> ReadResult | KVError | None:
-        c = self.replica.get(req.key)
-        if after is not None and not c.context.descends(after):
-            self.fx.count("kv_read_failures_total")
-            return Unavailable("this replica does not have the version the token names yet "
-                               "(consistency=local reads this replica alone)")
-        res = self._render(req.key, c)
-        if not self.fx.durable(req.key):
-            self.fx.results.append((req.req, res))   # shown only once durable: after the next flush
-            return None
-        return res
-
-    def _render(self, key: str, c: DVVSet) -> ReadResult:
-        view = render(c, lww=self.lww)
-        return ReadResult(key, view.value, view.version, make_token(key, c.context),
-                          tuple(Version(v, ver) for v, ver in view.siblings), view.context)
-
-    def _start_read(self, spec: ReadSpec, until: int | None) -> None:
-        targets = read_targets(self.ring, spec.key, self.s.n, self.id, self.is_up, sloppy=self.s.sloppy_quorum)
-        if len(targets) < spec.r:
-            if not self._park(until, spec.key, spec.req, lambda u: self._start_read(spec, u)):
-                self.fx.early_results.append((spec.req, Unavailable(
-                    f"read quorum unreachable: {len(targets)} replica(s) of {spec.key!r} up, r={spec.r} needed",
-                    acks=0, needed=spec.r, replicas=len(targets))))
-            return
-        op = ReadOp(self.fx.next_id(), spec.req, spec.key, ReadQuorum(targets, spec.r, self.lww), spec.after,
-                    self.now + spec.timeout)
-        self._reads[op.id] = op
-        self.fx.at(op.deadline, lambda: self._read_expired(op.id))
-        for node in targets:
-            if node != self.id:
-                self.fx.ask_read(node, spec.key, op.id)
-        if self.id in targets:
-            self._read_reply(op.id, self.id, self._local_answer(spec.key), Reply.ACK)
-        else:
-            self._progress_read(op)
-
-    def _on_read_answer(self, m: LLReadAnswer) -> None:
-        wait = self.fx.read_waits.pop(m.req, None)
-        if wait is None:
-            return
-        if wait.peer != m.sender:
-            self.fx.read_waits[m.req] = wait
-            return
-        if len(m.containers) != len(wait.ops):
-            for op_id in wait.ops:
-                self._read_reply(op_id, m.sender, None, Reply.FAIL)
-            raise BadRequest(f"{len(m.containers)} answers to {len(wait.ops)} keys")
-        bad: BadRequest | None = None
-        for op_id, plain in zip(wait.ops, m.containers):
-            try:
-                c = None if plain is None else DVVSet.from_plain(plain)
-            except BadRequest as e:
-                bad = e
-                self._read_reply(op_id, m.sender, None, Reply.FAIL)
-                continue
-            if c is not None:
-                self._observe(c)
-            self._read_reply(op_id, m.sender, c, Reply.ACK)
-        if bad is not None:
-            raise bad
-
-    def _read_reply(self, op_id: int, node: NodeId, c: DVVSet | None, reply: Reply) -> None:
-        op = self._reads.get(op_id)
-        if op is None or node in op.quorum.replies:
-            return
-        if reply is Reply.ACK:
-            op.quorum.on_answer(node, c)
-        else:
-            op.quorum.on_failure(node, reply)
-        self._progress_read(op)
-
-    def _progress_read(self, op: ReadOp) -> None:
-        """Answer once R replied with a merged container that has the token's version
-        (else wait for more replicas, up to every one asked); read repair once every
-        replica asked has replied."""
-        st = op.quorum.status()
-        if not op.answered and st.outcome is Outcome.SUCCESS:
-            merged = op.quorum.resolve().merged
-            if op.after is None or merged.context.descends(op.after):
-                op.answered = True
-                if op.req is not None:
-                    self.fx.results.append((op.req, self._render(op.key, merged)))
-            elif st.outstanding == 0:
-                self._read_failed(op, no_version(op))
-        elif not op.answered and st.outcome is Outcome.FAILURE:
-            self._read_failed(op, no_quorum(op))
-        if st.outstanding == 0:
-            self._finish_read(op)
-
-    def _read_failed(self, op: ReadOp, err: Unavailable) -> None:
-        op.answered = True
-        self.fx.count("kv_read_failures_total")
-        if op.req is not None:
-            self.fx.results.append((op.req, err))
-
-    def _read_expired(self, op_id: int) -> None:
-        op = self._reads.get(op_id)
-        if op is None:
-            return
-        if not op.answered:
-            quorum = op.quorum.status().outcome is Outcome.SUCCESS
-            self._read_failed(op, no_version(op) if quorum else no_quorum(op))
-        for node in op.quorum.targets:
-            if node not in op.quorum.replies:
-                op.quorum.on_failure(node, Reply.TIMEOUT)
-        self._finish_read(op)
-
-    def _finish_read(self, op: ReadOp) -> None:
-        """Read repair: the merged container to every replica that answered stale."""
-        del self._reads[op.id]
-        repairs = op.quorum.repairs()
-        self.fx.count("kv_read_repairs_total", len(repairs))
-        for node, (c, hint_for) in repairs.items():
-            if node != self.id:
-                self.fx.replicate(node, op.key, c, hint_for, None)
-            elif hint_for is None:
-                self._merge(op.key, c)
-            elif (rec := self.replica.add_hint(hint_for, op.key, c, self.now_ms())) is not None:
-                self.fx.persist(rec)
-
     def cancel(self, req: RequestId) -> None:
         """The client is gone: no answer; a write already coordinated still replicates
         (and a forwarded one may still be applied by its owner)."""
@@ -760,11 +683,24 @@ class LeaderlessCore:
                 op.origin = None
         for fid in [f for f, fw in self._forwards.items() if fw.write.req == req]:
             del self._forwards[fid]
-        for rop in self._reads.values():
-            if rop.req == req:
-                rop.req = None
+        self.reads.cancel(req)
         for pid in [p for p, parked in self._parked.items() if parked.req == req]:
             del self._parked[pid]
+        self.scans.cancel(req)
+
+    # ---- scans and watches ------------------------------------------------------------
+    def scan(self, req: ScanRequest) -> ScanResult | KVError | None:
+        """A range scan (ll_scan.py): local -> this replica's page now; else a page
+        merged from every up node, answered once R replicas of every key range did."""
+        return self.scans.scan(req)
+
+    def watch_position(self, token: str) -> int:
+        """A change token of this node ("<node id>.<WAL index>") -> its position."""
+        node, sep, idx = token.rpartition(".") if isinstance(token, str) else ("", "", "")
+        if not sep or node != self.id or not idx.isdigit() or len(idx) > 19:
+            raise BadRequest(f"watch token {str(token)[:80]!r} is not one of node {self.id}'s changes: resume a "
+                             f"watch on the node that gave the token, or start one without it")
+        return int(idx)
 
     # ---- observation ------------------------------------------------------------------
     def status(self) -> CoreStatus:
@@ -781,6 +717,7 @@ class LeaderlessCore:
                                     {"hints": len(hints), "partitions": len(self.ring.ranges_for(nid, self.s.n))}))
         ae = self.ae
         gauges = {"kv_keys": float(len(self.replica)), "kv_hints": float(self.replica.hint_count()),
+                  "kv_expiry_queue_entries": float(len(self.replica.expiry)),
                   "kv_ae_last_run_timestamp_seconds": ae.last_ok_s}
         gauges.update({f'kv_peer_up{{peer="{p}"}}': float(self.live.state(p) == "up") for p in self.peers})
         gauges.update({f'kv_ae_last_run_peer_timestamp_seconds{{peer="{p}"}}': t for p, t in ae.last_run.items()})

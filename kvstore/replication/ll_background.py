@@ -1,5 +1,5 @@
 """The leaderless core's background work, driven by ticks: liveness, hinted handoff
-(with the hint bounds) and Merkle anti-entropy (with tombstone GC). All are parts of
+(with the hint bounds), Merkle anti-entropy (with tombstone GC) and expiry (TTLs). All are parts of
 `LeaderlessCore` (kvstore/replication/leaderless.py); they share its `Replica` and its
 `Effects` (what the next Ready carries) and see liveness through `is_up`.
 
@@ -20,6 +20,16 @@ Owns:
   message, one message in flight); both sides merge. The replica side answers too.
   Durability: merged containers are records of the Ready whose outbox carries the
   answer (sync answers show our containers only once durable).
+- `Expiry`: the live versions whose expiry time has come (the replica's ExpiryQueue,
+  at most EXPIRE_BATCH per tick). The key's first up owner — the node that
+  coordinates its writes — coordinates the expiry tombstone (`Replica.expire`:
+  supersedes exactly that version, stamped by its hybrid clock) through the normal
+  write path (W acks, hints for the owners that miss it); a tombstone whose quorum
+  failed is driven again every EXPIRY_RETRY_MS while it is this replica's. The other
+  owners look again every EXPIRY_RETRY_MS, and write it themselves if they have
+  become the first up owner and the version is still there (two owners' tombstones
+  of one version are both tombstones: they converge). Reads and scans hide an expired
+  version before any tombstone lands.
 
 May import: the standard library, kvstore.ids/errors/protocol, kvstore.cluster.ring,
 kvstore.replication.{core, ll_replica, ll_effects, merkle, versions}. Pure: no I/O, no
@@ -29,6 +39,7 @@ asyncio, no time, no global random.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from kvstore.cluster.ring import Ring
 from kvstore.errors import BadRequest, invariant
@@ -38,16 +49,22 @@ from kvstore.protocol.leaderless import (
 )
 from kvstore.protocol.messages import Envelope
 from kvstore.protocol.wire import Plain
+from kvstore.errors import Unavailable
 from kvstore.replication.core import PeerState
-from kvstore.replication.ll_effects import BATCH_BYTES, AERound, Effects, ForHint, Handoff, PeerView
-from kvstore.replication.ll_replica import MERKLE_DEPTH, Replica, container_bytes, shared_partitions
+from kvstore.replication.ll_effects import BATCH_BYTES, AERound, Effects, ExpiryOrigin, ForHint, Handoff, PeerView
+from kvstore.replication.ll_replica import (
+    MERKLE_DEPTH, Replica, WritePlan, container_bytes, coordinators, shared_partitions,
+)
 from kvstore.replication.merkle import compare_level
-from kvstore.replication.versions import DVVSet
+from kvstore.replication.versions import DVVSet, Dot, HlcTimestamp, encode_dot
 
-__all__ = ["HINT_BATCH", "AE_SYNC_MAX_PARTS", "Liveness", "HintHandoff", "AntiEntropy"]
+__all__ = ["HINT_BATCH", "AE_SYNC_MAX_PARTS", "EXPIRE_BATCH", "EXPIRY_RETRY_MS", "Liveness", "HintHandoff",
+           "AntiEntropy", "Expiry"]
 
 HINT_BATCH = 256                 # hints per handoff batch
 AE_SYNC_MAX_PARTS = 64           # partitions per anti-entropy sync message
+EXPIRE_BATCH = 256               # expiry tombstones started per tick at most
+EXPIRY_RETRY_MS = 1000           # another look at a version another owner should expire / a failed quorum
 
 
 class Liveness:
@@ -324,3 +341,65 @@ class AntiEntropy:
             LLKeyed(k, Plain(c.to_plain())) for k, c in self.replica.keys_in(p.partition, p.buckets).items()))
             for p in m.parts)
         self.fx.send(m.sender, LLAESyncAnswer(self.me, m.req, True, "", parts))
+
+
+# (origin, key, old container or None, record or None, container, version, plan): the
+# core persists the record (with its change for watchers) and drives the write to W
+ExpiryWrite = Callable[[ExpiryOrigin, str, DVVSet | None, list[Any] | None, DVVSet, str, WritePlan], None]
+
+
+class Expiry:
+    """Versions whose TTL ran out: their tombstones (see the module doc)."""
+
+    def __init__(self, me: NodeId, ring: Ring, n: int, replica: Replica, fx: Effects,
+                 is_up: Callable[[NodeId], bool], now_ms: Callable[[], int], *, stamp: Callable[[], HlcTimestamp],
+                 plan: Callable[[str], WritePlan], write: ExpiryWrite, retry_ticks: int) -> None:
+        self.me, self.ring, self.n, self.replica, self.fx = me, ring, n, replica, fx
+        self.is_up, self.now_ms, self.stamp, self.plan, self.write = is_up, now_ms, stamp, plan, write
+        self.retry_ticks = retry_ticks
+
+    def due(self) -> bool:
+        at = self.replica.expiry.next_at()
+        return at is not None and at <= self.now_ms()
+
+    def run(self) -> None:
+        queue = self.replica.expiry
+        for eid, version, at in queue.due(self.now_ms(), self.replica.expiring, limit=EXPIRE_BATCH):
+            if not self._expire(eid.partition("\0")[0], version, at):
+                self.fx.at(self.fx.now + self.retry_ticks,
+                           lambda e=eid, v=version, a=at: queue.push(a, e, v))  # type: ignore[misc]
+
+    def _expire(self, key: str, version: str, at: int) -> bool:
+        """Coordinate the tombstone if this node is the key's first up owner. False:
+        not now (another owner's turn, or too few replicas up): look again later."""
+        first = coordinators(self.ring, key, self.n, self.me, self.is_up)
+        if first[:1] != [self.me]:
+            return self.me not in self.ring.preference_list(key, self.n)   # not ours at all: forget it
+        try:
+            plan = self.plan(key)
+        except Unavailable:
+            return False
+        old = self.replica.get(key)
+        done = self.replica.expire(key, version, at, self.stamp())
+        if done is None:
+            return True
+        container, rec = done
+        tomb = encode_dot(Dot(self.me, container.context.get(self.me)))
+        self.fx.count("kv_keys_expired_total")
+        self.write(ExpiryOrigin(tomb), key, old, rec, container, tomb, plan)
+        return True
+
+    def failed(self, key: str, tomb: str) -> None:
+        """The tombstone `tomb` of `key` missed its write quorum: drive it again later."""
+        self.fx.at(self.fx.now + self.retry_ticks, lambda: self._redrive(key, tomb))
+
+    def _redrive(self, key: str, tomb: str) -> None:
+        c = self.replica.get(key)
+        if not any(encode_dot(s.dot) == tomb for s in c.siblings):
+            return   # superseded or purged since: nothing of it left to spread
+        try:
+            plan = self.plan(key)
+        except Unavailable:
+            self.failed(key, tomb)
+            return
+        self.write(ExpiryOrigin(tomb), key, None, None, c, tomb, plan)

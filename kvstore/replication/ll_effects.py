@@ -2,7 +2,9 @@
 
 Owns:
 - `Effects`: everything the next Ready carries (WAL records with their indexes,
-  messages, client answers, events), the per-peer batches that become one message per
+  messages, client answers, events, the changes for watchers — each named by the WAL
+  index of the record that made it, so it is published once that record is durable),
+  the per-peer batches that become one message per
   peer and kind when the Ready is cut (as the old runtime's batchers did), the waits
   on the replicate / read requests sent, the tick timers, the counters, and the log
   positions (handed out / durable) with the keys whose latest record is not durable
@@ -37,13 +39,13 @@ from kvstore.protocol.leaderless import (
 )
 from kvstore.protocol.messages import Entry, Envelope
 from kvstore.protocol.wire import Plain
-from kvstore.replication.core import CoreEvent, Delete, Put, Ready, RequestId, WriteRequest
+from kvstore.replication.core import Change, CoreEvent, Delete, Put, Ready, RequestId, WriteRequest
 from kvstore.replication.ll_replica import ReadQuorum, WriteQuorum, container_bytes, encode_record, parse_context
 from kvstore.replication.versions import DVVSet, VersionVector, encode_vv
 
 __all__ = [
     "COUNTERS", "LeaderlessSettings", "BATCH_BYTES", "BATCH_ITEMS", "Effects", "PeerView", "ClientOrigin",
-    "PeerOrigin", "Origin", "Write", "Forward", "WriteOp", "ReadSpec", "ReadOp", "Parked", "Dedup", "ForWrite",
+    "PeerOrigin", "ExpiryOrigin", "Origin", "Write", "Forward", "WriteOp", "ReadSpec", "ReadOp", "Parked", "Dedup", "ForWrite",
     "ForHint", "Purpose", "RepWait", "ReadWait", "Handoff", "AERound", "bounded_put", "chunks", "coord_outcome",
     "rebuild_error", "write_of", "no_quorum", "no_version",
 ]
@@ -65,7 +67,7 @@ COUNTERS = (
     "kv_replica_writes_total", "kv_read_repairs_total", "kv_hints_stored_total", "kv_hints_delivered_total",
     "kv_hints_dropped_total", "kv_ae_rounds_total", "kv_ae_failures_total", "kv_ae_partitions_compared_total",
     "kv_ae_partitions_differing_total", "kv_ae_keys_repaired_total", "kv_tombstones_purged_total",
-    "kv_peer_messages_rejected_total",
+    "kv_peer_messages_rejected_total", "kv_scans_total", "kv_scan_failures_total", "kv_keys_expired_total",
 )
 
 
@@ -120,7 +122,15 @@ class PeerOrigin:
     req: int
 
 
-Origin = ClientOrigin | PeerOrigin
+@dataclass(frozen=True, slots=True)
+class ExpiryOrigin:
+    """An expiry tombstone this owner coordinates (`version`: the tombstone's); nobody
+    waits, a failed quorum is driven again later."""
+
+    version: str
+
+
+Origin = ClientOrigin | PeerOrigin | ExpiryOrigin
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +144,7 @@ class Write:
     context_text: str | None
     rid: str | None
     timeout: int                 # ticks the coordinator gives it
+    ttl_ms: int | None = None    # a put's lifetime (the coordinator fixes its expiry)
 
     @property
     def req(self) -> RequestId | None:
@@ -286,9 +297,12 @@ def write_of(req: WriteRequest, after: Callable[[str, str | None], VersionVector
             key, value = op.key, None
         case _:
             assert_never(op)
+    ttl = req.ttl_ms if value is not None else None
+    if ttl is not None and ttl < 1:
+        raise BadRequest(f"ttl must be a positive number of milliseconds (got {ttl})")
     ctx = parse_context(req.context)
     return Write(ClientOrigin(req.req, after(key, req.after)), key, value, ctx, req.context, req.rid,
-                 req.timeout_ticks or default_timeout)
+                 req.timeout_ticks or default_timeout, ttl)
 
 
 def no_quorum(op: ReadOp) -> Unavailable:
@@ -375,6 +389,7 @@ class Effects:
         self.early_results: list[tuple[RequestId, Any]] = []
         self.results: list[tuple[RequestId, Any]] = []
         self.events: list[CoreEvent] = []
+        self.changes: list[Change] = []
         self.rep_buf: dict[NodeId, list[tuple[LLItem, int, Purpose]]] = {}
         self.read_buf: dict[NodeId, list[tuple[str, int, int]]] = {}
         self.coord_buf: dict[NodeId, list[tuple[LLCoordItem, int, None]]] = {}
@@ -393,6 +408,12 @@ class Effects:
         self.records.append(Entry(Term(0), LogIndex(self.last_index), encode_record(rec)))
         if key is not None:
             self._dirty[key] = self.last_index
+
+    def change(self, kind: Literal["put", "delete", "expire"], key: str, version: str,
+               value: bytes | None) -> None:
+        """A change a reader of this replica can see, made by the record persisted last."""
+        idx = self.last_index
+        self.changes.append(Change(idx, f"{self.me}.{idx}", kind, key, version, value))
 
     def durable(self, key: str) -> bool:
         return self._dirty.get(key, 0) <= self.synced
@@ -434,15 +455,16 @@ class Effects:
     # ---- the Ready ---------------------------------------------------------------------
     def has_ready(self) -> bool:
         return bool(self.records or self.early or self.late or self.early_results or self.results or self.events
-                    or self.rep_buf or self.read_buf or self.coord_buf or self.coord_answers)
+                    or self.changes or self.rep_buf or self.read_buf or self.coord_buf or self.coord_answers)
 
     def take_ready(self) -> Ready:
         self._flush_batches()
         rd = Ready(entries=tuple(self.records), early_outbox=tuple(self.early), outbox=tuple(self.late),
-                   early_results=tuple(self.early_results), results=tuple(self.results), events=tuple(self.events))
+                   early_results=tuple(self.early_results), results=tuple(self.results), events=tuple(self.events),
+                   changes=tuple(self.changes))
         if rd.entries:
             self.handed = rd.entries[-1].index
-        self.records, self.early, self.late, self.events = [], [], [], []
+        self.records, self.early, self.late, self.events, self.changes = [], [], [], [], []
         self.early_results, self.results = [], []
         return rd
 

@@ -5,7 +5,11 @@ anti-entropy rounds) is `LeaderlessCore` in kvstore/replication/leaderless.py.
 Owns:
 - `Replica`: one node's durable state — the per-key `DVVSet` containers of the key
   ranges it owns, the hints it holds for down owners (sloppy quorum / hinted handoff),
-  and one incremental Merkle tree per ring partition over (key, container digest).
+  and one incremental Merkle tree per ring partition over (key, container digest);
+  beside them, rebuilt from those on recovery: the keys in byte order (`keyspace`:
+  keys whose container has a sibling, tombstones included — a scan's merge needs a
+  replica's tombstones to drop a value another replica still holds; `hint_keys`: keys
+  with a hint) and the live versions that carry an expiry (`expiry`, soonest first).
   Every mutation returns the WAL record that makes it durable (`None`: nothing
   changed); `apply_record` replays them after a crash. Records merge with
   `versions.sync` (commutative, associative, idempotent), so replaying a record twice,
@@ -21,7 +25,13 @@ Owns:
   healthy), `plan_write` (the replicas a write goes to: the sloppy placement, or only
   the up owners in strict mode), `WriteQuorum` / `ReadQuorum` (the W / R trackers,
   read repair targets), `render` (what a read answers: one version, siblings, or the
-  LWW winner).
+  LWW winner), `visible` (what a reader may see now: expired versions and expiry
+  tombstones left out), `change_of` (what a merge changed for a reader of this
+  replica: the change feed).
+- Expiry: a put with a TTL carries an absolute `expires_ms` on its sibling; when it is
+  due, an owner coordinates a tombstone that supersedes exactly that sibling
+  (`Replica.expire`, `supersede`), marked as an expiry tombstone by carrying the
+  expiry it enacts in its own `expires_ms` (as multi-leader does).
 - KV-Tokens of this mode (`make_token` / `parse_token`): per key,
   "ll:<8 hex of sha1(key)>:<context>"; "ll:" alone names no key (no constraint).
 - Anti-entropy helpers: `shared_partitions` (what two nodes both replicate).
@@ -41,9 +51,10 @@ asyncio, no time, no global random.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -54,7 +65,9 @@ from kvstore.replication.merkle import MerkleShape, MerkleTree
 from kvstore.replication.quorum import QuorumStatus, Reply, ReadResolution, quorum_status, read_resolve
 from kvstore.replication.versions import (
     DVVSet,
+    Dot,
     HlcTimestamp,
+    Sibling,
     VersionVector,
     digest,
     decode_vv,
@@ -66,6 +79,7 @@ from kvstore.replication.versions import (
     sync,
     update,
 )
+from kvstore.storage.keyspace import ExpiryQueue, KeySpace
 
 __all__ = [
     "MERKLE_FANOUT",
@@ -99,6 +113,12 @@ __all__ = [
     "REC_HINT",
     "REC_HINT_DONE",
     "container_bytes",
+    "visible",
+    "ttl_left",
+    "change_of",
+    "supersede",
+    "expiry_id",
+    "Listing",
 ]
 
 MERKLE_FANOUT = 16
@@ -177,6 +197,15 @@ def parse_token(token: str) -> tuple[str, VersionVector] | None:
 # ---------------------------------------------------------------------------------------
 
 
+Listing = list[tuple[str, DVVSet]]
+
+
+def expiry_id(key: str, version: str) -> str:
+    """The expiry queue tracks versions, not keys (a key may hold several siblings with
+    a TTL): its entries are named "key NUL version" (no key holds a NUL)."""
+    return f"{key}\0{version}"
+
+
 def _check_str(v: object, what: str) -> None:
     if type(v) is not str:
         raise BadRequest(f"leaderless record: {what} must be a string, got {type(v).__name__}")
@@ -203,6 +232,9 @@ class Replica:
         self._trees: dict[int, MerkleTree] = {}
         self._keys_of: dict[int, set[str]] = {}   # partition -> keys held (anti-entropy listing)
         self._tombstoned: set[str] = set()        # keys whose container is only tombstones (GC candidates)
+        self.keyspace = KeySpace()                # keys whose container has a sibling (scans)
+        self.hint_keys = KeySpace()               # keys with a hint for some owner (scans)
+        self.expiry = ExpiryQueue()               # live siblings with an expiry, by expiry_id
         self._empty = MerkleTree(MerkleShape(0, ring.range_bounds(0)[1], MERKLE_FANOUT, MERKLE_DEPTH))
 
     # ---- queries ---------------------------------------------------------------------
@@ -229,6 +261,17 @@ class Replica:
 
     # ---- store mutations -------------------------------------------------------------
     def _set(self, key: str, container: DVVSet) -> None:
+        prev = self.store.get(key)
+        if container.siblings:
+            self.keyspace.add(key)
+        else:
+            self.keyspace.discard(key)
+        if any(s.expires_ms is not None and s.value is not None for s in container.siblings):
+            seen = {s.dot for s in prev.siblings} if prev is not None else set()
+            for s in container.siblings:     # queued once per version: when it first arrives here
+                if s.expires_ms is not None and s.value is not None and s.dot not in seen:
+                    version = encode_dot(s.dot)
+                    self.expiry.push(s.expires_ms, expiry_id(key, version), version)
         old = self._digests.get(key)
         new = digest(container)
         p = self.ring.range_of(key)
@@ -261,17 +304,63 @@ class Replica:
         return [_PUT, key, merged.to_plain()]
 
     def coordinate(self, key: str, value: bytes | None, ctx: VersionVector | None,
-                   ts: HlcTimestamp) -> tuple[DVVSet, list[Any]]:
+                   ts: HlcTimestamp, expires_ms: int | None = None) -> tuple[DVVSet, list[Any]]:
         """A client write coordinated here (value None: delete). `ctx` is the client's
-        KV-Context; None (a blind write) supersedes what this replica holds. Returns the
-        new container (to replicate whole) and the record to persist first."""
+        KV-Context; None (a blind write) supersedes what this replica holds;
+        `expires_ms`: the new version's absolute expiry. Returns the new container (to
+        replicate whole) and the record to persist first."""
         invariant(self.owns(key), f"{self.id} coordinates a write of {key!r} it does not own")
         cur = self.get(key)
-        new = update(cur, cur.context if ctx is None else ctx, self.id, value, ts)
+        new = update(cur, cur.context if ctx is None else ctx, self.id, value, ts, expires_ms)
+        return self._coordinated(key, new)
+
+    def expire(self, key: str, version: str, expires_ms: int,
+               ts: HlcTimestamp) -> tuple[DVVSet, list[Any]] | None:
+        """The expiry tombstone of `version` (a live sibling expiring at `expires_ms`),
+        coordinated here: it supersedes exactly that sibling. None: the sibling is gone
+        or changed (superseded, expired by another owner already)."""
+        invariant(self.owns(key), f"{self.id} expires a version of {key!r} it does not own")
+        cur = self.get(key)
+        target = next((s for s in cur.siblings if s.value is not None and s.expires_ms == expires_ms
+                       and encode_dot(s.dot) == version), None)
+        if target is None:
+            return None
+        return self._coordinated(key, supersede(cur, target, self.id, ts))
+
+    def _coordinated(self, key: str, new: DVVSet) -> tuple[DVVSet, list[Any]]:
         if self.lww:
             new = lww_collapse(new)
         self._set(key, new)
         return new, [_PUT, key, new.to_plain()]
+
+    def expiring(self, eid: str) -> tuple[int, str] | None:
+        """(expires_ms, version) of the live sibling an expiry queue entry names, while
+        it is still held (`ExpiryQueue.due`'s `current`)."""
+        key, _, version = eid.partition("\0")
+        c = self.store.get(key)
+        for s in c.siblings if c is not None else ():
+            if s.value is not None and s.expires_ms is not None and encode_dot(s.dot) == version:
+                return s.expires_ms, version
+        return None
+
+    def listing(self, start: str, end: str | None, after: str | None, limit: int, *, hints: bool,
+                max_bytes: int) -> tuple[Listing, bool]:
+        """The first `limit` keys held in [start, end) after `after`, with this
+        replica's containers (merged with its hints when `hints`), deleted keys
+        included; True when more keys follow (the listing stopped at `limit` or once
+        `max_bytes` of containers were listed). O(limit * log n)."""
+        keys: Iterator[str] = self.keyspace.range(start, end, after)
+        if hints and len(self.hint_keys):
+            keys = _unique(heapq.merge(keys, self.hint_keys.range(start, end, after)))
+        out: Listing = []
+        total = 0
+        for key in keys:
+            if len(out) >= limit or total >= max_bytes:
+                return out, True
+            c = sync(self.get(key), self.hinted(key)) if hints else self.get(key)
+            out.append((key, c))
+            total += container_bytes(c)
+        return out, False
 
     def gc_tombstones(self, now_ms: int, gc_ms: int) -> list[list[Any]]:
         """Purge tombstones older than gc_ms (by their HLC time): the context stays, so
@@ -296,6 +385,7 @@ class Replica:
             return None
         created = now_ms if h is None else h.created_ms
         per[key] = Hint(merged, created)
+        self.hint_keys.add(key)
         return [_HINT, owner, key, merged.to_plain(), created]
 
     def hint_delivered(self, owner: NodeId, key: str, delivered: DVVSet) -> list[Any] | None:
@@ -307,7 +397,12 @@ class Replica:
         del per[key]  # type: ignore[union-attr]
         if not per:
             del self.hints[owner]
+        self._hint_gone(key)
         return [_HINT_DONE, owner, key, digest(delivered)]
+
+    def _hint_gone(self, key: str) -> None:
+        if not any(key in per for per in self.hints.values()):
+            self.hint_keys.discard(key)
 
     def expire_hints(self, now_ms: int, max_age_ms: int, max_count: int) -> list[list[Any]]:
         """Drop hints older than max_age_ms, then the oldest beyond max_count. A dropped
@@ -321,6 +416,7 @@ class Replica:
                 h = self.hints[owner].pop(key)
                 if not self.hints[owner]:
                     del self.hints[owner]
+                self._hint_gone(key)
                 out.append([_HINT_DONE, owner, key, digest(h.container)])
         return out
 
@@ -344,6 +440,7 @@ class Replica:
             h = per.get(key)
             per[key] = Hint(c if h is None else sync(h.container, c),
                             created if h is None else min(created, h.created_ms))
+            self.hint_keys.add(key)
         else:
             invariant(tag == _HINT_DONE, f"unknown record {tag!r}")
             _, owner, key, dig = rec
@@ -353,6 +450,7 @@ class Replica:
                 del found[key]
                 if not found:
                     del self.hints[NodeId(owner)]
+                self._hint_gone(key)
 
     def snapshot_hints(self) -> list[list[Any]]:
         return [[owner, key, h.container.to_plain(), h.created_ms]
@@ -416,6 +514,72 @@ def render(container: DVVSet, *, lww: bool) -> ReadView:
         s = c.siblings[0]
         return ReadView(s.value, encode_dot(s.dot), ctx)
     return ReadView(None, None, ctx, tuple((s.value, encode_dot(s.dot)) for s in c.siblings))
+
+
+def _hidden(s: Sibling, now_ms: int) -> bool:
+    """An expired version (expiry <= now), or an expiry tombstone (it only enacts one)."""
+    return s.expires_ms is not None and (s.value is None or s.expires_ms <= now_ms)
+
+
+def visible(container: DVVSet, now_ms: int, *, lww: bool) -> DVVSet:
+    """What a reader may see at `now_ms`: the LWW winner (lww) or every sibling, less
+    the expired versions and the expiry tombstones. The context is kept whole (a write
+    with it supersedes the hidden versions too)."""
+    c = lww_collapse(container) if lww else container
+    if any(_hidden(s, now_ms) for s in c.siblings):
+        c = DVVSet(tuple(s for s in c.siblings if not _hidden(s, now_ms)), c.context)
+    return c
+
+
+def ttl_left(s: Sibling, now_ms: int) -> int | None:
+    """The remaining lifetime of a visible version in ms (None: it has no TTL)."""
+    return None if s.expires_ms is None else max(1, s.expires_ms - now_ms)
+
+
+def supersede(container: DVVSet, target: Sibling, node: NodeId, ts: HlcTimestamp) -> DVVSet:
+    """`node`'s expiry tombstone of `target`: it replaces exactly that sibling (unlike
+    `update` with a context, which would also supersede a concurrent sibling of the
+    same node with a lower counter). The tombstone carries the expiry it enacts; the
+    dot rule of `update` holds (node's next counter, context gap-free)."""
+    kept = [s for s in container.siblings if s.dot != target.dot]
+    dot = Dot(node, container.context.get(node) + 1)
+    kept.append(Sibling(dot, None, ts, target.expires_ms))
+    kept.sort(key=lambda s: s.dot)
+    return DVVSet(tuple(kept), container.context.with_counter(node, dot.counter))
+
+
+ChangeType = Literal["put", "delete", "expire"]
+
+
+def change_of(old: DVVSet | None, new: DVVSet, *, lww: bool,
+              now_ms: int) -> tuple[ChangeType, str, bytes | None] | None:
+    """What a merge or a write changed for a reader of this replica, as (type, version,
+    value), or None. The newest version a reader can now be shown that it could not
+    before decides: a live value is a "put"; a value already expired on arrival or an
+    expiry tombstone an "expire"; a tombstone a "delete". A live key superseded with
+    no new version (a purged container synced in) is a "delete" named by the context."""
+    before = DVVSet.empty() if old is None else (lww_collapse(old) if lww else old)
+    after = lww_collapse(new) if lww else new
+    seen = {s.dot for s in before.siblings}
+    fresh = [s for s in after.siblings if s.dot not in seen]
+    if fresh:
+        s = max(fresh, key=lambda x: (x.timestamp, x.dot))
+        if s.value is None:
+            return ("delete" if s.expires_ms is None else "expire"), encode_dot(s.dot), None
+        if s.expires_ms is not None and s.expires_ms <= now_ms:
+            return "expire", encode_dot(s.dot), None
+        return "put", encode_dot(s.dot), s.value
+    if not is_deleted(before) and is_deleted(after):
+        return "delete", encode_vv(after.context), None
+    return None
+
+
+def _unique(keys: Iterable[str]) -> Iterator[str]:
+    prev: str | None = None
+    for k in keys:
+        if k != prev:
+            yield k
+            prev = k
 
 
 # ---------------------------------------------------------------------------------------

@@ -371,35 +371,48 @@ class HybridClock:
 
 @dataclass(frozen=True, slots=True)
 class Sibling:
-    """One concurrent version of a key. `value is None` is a tombstone (a delete)."""
+    """One concurrent version of a key. `value is None` is a tombstone (a delete).
+
+    `expires_ms` (optional, None: never): an absolute time in ms, fixed by the writer and
+    carried with the version so every replica agrees on it. How a core reads it is the
+    core's business (a TTL on a value; multi-leader also marks its expiry tombstones with
+    the expiry they enact). The plain form has a fifth element only when it is set, so
+    containers without one encode (and digest) exactly as before."""
 
     dot: Dot
     value: bytes | None
     timestamp: HlcTimestamp
+    expires_ms: int | None = None
 
     @property
     def is_tombstone(self) -> bool:
         return self.value is None
 
     def to_plain(self) -> list[Any]:
-        return [self.dot.node, self.dot.counter, self.value, self.timestamp.to_plain()]
+        plain = [self.dot.node, self.dot.counter, self.value, self.timestamp.to_plain()]
+        if self.expires_ms is not None:
+            plain.append(self.expires_ms)
+        return plain
 
     @classmethod
     def from_plain(cls, obj: object) -> Sibling:
-        if not isinstance(obj, (list, tuple)) or len(obj) != 4:
-            raise BadRequest("sibling: expected [node, counter, value, timestamp]")
-        node, counter, value, ts = obj
+        if not isinstance(obj, (list, tuple)) or len(obj) not in (4, 5):
+            raise BadRequest("sibling: expected [node, counter, value, timestamp(, expires_ms)]")
+        node, counter, value, ts = obj[:4]
         if value is not None and not isinstance(value, bytes):
             raise BadRequest("sibling: value must be bytes or nil")
-        return cls(Dot.from_plain([node, counter]), value, HlcTimestamp.from_plain(ts))
+        expires = obj[4] if len(obj) == 5 else None
+        if expires is not None and not _valid_counter(expires):
+            raise BadRequest(f"sibling: bad expiry {expires!r:.40}")
+        return cls(Dot.from_plain([node, counter]), value, HlcTimestamp.from_plain(ts), expires)
 
 
 def _lww_key(s: Sibling) -> tuple[HlcTimestamp, Dot]:
     return (s.timestamp, s.dot)
 
 
-def _same_dot_key(s: Sibling) -> tuple[HlcTimestamp, bool, bytes]:
-    return (s.timestamp, s.value is not None, s.value or b"")
+def _same_dot_key(s: Sibling) -> tuple[HlcTimestamp, bool, bytes, int]:
+    return (s.timestamp, s.value is not None, s.value or b"", -1 if s.expires_ms is None else s.expires_ms)
 
 
 def _pick_same_dot(a: Sibling, b: Sibling) -> Sibling:
@@ -470,6 +483,7 @@ def update(
     node: NodeId,
     value: bytes | None,
     hlc_timestamp: HlcTimestamp,
+    expires_ms: int | None = None,
 ) -> DVVSet:
     """A write (value None: a delete) coordinated by `node` on its own container.
 
@@ -477,12 +491,12 @@ def update(
     did not cover were written concurrently and survive next to the new one. The new
     dot is (node, max(container, client context)[node] + 1), so the context stays
     gap-free. Idempotent retries are the caller's job (KV-Request-Id): calling this
-    twice makes two siblings.
+    twice makes two siblings. `expires_ms` goes with the new sibling (see Sibling).
     """
     kept = [s for s in container.siblings if not context_vv.covers(s.dot)]
     merged = container.context.merge(context_vv)
     dot = Dot(node, merged.get(node) + 1)
-    kept.append(Sibling(dot, value, hlc_timestamp))
+    kept.append(Sibling(dot, value, hlc_timestamp, expires_ms))
     kept.sort(key=lambda s: s.dot)
     return DVVSet(tuple(kept), merged.with_counter(node, dot.counter))
 

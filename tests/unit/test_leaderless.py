@@ -16,6 +16,7 @@ from kvstore.replication.versions import (
     DVVSet,
     Dot,
     HlcTimestamp,
+    Sibling,
     VersionVector,
     decode_vv,
     is_deleted,
@@ -311,6 +312,96 @@ def test_render_shows_a_concurrent_delete_next_to_a_value() -> None:
     c3, _ = rep.coordinate(key, None, c1.context, ts(3, me))
     view = core.render(c3, lww=False)
     assert sorted((v is None) for v, _ in view.siblings) == [False, True]
+
+
+# ---- TTLs, the change feed and scan listings -----------------------------------------
+
+def test_visible_hides_expired_versions_and_expiry_tombstones() -> None:
+    key = "k"
+    me = owner_of(N3, key)
+    rep = replica(N3, me)
+    c1, _ = rep.coordinate(key, b"base", None, ts(1, me))
+    rep.coordinate(key, b"keep", c1.context, ts(2, me))
+    both, _ = rep.coordinate(key, b"ttl", c1.context, ts(3, me), expires_ms=100)
+    assert sorted(values(core.visible(both, 99, lww=False))) == [b"keep", b"ttl"]
+    shown = core.visible(both, 100, lww=False)
+    assert values(shown) == [b"keep"] and shown.context == both.context
+    assert values(core.visible(both, 100, lww=True)) == []            # the LWW winner expired: absent
+    ttl = next(s for s in both.siblings if s.value == b"ttl")
+    assert core.ttl_left(ttl, 40) == 60 and core.ttl_left(both.siblings[0], 40) is None
+
+
+def test_expiry_tombstone_supersedes_exactly_the_expired_version() -> None:
+    key = "k"
+    me = owner_of(N3, key)
+    rep, other = replica(N3, me), replica(N3, owner_of(N3, key, idx=1))
+    c1, _ = rep.coordinate(key, b"base", None, ts(1, me))
+    rep.coordinate(key, b"older", c1.context, ts(2, me))                   # me:2
+    c3, _ = rep.coordinate(key, b"ttl", c1.context, ts(3, me), expires_ms=50)   # me:3, concurrent with me:2
+    other.merge(key, c3)
+    assert len(rep.expiry) == 1 and rep.expiring(core.expiry_id(key, f"{me}:3")) == (50, f"{me}:3")
+    assert rep.expire(key, f"{me}:3", 49, ts(60, me)) is None          # not that version any more
+    tomb, rec = rep.expire(key, f"{me}:3", 50, ts(60, me))  # type: ignore[misc]
+    assert values(tomb) == [b"older", None]                             # me:2 kept, me:4 the tombstone
+    (t,) = [s for s in tomb.siblings if s.value is None]
+    assert t.dot == Dot(me, 4) and t.expires_ms == 50 and tomb.context.get(me) == 4
+    assert rep.expiring(core.expiry_id(key, f"{me}:3")) is None
+    other.merge(key, tomb)
+    assert other.get(key) == tomb and values(core.visible(tomb, 60, lww=False)) == [b"older"]
+
+
+def test_change_of_names_the_newest_version_a_reader_can_now_see() -> None:
+    key = "k"
+    me = owner_of(N3, key)
+    rep = replica(N3, me)
+    c1, _ = rep.coordinate(key, b"a", None, ts(1, me))
+    assert core.change_of(None, c1, lww=False, now_ms=0) == ("put", f"{me}:1", b"a")
+    assert core.change_of(c1, c1, lww=False, now_ms=0) is None
+    c2, _ = rep.coordinate(key, None, None, ts(2, me))
+    assert core.change_of(c1, c2, lww=False, now_ms=0) == ("delete", f"{me}:2", None)
+    c3, _ = rep.coordinate(key, b"t", None, ts(3, me), expires_ms=10)
+    assert core.change_of(c2, c3, lww=False, now_ms=9) == ("put", f"{me}:3", b"t")
+    assert core.change_of(c2, c3, lww=False, now_ms=10) == ("expire", f"{me}:3", None)   # expired on arrival
+    c4, _ = rep.expire(key, f"{me}:3", 10, ts(11, me))  # type: ignore[misc]
+    assert core.change_of(c3, c4, lww=False, now_ms=11) == ("expire", f"{me}:4", None)
+    purged = DVVSet((), c3.context)
+    assert core.change_of(c3, purged, lww=False, now_ms=0) == ("delete", f"{me}:3", None)
+
+
+def test_listing_returns_keys_in_order_with_tombstones_and_hints() -> None:
+    rep = core.Replica(NodeId("n1"), N3, 3, lww=False)
+    for k in ("b", "d", "a", "c"):
+        c, _ = rep.coordinate(k, k.encode(), None, ts(1))
+    rep.coordinate("c", None, None, ts(2))
+    rep.add_hint(NodeId("n2"), "bb", rep.get("a"), 5)
+    items, more = rep.listing("", None, None, 10, hints=False, max_bytes=10**6)
+    assert [k for k, _ in items] == ["a", "b", "c", "d"] and not more
+    assert is_deleted(dict(items)["c"])
+    items, more = rep.listing("", None, "a", 2, hints=True, max_bytes=10**6)
+    assert [k for k, _ in items] == ["b", "bb"] and more
+    items, more = rep.listing("b", "d", None, 10, hints=True, max_bytes=1)
+    assert [k for k, _ in items] == ["b"] and more                    # the byte cap: at least one
+    rep.hint_delivered(NodeId("n2"), "bb", rep.get("a"))
+    assert [k for k, _ in rep.listing("", None, None, 10, hints=True, max_bytes=10**6)[0]] == ["a", "b", "c", "d"]
+    rep.gc_tombstones(10**9, 1)
+    assert "c" not in rep.keyspace
+
+
+def test_merged_listings_stop_at_the_shortest_truncated_one() -> None:
+    from kvstore.replication.ll_scan import merge_listings, page_of
+
+    a = DVVSet((Sibling(Dot(NodeId("n1"), 1), b"1", ts(1)),), VersionVector(((NodeId("n1"), 1),)))
+    b = DVVSet((Sibling(Dot(NodeId("n2"), 1), None, ts(2, "n2")),), VersionVector(((NodeId("n1"), 1), (NodeId("n2"), 1))))
+    one = ([("k1", a), ("k2", a), ("k3", a)], True)
+    two = ([("k1", b), ("k4", a)], False)
+    cands, bound = merge_listings([one, two])
+    assert bound == "k3" and [k for k, _ in cands] == ["k1", "k2", "k3"]     # k4: past the bound
+    assert is_deleted(cands[0][1])                                          # the tombstone wins
+    items, last = page_of(cands, bound, 10, lww=False, now_ms=0, keys_only=True)
+    assert [(i.key, i.value) for i in items] == [("k2", None), ("k3", None)] and last == "k3"
+    items, last = page_of(cands, bound, 1, lww=False, now_ms=0, keys_only=False)
+    assert [i.key for i in items] == ["k2"] and last == "k2"
+    assert page_of(*merge_listings([([], False)]), 5, lww=False, now_ms=0, keys_only=False) == ((), None)
 
 
 # ---- anti-entropy -------------------------------------------------------------------

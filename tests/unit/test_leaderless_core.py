@@ -19,16 +19,20 @@ from kvstore.ids import LogIndex, NodeId, Term
 from kvstore.protocol.codec import decode_batch, encode_batch
 from kvstore.protocol.leaderless import (
     LLAEPart, LLAERootsAnswer, LLAESync, LLAESyncAnswer, LLCoord, LLItem, LLKeyed, LLPing, LLRead,
-    LLReadAnswer, LLReplicate, LLReplicateAck,
+    LLReadAnswer, LLReplicate, LLReplicateAck, LLScanAnswer,
 )
 from kvstore.protocol.messages import Entry, Envelope, HardState, SnapshotImage
 from kvstore.protocol.wire import Plain
 from kvstore.replication import leaderless as ll
 from kvstore.replication.core import (
-    CoreConfig, Delete, Precondition, Put, ReadRequest, ReadResult, Ready, RequestId, WriteRequest, WriteResult,
+    Change, CoreConfig, Delete, Precondition, Put, ReadRequest, ReadResult, Ready, RequestId, ScanItem, ScanRequest,
+    ScanResult, WriteRequest, WriteResult,
 )
+from kvstore.replication import ll_scan
 from kvstore.replication.ll_effects import chunks
-from kvstore.replication.versions import VersionVector, decode_vv
+from kvstore.replication.ll_replica import decode_record
+from kvstore.replication.versions import DVVSet, Dot, HlcTimestamp, Sibling, VersionVector, decode_dot, decode_vv
+from kvstore.storage.keyspace import KeySpace, encode_cursor, prefix_end
 
 TICK_MS = 10
 WALL0 = 1_700_000_000_000
@@ -147,10 +151,10 @@ class Sim:
         return self.answers.get(req)
 
     def put(self, node: str, key: str, value: bytes | None, *, rid: str | None = None, context: str | None = None,
-            after: str | None = None, ticks: int = 100) -> Any:
+            after: str | None = None, ttl_ms: int | None = None, ticks: int = 100) -> Any:
         req = RequestId(next(self._req))
         op = Put(key, value) if value is not None else Delete(key)
-        self[node].propose(WriteRequest(req, (op,), context=context, rid=rid, after=after))
+        self[node].propose(WriteRequest(req, (op,), context=context, rid=rid, after=after, ttl_ms=ttl_ms))
         return self.wait(req, ticks)
 
     def get(self, node: str, key: str, *, consistency: str | None = None, after: str | None = None,
@@ -160,6 +164,31 @@ class Sim:
         if now is not None:
             return now
         return self.wait(req, ticks)
+
+    def scan(self, node: str, start: str = "", end: str | None = None, *, limit: int = 1000,
+             cursor: str | None = None, keys_only: bool = False, consistency: str | None = None,
+             after: str | None = None, r: int | None = None, ticks: int = 100) -> Any:
+        req = RequestId(next(self._req))
+        now = self[node].scan(ScanRequest(req, start, end, limit, cursor, keys_only, consistency, after, r))
+        if now is not None:
+            return now
+        return self.wait(req, ticks)
+
+    def scan_all(self, node: str, start: str = "", end: str | None = None, **kw: Any) -> list[ScanItem]:
+        """Every page until the cursor is null (each must be a ScanResult)."""
+        items: list[ScanItem] = []
+        cursor = None
+        for _ in range(100_000):
+            page = self.scan(node, start, end, cursor=cursor, **kw)
+            assert isinstance(page, ScanResult), page
+            items.extend(page.items)
+            if page.cursor is None:
+                return items
+            cursor = page.cursor
+        raise AssertionError("the pages never ended")
+
+    def changes(self, node: str) -> list[Change]:
+        return [c for nid, rd in self.readies if nid == node for c in rd.changes]
 
     def container(self, node: str, key: str) -> Any:
         return self[node].replica.get(key)
@@ -920,7 +949,9 @@ def test_hint_handoff_goes_in_batches_until_every_hint_is_home() -> None:
 def run_random(seed: int, *, sloppy: bool, w: int = 2, r: int = 2) -> tuple[Sim, dict[str, list[Any]]]:
     """70 client operations through random nodes while nodes crash and restart and
     messages get lost; with a strict quorum every successful read must cover every
-    write acknowledged before it started. Then the faults heal for 250 ticks."""
+    write acknowledged before it started, and every successful scan (one after each
+    read, from the same node) must list every key written and acknowledged before it
+    started. Then the faults heal for 250 ticks."""
     from kvstore.replication.versions import decode_dot
 
     rnd = random.Random(seed)
@@ -952,6 +983,10 @@ def run_random(seed: int, *, sloppy: bool, w: int = 2, r: int = 2) -> tuple[Sim,
                 ctx = decode_vv(res.context or "")
                 missing = [d for d in acked[key] if not ctx.covers(d)]
                 assert not missing, f"seed {seed} step {step}: read of {key} at {node} misses acked {missing}"
+            page = sim.scan(node, "k", "l", ticks=60)
+            if isinstance(page, ScanResult) and not sloppy:
+                absent = {k for k, dots in acked.items() if dots} - {i.key for i in page.items}
+                assert not absent, f"seed {seed} step {step}: scan at {node} misses acked keys {absent}"
     loss["p"] = 0.0
     if down is not None:
         sim.restart(down)
@@ -983,3 +1018,439 @@ def test_the_read_check_flags_stale_reads_when_w_plus_r_is_at_most_n() -> None:
         except AssertionError:
             caught += 1
     assert caught >= 1, "W=1, R=1 never read stale data: the check above could not fail"
+
+
+# ---- range scans ------------------------------------------------------------------------------------
+
+def spread(sim: Sim, count: int, prefix: str = "k") -> list[str]:
+    """`count` keys written through their first owners; in byte order."""
+    keys = [f"{prefix}{i:04d}" for i in range(count)]
+    for k in keys:
+        ok(sim.put(owners(sim, k)[0], k, k.encode()))
+    return keys
+
+
+def test_scan_over_five_nodes_returns_every_key_in_byte_order_from_any_node() -> None:
+    sim = Sim(5)
+    sim.settle()
+    keys = spread(sim, 120)
+    assert all(not all(x in owners(sim, k) for k in keys) for x in map(str, sim.ids))   # nobody holds them all
+    for node in ("n1", "n4"):
+        page = sim.scan(node)
+        assert isinstance(page, ScanResult) and page.cursor is None and page.token == "ll:"
+        assert [i.key for i in page.items] == keys
+        assert all(i.value == i.key.encode() and i.ttl_ms is None for i in page.items)
+        assert all(i.version == ok(sim.get("n2", i.key)).version for i in page.items[:5])
+    assert sim["n1"].status().counters["kv_scans_total"] == 1
+
+
+def test_scan_pages_with_cursors_cover_every_key_once() -> None:
+    sim = Sim(5)
+    sim.settle()
+    keys = spread(sim, 50)
+    sizes = []
+    cursor = None
+    got: list[str] = []
+    while True:
+        page = sim.scan("n3", limit=7, cursor=cursor)
+        assert isinstance(page, ScanResult)
+        sizes.append(len(page.items))
+        got.extend(i.key for i in page.items)
+        if page.cursor is None:
+            break
+        assert page.cursor == encode_cursor(page.items[-1].key)
+        cursor = page.cursor
+    assert got == keys and max(sizes) == 7 and len(sizes) == 8
+
+
+def test_scan_range_is_half_open_and_prefix_bounded() -> None:
+    sim = Sim(3)
+    sim.settle()
+    for k in ("a", "app", "apple", "aq", "b", "ap"):
+        ok(sim.put(owners(sim, k)[0], k, b"v"))
+    assert [i.key for i in sim.scan("n1", "ap", prefix_end("ap")).items] == ["ap", "app", "apple"]
+    assert [i.key for i in sim.scan("n1", "app", "b").items] == ["app", "apple", "aq"]
+    assert sim.scan("n1", "c").items == () and sim.scan("n1", "c").cursor is None
+
+
+def test_keys_only_pages_travel_without_values() -> None:
+    sim = Sim(3)
+    sim.settle()
+    keys = spread(sim, 10)
+    sim.sent.clear()
+    page = sim.scan("n1", keys_only=True)
+    assert [i.key for i in page.items] == keys and all(i.value is None for i in page.items)
+    answers = [m for _, _, m in sim.sent if isinstance(m, LLScanAnswer)]
+    assert answers and all(s[2] == b"" for m in answers for it in m.items for s in it.container["s"])
+
+
+def test_scan_bad_requests() -> None:
+    sim = Sim(3)
+    sim.settle()
+    for kw in ({"limit": 0}, {"cursor": "_w"}, {"consistency": "linearizable"}, {"r": 4}, {"r": 0},
+               {"after": "not-a-token"}):
+        assert isinstance(sim.scan("n1", **kw), BadRequest), kw
+
+
+def test_scan_drops_a_key_whose_delete_one_replica_missed() -> None:
+    sim = Sim(3)
+    sim.settle()
+    key = "gone"
+    o = owners(sim, key)
+    ok(sim.put(o[0], key, b"v"))
+    sim.drop = lambda s, d, m: isinstance(m, LLReplicate) and d == NodeId(o[2])
+    ok(sim.put(o[0], key, None))
+    sim.drop = lambda s, d, m: False
+    assert sim.container(o[2], key).values() == [b"v"]                 # still the value there
+    assert [i.key for i in sim.scan(o[2], consistency="local").items] == [key]
+    assert sim.scan(o[2]).items == ()                                  # the other replica's tombstone wins
+
+
+def test_scan_with_a_node_down_sloppy_and_strict() -> None:
+    for sloppy in (True, False):
+        sim = Sim(5, sloppy=sloppy)
+        sim.settle()
+        keys = spread(sim, 40)
+        sim.crash("n2")
+        sim.tick(3)
+        later = [f"z{i}" for i in range(10)]
+        for k in later:
+            first = next(x for x in owners(sim, k) if x != "n2")
+            ok(sim.put(first, k, b"z"))
+        assert [i.key for i in sim.scan_all("n1", limit=9)] == keys + later, sloppy
+
+
+def test_scan_needs_r_replicas_of_every_key_range() -> None:
+    sim = Sim(5, sloppy=False)
+    sim.settle()
+    keys = spread(sim, 30)
+    sim.crash("n2")
+    sim.crash("n3")
+    sim.tick(3)
+    # some partitions have n2 and n3 among their three owners: one replica of them is up
+    res = sim.scan("n1")
+    assert isinstance(res, Unavailable) and res.details["needed"] == 2
+    assert sim["n1"].status().counters["kv_scan_failures_total"] == 1
+    assert [i.key for i in sim.scan("n1", r=1).items] == keys
+    sloppy = Sim(5)
+    sloppy.settle()
+    keys = spread(sloppy, 30)
+    sloppy.crash("n2")
+    sloppy.crash("n3")
+    sloppy.tick(3)
+    assert [i.key for i in sloppy.scan("n1").items] == keys           # fallbacks stand in, as for reads
+
+
+def test_scan_waits_for_r_answers_and_times_out_without_them() -> None:
+    sim = Sim(3, timeout_ticks=20)
+    sim.settle()
+    keys = spread(sim, 10)
+    sim.drop = lambda s, d, m: isinstance(m, LLScanAnswer) and s == NodeId("n3")
+    assert [i.key for i in sim.scan("n1").items] == keys              # n1 + n2 make R = 2 everywhere
+    sim.drop = lambda s, d, m: isinstance(m, LLScanAnswer)
+    res = sim.scan("n1", ticks=30)
+    assert isinstance(res, Unavailable) and res.details["acks"] == 1 and res.details["needed"] == 2
+    assert [i.key for i in sim.scan("n1", r=1).items] == keys
+
+
+def test_local_scan_lists_this_replica_alone() -> None:
+    sim = Sim(5)
+    sim.settle()
+    keys = spread(sim, 60)
+    page = sim.scan("n4", consistency="local", limit=1000)
+    assert isinstance(page, ScanResult)
+    assert [i.key for i in page.items] == [k for k in keys if "n4" in owners(sim, k)]
+    sim.crash("n1")
+    sim.crash("n2")
+    assert isinstance(sim.scan("n4", consistency="local"), ScanResult)   # no coordination
+
+
+def test_scan_renders_siblings_and_lww_like_reads() -> None:
+    for conflict in ("siblings", "lww"):
+        sim = Sim(3, conflict=conflict)
+        sim.settle()
+        key = "cart"
+        first = owners(sim, key)[0]
+        base = ok(sim.put(first, key, b"base"))
+        ok(sim.put(first, key, b"milk", context=base.context))
+        sim.wall += 5
+        ok(sim.put(first, key, b"eggs", context=base.context))
+        read = ok(sim.get("n2", key))
+        page = sim.scan("n2")
+        if conflict == "siblings":
+            assert [(i.key, i.value) for i in page.items] == [(key, b"milk"), (key, b"eggs")]
+            assert [i.version for i in page.items] == [v.version for v in read.siblings]
+        else:
+            assert [(i.key, i.value, i.version) for i in page.items] == [(key, b"eggs", read.version)]
+
+
+def test_a_page_never_splits_a_keys_siblings() -> None:
+    sim = Sim(3)
+    sim.settle()
+    first = owners(sim, "b")[0]
+    ok(sim.put(owners(sim, "a")[0], "a", b"a"))
+    base = ok(sim.put(first, "b", b"0"))
+    ok(sim.put(first, "b", b"1", context=base.context))
+    ok(sim.put(first, "b", b"2", context=base.context))
+    ok(sim.put(owners(sim, "c")[0], "c", b"c"))
+    p1 = sim.scan("n1", limit=2)
+    assert [i.key for i in p1.items] == ["a"] and p1.cursor == encode_cursor("a")
+    p2 = sim.scan("n1", limit=2, cursor=p1.cursor)
+    assert [i.key for i in p2.items] == ["b", "b"]
+    assert [i.key for i in sim.scan("n1", limit=1, cursor=p1.cursor).items] == ["b", "b"]   # alone: travels whole
+
+
+def test_scan_after_a_token_waits_for_a_replica_with_that_version() -> None:
+    sim, key, o, w = lagging_setup()
+    assert sim.scan(o[2]).items == ()                                 # r=1: its own listing is enough
+    page = sim.scan(o[2], after=w.token)
+    assert isinstance(page, ScanResult) and page.token == w.token
+    assert [(i.key, i.value) for i in page.items] == [(key, b"v")]
+    other = ok(sim.put(o[0], "other", b"x"))
+    assert [i.key for i in sim.scan(o[2], "a", "l", after=other.token).items] == [key]
+    beyond = f"ll:{w.token.split(':')[1]}:{o[0]}:99"
+    res = sim.scan(o[1], after=beyond)
+    assert isinstance(res, Unavailable) and "token" in res.message
+
+
+def test_paging_over_100k_keys_does_bounded_work_per_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = Sim(5)
+    sim.settle()
+    ring = sim["n1"].ring
+    held: dict[NodeId, dict[str, DVVSet]] = {i: {} for i in sim.ids}
+    one = {i: DVVSet((Sibling(Dot(i, 1), b"v", HlcTimestamp(WALL0, 0, i)),), VersionVector(((i, 1),)))
+           for i in sim.ids}
+    keys = [f"key{i:06d}" for i in range(100_000)]
+    for k in keys:
+        pref = ring.preference_list(k, 3)
+        for x in pref:
+            held[x][k] = one[pref[0]]
+    for x, store in held.items():      # as if replicated: the store and its key order (scans need no more)
+        sim.cores[x].replica.store.update(store)
+        sim.cores[x].replica.keyspace = KeySpace(store)
+    listed = {"keys": 0, "syncs": 0}
+    real_range, real_sync = KeySpace.range, ll_scan.sync
+
+    def counted_range(self: KeySpace, start: str, end: str | None, after: str | None = None) -> Any:
+        for k in real_range(self, start, end, after):
+            listed["keys"] += 1
+            yield k
+
+    def counted_sync(a: DVVSet, b: DVVSet) -> DVVSet:
+        listed["syncs"] += 1
+        return real_sync(a, b)
+    monkeypatch.setattr(KeySpace, "range", counted_range)
+    monkeypatch.setattr(ll_scan, "sync", counted_sync)
+    cursor = None
+    for page_no in range(3):
+        listed.update(keys=0, syncs=0)
+        page = sim.scan("n2", limit=100, cursor=cursor)
+        assert isinstance(page, ScanResult) and len(page.items) == 100
+        assert [i.key for i in page.items] == keys[page_no * 100:(page_no + 1) * 100]
+        assert listed["keys"] <= 5 * 101 and listed["syncs"] <= 5 * 100, listed
+        cursor = page.cursor
+    listed.update(keys=0, syncs=0)
+    deep = sim.scan("n2", limit=100, cursor=encode_cursor(keys[77_776]))
+    assert [i.key for i in deep.items] == keys[77_777:77_877] and listed["keys"] <= 5 * 101
+
+
+# ---- TTLs -------------------------------------------------------------------------------------------
+
+def test_ttl_read_answers_the_time_left_and_expiry_tombstone_converges() -> None:
+    sim = Sim(5)
+    sim.settle()
+    key = "session"
+    o = owners(sim, key)
+    w = ok(sim.put(o[0], key, b"s", ttl_ms=500))
+    assert ok(sim.get("n1", key)).ttl_ms == 500
+    sim.tick(20)
+    r = ok(sim.get(o[1], key))
+    assert r.value == b"s" and r.ttl_ms == 300
+    assert [i.ttl_ms for i in sim.scan("n1").items] == [300]
+    sim.tick(31)
+    assert ok(sim.get("n1", key)).value is None and sim.scan("n1").items == ()
+    copies = [sim.container(x, key) for x in o]
+    assert all(c == copies[0] for c in copies)
+    (tomb,) = copies[0].siblings
+    assert tomb.value is None and tomb.dot == Dot(NodeId(o[0]), 2) and tomb.expires_ms is not None
+    assert tomb.timestamp.physical_ms >= tomb.expires_ms and copies[0].context.covers(decode_dot(w.version))
+    expired = {x: sim[x].status().counters["kv_keys_expired_total"] for x in map(str, sim.ids)}
+    assert expired == {x: float(x == o[0]) for x in expired}
+
+
+def test_expired_version_is_hidden_before_its_tombstone_lands() -> None:
+    sim = Sim(3)
+    sim.settle()
+    key = "k"
+    o = owners(sim, key)
+    ok(sim.put(o[0], key, b"v", ttl_ms=100))
+    sim.wall += 100                                # due, but no tick has run the expiry yet
+    assert sim.container(o[1], key).values() == [b"v"]
+    assert ok(sim.get(o[1], key, consistency="local")).value is None
+    assert sim.scan(o[1], consistency="local").items == ()
+    assert sim.scan(o[2]).items == () and ok(sim.get(o[2], key)).value is None
+
+
+def test_expiry_spares_a_concurrent_later_write_and_a_put_without_ttl_clears_it() -> None:
+    sim = Sim(3)
+    sim.settle()
+    key = "k"
+    first = owners(sim, key)[0]
+    base = ok(sim.put(first, key, b"base"))
+    ok(sim.put(first, key, b"short", context=base.context, ttl_ms=200))
+    ok(sim.put(first, key, b"later", context=base.context))               # concurrent with "short"
+    assert sorted(v.value for v in ok(sim.get("n2", key)).siblings) == [b"later", b"short"]
+    sim.tick(25)
+    r = ok(sim.get("n2", key))
+    assert r.value == b"later" and r.ttl_ms is None
+    assert all(sorted(s.value or b"-" for s in sim.container(x, key).siblings) == [b"-", b"later"]
+               for x in ("n1", "n2", "n3"))
+    ok(sim.put(first, "k2", b"a", ttl_ms=100))
+    ok(sim.put(first, "k2", b"b"))
+    sim.tick(15)
+    r2 = ok(sim.get("n3", "k2"))
+    assert r2.value == b"b" and r2.ttl_ms is None
+
+
+def test_expiry_keeps_an_older_concurrent_sibling_of_the_same_coordinator() -> None:
+    sim = Sim(3)
+    sim.settle()
+    key = "k"
+    first = owners(sim, key)[0]
+    base = ok(sim.put(first, key, b"base"))
+    ok(sim.put(first, key, b"older", context=base.context))
+    ok(sim.put(first, key, b"ttl", context=base.context, ttl_ms=100))     # n:3 next to n:2
+    sim.tick(15)
+    assert ok(sim.get("n2", key)).value == b"older"
+
+
+def test_ttl_through_a_forwarder_and_in_lww_mode() -> None:
+    sim = Sim(5, conflict="lww")
+    sim.settle()
+    key = key_owned_without(sim, "n1")
+    ok(sim.put("n1", key, b"v", ttl_ms=300))
+    assert ok(sim.get("n1", key)).ttl_ms == 300
+    sim.tick(35)
+    assert ok(sim.get("n1", key)).value is None
+    assert all(sim.container(o, key).siblings[0].value is None for o in owners(sim, key))
+
+
+def test_expiry_waits_for_a_write_quorum_and_retries() -> None:
+    sim = Sim(3, sloppy=False, timeout_ticks=20)
+    sim.settle()
+    key = "k"
+    o = owners(sim, key)
+    ok(sim.put(o[0], key, b"v", ttl_ms=100))
+    sim.crash(o[1])
+    sim.crash(o[2])
+    sim.tick(30)                                    # no quorum: nothing written, the version stays hidden
+    assert sim.container(o[0], key).values() == [b"v"] and ok(sim.get(o[0], key, consistency="local")).value is None
+    sim.restart(o[1])
+    sim.restart(o[2])
+    sim.tick(150)
+    assert all(sim.container(x, key).values() == [] and sim.container(x, key).siblings for x in o)
+
+
+def test_ttl_survives_a_restart_from_image_and_entries() -> None:
+    sim = Sim(1, n=1, w=1, r=1)
+    ok(sim.put("n1", "a", b"a", ttl_ms=400))
+    sim.snapshot("n1")
+    ok(sim.put("n1", "b", b"b", ttl_ms=600))
+    ok(sim.put("n1", "c", b"c"))
+    sim.tick(10)
+    sim.crash("n1")
+    sim.restart("n1")
+    assert ok(sim.get("n1", "a")).ttl_ms == 300 and ok(sim.get("n1", "b")).ttl_ms == 500
+    sim.tick(31)
+    assert ok(sim.get("n1", "a")).value is None and ok(sim.get("n1", "b")).value == b"b"
+    sim.tick(20)
+    assert [i.key for i in sim.scan("n1").items] == ["c"]
+    assert sim["n1"].status().counters["kv_keys_expired_total"] == 2
+    assert [c.type for c in sim.changes("n1") if c.key in ("a", "b")][-2:] == ["expire", "expire"]
+
+
+def test_expiry_work_per_tick_is_bounded() -> None:
+    sim = Sim(1, n=1, w=1, r=1)
+    for i in range(600):
+        ok(sim.put("n1", f"k{i:03d}", b"v", ttl_ms=50))
+    sim.wall += 60
+    expired = []
+    for _ in range(3):
+        sim.tick()
+        expired.append(sim["n1"].status().counters["kv_keys_expired_total"])
+    assert expired == [256.0, 512.0, 600.0]                          # EXPIRE_BATCH a tick
+    assert sim.scan("n1").items == ()
+
+
+def test_ttl_must_be_positive() -> None:
+    sim = Sim(3)
+    assert isinstance(sim.put("n1", "k", b"v", ttl_ms=0, ticks=1), BadRequest)
+
+
+# ---- the change feed ---------------------------------------------------------------------------------
+
+def test_changes_of_coordinated_and_replicated_writes_carry_their_wal_index() -> None:
+    sim = Sim(3)
+    sim.settle()
+    key = "k"
+    o = owners(sim, key)
+    w = ok(sim.put(o[0], key, b"v"))
+    ok(sim.put(o[0], key, None))
+    for x in o:
+        got = [c for c in sim.changes(x) if c.key == key]
+        assert [(c.type, c.value) for c in got] == [("put", b"v"), ("delete", None)]
+        assert got[0].version == w.version and got[1].version == f"{o[0]}:2"
+        log = {e.index: decode_record(e.data) for e in sim.logs[NodeId(x)]}
+        for c in got:
+            assert c.token == f"{x}.{c.position}" and log[c.position][1] == key
+        ready = next(rd for nid, rd in sim.readies if nid == x and got[0] in rd.changes)
+        assert got[0].position in [e.index for e in ready.entries]          # published with its record
+
+
+def test_no_changes_for_merges_that_change_nothing_or_hints() -> None:
+    sim = Sim(5)
+    sim.settle()
+    key = "k"
+    o = owners(sim, key)
+    sim.crash(o[2])
+    sim.tick(3)
+    ok(sim.put(o[0], key, b"v"))
+    fallback = next(str(n) for n in sim.ids if sim[str(n)].replica.hint_count() and str(n) not in o)
+    assert sim.changes(fallback) == []
+    before = len(sim.changes(o[1]))
+    rep = next(m for s, d, m in sim.sent if isinstance(m, LLReplicate) and d == NodeId(o[1]))
+    sim[o[1]].step(rep)                             # a duplicate delivery
+    ok(sim.get(o[1], key))                          # nothing stale: no repair
+    sim.pump()
+    assert len(sim.changes(o[1])) == before
+    sim.restart(o[2])
+    sim.tick(10)                                    # the hint goes home: a change there
+    assert [c.type for c in sim.changes(o[2]) if c.key == key] == ["put"]
+
+
+def test_changes_of_read_repair_and_anti_entropy() -> None:
+    sim = Sim(3)
+    sim.settle()
+    key = "k"
+    o = owners(sim, key)
+    sim.drop = lambda s, d, m: isinstance(m, LLReplicate) and d == NodeId(o[2])
+    ok(sim.put(o[0], key, b"v"))
+    sim.drop = lambda s, d, m: False
+    assert [c for c in sim.changes(o[2]) if c.key == key] == []
+    ok(sim.get(o[2], key, r=3))
+    assert [(c.type, c.value) for c in sim.changes(o[2]) if c.key == key] == [("put", b"v")]
+    sim.drop = lambda s, d, m: isinstance(m, LLReplicate) and d == NodeId(o[2])
+    ok(sim.put(o[0], "k2", b"w"))
+    sim.drop = lambda s, d, m: False
+    sim[o[2]].ae.start(NodeId(o[0]))
+    sim.pump()
+    assert [(c.type, c.value) for c in sim.changes(o[2]) if c.key == "k2"] == [("put", b"w")]
+
+
+def test_watch_position_reads_this_nodes_tokens_only() -> None:
+    sim = Sim(3)
+    core = sim["n1"]
+    assert core.watch_position("n1.42") == 42 and core.watch_position("n1.0") == 0
+    for bad in ("n2.42", "n1.", "n1.x", "42", "", "ll:", "n1.-1", "n1." + "9" * 30):
+        with pytest.raises(BadRequest):
+            core.watch_position(bad)
