@@ -26,8 +26,7 @@ from kvstore.api.errors import MSGPACK, body_response, error_response, wants_msg
 from kvstore.api.node_api import NodeAPI
 from kvstore.api.render import NodeMetrics, cluster_json, readiness
 from kvstore.api.request import (
-    check_client_auth,
-    check_cluster_auth,
+    authenticate,
     key_of,
     parse_batch,
     read_options,
@@ -38,16 +37,35 @@ from kvstore.api.request import (
 )
 from kvstore.api.ui import add_ui_routes
 from kvstore.errors import BadRequest, KVError, TooLarge
+from kvstore.security.users import Action, Authenticator, KeyRange, User, authorize
 from kvstore.replication.core import Change, Delete, Put, ReadResult, ScanResult, WriteResult
 
 log = logging.getLogger("kvstore.api")
 
 NODE = web.AppKey("node", object)
+AUTH = web.AppKey("auth", Authenticator)
 METRICS = web.AppKey("metrics", NodeMetrics)
 
 
 def _node(request: web.Request) -> NodeAPI:
     return request.app[NODE]  # type: ignore[return-value]
+
+
+async def _allowed(request: web.Request, action: Action, target: str | KeyRange | None = None) -> User:
+    """The request's user, if it may do `action` on `target` (a key or a key range):
+    401 without a valid credential, 403 with one that lacks the right (CONTRACT §10).
+    Failures are counted (kv_auth_failures_total) and logged without the credential."""
+    node = _node(request)
+    try:
+        user = await authenticate(request, request.app[AUTH], node.config)
+        authorize(user, action, target)
+    except KVError as e:
+        reason = e.code
+        node.counters[f'kv_auth_failures_total{{reason="{reason}"}}'] = \
+            node.counters.get(f'kv_auth_failures_total{{reason="{reason}"}}', 0.0) + 1
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, e.message)
+        raise
+    return user
 
 
 @web.middleware
@@ -144,8 +162,8 @@ def _read_answer(request: web.Request, node: NodeAPI, res: ReadResult) -> web.Re
 # ---- client API ------------------------------------------------------------------------
 async def kv_put(request: web.Request) -> web.Response:
     node = _node(request)
-    check_client_auth(request, node.config)
     key = key_of(request, node.config.limits.max_key_bytes)
+    await _allowed(request, Action.WRITE, key)
     opts = write_options(request)
     ttl = ttl_ms(request)
     value = await read_value(request, node.config.limits.max_value_bytes)
@@ -155,16 +173,16 @@ async def kv_put(request: web.Request) -> web.Response:
 
 async def kv_delete(request: web.Request) -> web.Response:
     node = _node(request)
-    check_client_auth(request, node.config)
     key = key_of(request, node.config.limits.max_key_bytes)
+    await _allowed(request, Action.WRITE, key)
     res = await node.write([Delete(key)], **write_options(request))
     return _write_answer(request, node, res)
 
 
 async def kv_get(request: web.Request) -> web.Response:
     node = _node(request)
-    check_client_auth(request, node.config)
     key = key_of(request, node.config.limits.max_key_bytes)
+    await _allowed(request, Action.READ, key)
     res = await node.read(key, **read_options(request))
     return _read_answer(request, node, res)
 
@@ -172,8 +190,8 @@ async def kv_get(request: web.Request) -> web.Response:
 async def kv_scan(request: web.Request) -> web.Response:
     """GET /kv?prefix=P | ?start=A&end=B, &limit, &cursor, &keys_only (CONTRACT §9)."""
     node = _node(request)
-    check_client_auth(request, node.config)
     opts = scan_options(request, node.config.limits)
+    await _allowed(request, Action.READ, KeyRange(opts["start"], opts["end"]))
     page: ScanResult = await node.scan(**opts)
     headers = {"KV-Token": page.token, "KV-Node": node.id}
     if wants_msgpack(request):
@@ -211,8 +229,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
     """GET /watch?prefix=P[&from=TOKEN] (or Last-Event-ID): Server-Sent Events, one per
     change, `id:` the change's token (CONTRACT §9)."""
     node = _node(request)
-    check_client_auth(request, node.config)
     prefix = request.query.get("prefix", "")
+    await _allowed(request, Action.READ, KeyRange.of_prefix(prefix))
     if "\x00" in prefix or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in prefix):
         raise BadRequest("prefix contains control characters (no key can)")
     token = request.query.get("from") or request.headers.get("Last-Event-ID") or None
@@ -240,8 +258,10 @@ async def watch(request: web.Request) -> web.StreamResponse:
 async def kv_batch(request: web.Request) -> web.Response:
     """POST /kv/_batch: msgpack or JSON {"ops": [["put", key, value], ["delete", key], ...]} as one entry."""
     node = _node(request)
-    check_client_auth(request, node.config)
+    user = await _allowed(request, Action.WRITE)
     ops = parse_batch(await request.read(), request.content_type, node.config.limits)
+    for op in ops:
+        authorize(user, Action.WRITE, op.key)
     opts = write_options(request)
     if opts.get("precondition") is not None:
         raise BadRequest("preconditions (If-Match / If-None-Match) apply to one key, not a batch")
@@ -286,7 +306,7 @@ async def ring(request: web.Request) -> web.Response:
 
 async def switchover(request: web.Request) -> web.Response:
     node = _node(request)
-    check_client_auth(request, node.config)
+    await _allowed(request, Action.ADMIN)
     to = request.query.get("to") or None
     if to is not None and to not in node.peer_urls:
         raise BadRequest(f"unknown node {to!r}; members: {', '.join(node.peer_urls)}")
@@ -318,9 +338,10 @@ async def faults(request: web.Request) -> web.Response:
     node = _node(request)
     if not node.config.testing.faults:
         raise web.HTTPNotFound(reason="fault injection is disabled (testing.faults: false)")
-    check_client_auth(request, node.config)
-    check_cluster_auth(request, node.config)
     tr = node.transport
+    # the chaos tool and operators: an admin user, or this cluster's peer credential
+    if not tr.has_peer_credential(request, await request.read()):
+        await _allowed(request, Action.ADMIN)
     if request.method == "POST":
         try:
             obj = await request.json()
@@ -345,6 +366,7 @@ def create_app(node: NodeAPI, *, manage_node: bool = True) -> web.Application:
                           client_max_size=max(max_body, 64 * 1024 * 1024))
     app[NODE] = node
     app[METRICS] = NodeMetrics(node)
+    app[AUTH] = Authenticator.from_config(node.config)   # ConfigError (bad users file): the node does not start
     r = app.router
     r.add_get("/health", health)
     r.add_get("/ready", ready)

@@ -8,7 +8,7 @@ Imports: aiohttp (request objects), msgpack, kvstore.config/errors/replication.c
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import re
 from typing import Any
@@ -20,9 +20,10 @@ from aiohttp import web
 from kvstore.config import ClusterConfig, LimitsSection
 from kvstore.errors import BadRequest, TooLarge, Unauthorized
 from kvstore.replication.core import Delete, Op, Precondition, Put
+from kvstore.security.tls import client_auth_ok
+from kvstore.security.users import Authenticator, User, bearer_token
 
 ACKS = ("async", "semi-sync", "sync")
-CLUSTER_TOKEN_HEADER = "KV-Cluster-Token"
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_BATCH_OPS = 100_000
@@ -30,7 +31,10 @@ MAX_BATCH_OPS = 100_000
 
 def check_key(key: str, max_key_bytes: int) -> str:
     """A key as the contract allows it: valid UTF-8, 1..max_key_bytes bytes, no control characters."""
-    n = len(key.encode("utf-8", "surrogatepass"))
+    try:
+        n = len(key.encode("utf-8"))
+    except UnicodeEncodeError:   # a lone surrogate (JSON "\ud800"): no UTF-8 bytes spell it
+        raise BadRequest("key is not valid UTF-8 (it contains a lone surrogate)") from None
     if n == 0:
         raise BadRequest("empty key: use /kv/<key>")
     if n > max_key_bytes:
@@ -64,10 +68,34 @@ def key_of(request: web.Request, max_key_bytes: int) -> str:
     return check_key(key, max_key_bytes)
 
 
+def _text(value: str | None, what: str) -> str | None:
+    """`value` if it is valid UTF-8 text. aiohttp hands a header's non-UTF-8 bytes over
+    as surrogate escapes ('\udcff'); passed on, they break msgpack and JSON encoding far
+    from here (a request id goes into the log) instead of being a clear 400."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{what} is not valid UTF-8") from None
+    return value
+
+
+def _header(request: web.Request, name: str) -> str | None:
+    return _text(request.headers.get(name), name)
+
+
+def _small_int(text: str) -> int | None:
+    """An ASCII decimal of at most 18 digits, else None (str.isdigit() accepts '²' and
+    '١', which int() refuses, and int() refuses more than 4300 digits)."""
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    return None
+
+
 def opt(request: web.Request, name: str) -> str | None:
     v = request.query.get(name)
     if v is None:
-        v = request.headers.get("KV-" + name.capitalize())
+        return _header(request, "KV-" + name.capitalize())
     return v
 
 
@@ -89,8 +117,8 @@ def _unquote(tag: str) -> str:
 
 def precondition(request: web.Request) -> Precondition | None:
     """If-Match: VERSION | "VERSION" | * ; If-None-Match: * (RFC 9110 §13.1)."""
-    im = request.headers.get("If-Match")
-    inm = request.headers.get("If-None-Match")
+    im = _header(request, "If-Match")
+    inm = _header(request, "If-None-Match")
     if im is None and inm is None:
         return None
     if inm is not None:
@@ -104,7 +132,7 @@ def precondition(request: web.Request) -> Precondition | None:
 
 
 def _rid(request: web.Request) -> str | None:
-    rid = request.headers.get("KV-Request-Id")
+    rid = _header(request, "KV-Request-Id")
     if rid is None:
         return None
     if not rid or len(rid) > 128:
@@ -130,22 +158,24 @@ def ttl_ms(request: web.Request) -> int | None:
 
 def write_options(request: web.Request) -> dict[str, Any]:
     return {"acks": _acks(request), "precondition": precondition(request),
-            "context": request.headers.get("KV-Context") or None, "rid": _rid(request),
+            "context": _header(request, "KV-Context") or None, "rid": _rid(request),
             "after": opt(request, "after") or None}
 
 
 def _query_text(request: web.Request, name: str) -> str | None:
-    """A query parameter decoded strictly as UTF-8 (aiohttp would replace bad bytes)."""
+    """A query parameter decoded strictly as UTF-8 (aiohttp would replace bad bytes).
+    From the RAW query string: `request.query_string` is already percent-decoded (but
+    for %26, %2B, ...), so decoding it again turned a prefix "%41" into "A"."""
     from urllib.parse import parse_qs
     try:
-        vals = parse_qs(request.query_string, keep_blank_values=True, errors="strict").get(name)
+        vals = parse_qs(request.rel_url.raw_query_string, keep_blank_values=True, errors="strict").get(name)
     except UnicodeDecodeError:
         raise BadRequest(f"{name}: not valid UTF-8 after percent-decoding") from None
     if not vals:
         return None
     if len(vals) > 1:
         raise BadRequest(f"{name}: given more than once")
-    return vals[0]
+    return _text(vals[0], name)
 
 
 def scan_options(request: web.Request, limits: LimitsSection) -> dict[str, Any]:
@@ -172,10 +202,10 @@ def scan_options(request: web.Request, limits: LimitsSection) -> dict[str, Any]:
     cap = limits.max_scan_limit
     if raw_limit is None:
         limit = min(1000, cap)
-    elif not raw_limit.isdigit() or not (1 <= int(raw_limit) <= cap):
+    elif (n := _small_int(raw_limit)) is None or not (1 <= n <= cap):
         raise BadRequest(f"limit must be an integer from 1 to {cap} (limits.max_scan_limit)")
     else:
-        limit = int(raw_limit)
+        limit = n
     ko = request.query.get("keys_only", "false").lower()
     if ko not in ("true", "false", "1", "0", ""):
         raise BadRequest("keys_only must be true or false")
@@ -187,10 +217,10 @@ def scan_options(request: web.Request, limits: LimitsSection) -> dict[str, Any]:
 def read_options(request: web.Request) -> dict[str, Any]:
     consistency = opt(request, "consistency") or None
     r = opt(request, "r")
-    if r is not None and (not r.isdigit() or int(r) < 1):
-        raise BadRequest(f"r must be a positive integer (got {r!r})")
-    return {"consistency": consistency, "after": opt(request, "after") or None,
-            "r": int(r) if r is not None else None}
+    r_int = None if r is None else _small_int(r)
+    if r is not None and (r_int is None or r_int < 1):
+        raise BadRequest(f"r must be a positive integer (got {r!r:.40})")
+    return {"consistency": consistency, "after": opt(request, "after") or None, "r": r_int}
 
 
 async def read_value(request: web.Request, limit: int) -> bytes:
@@ -228,7 +258,10 @@ def parse_batch(body: bytes, content_type: str, lim: LimitsSection) -> list[Op]:
                 raise BadRequest("put op is [\"put\", key, value]")
             v = op[2]
             if isinstance(v, str):
-                v = v.encode()
+                try:
+                    v = v.encode()
+                except UnicodeEncodeError:   # JSON "\ud800"
+                    raise BadRequest(f"value of {key!r:.60} is not valid UTF-8 text") from None
             if not isinstance(v, bytes):
                 raise BadRequest("values must be bytes or strings")
             if len(v) > lim.max_value_bytes:
@@ -241,23 +274,18 @@ def parse_batch(body: bytes, content_type: str, lim: LimitsSection) -> list[Op]:
     return out
 
 
-def check_client_auth(request: web.Request, config: ClusterConfig) -> None:
-    token = config.security.client_token
-    if not token:
-        return
-    got = request.headers.get("Authorization", "")
-    if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].strip().encode(), token.encode()):
-        raise Unauthorized("missing or wrong client token: send 'Authorization: Bearer <client_token>'")
+async def authenticate(request: web.Request, auth: Authenticator, config: ClusterConfig) -> User:
+    """Who sent this client request (401 when authentication is configured and the
+    request has no valid token; with `tls.client_auth: required`, a verified client
+    certificate is needed first). A token's first check runs scrypt: in a worker thread."""
+    if config.tls is not None and not client_auth_ok(request, config.tls.client_auth):
+        raise Unauthorized("this node requires a client certificate (tls.client_auth: required)")
+    header = request.headers.get("Authorization")
+    token = bearer_token(header)
+    if auth.needs_hash(token):
+        return await asyncio.to_thread(auth.user_for, header)
+    return auth.user_for(header)
 
 
-def check_cluster_auth(request: web.Request, config: ClusterConfig) -> None:
-    token = config.security.cluster_token
-    if not token:
-        return
-    got = request.headers.get(CLUSTER_TOKEN_HEADER, "")
-    if not hmac.compare_digest(got.encode(), token.encode()):
-        raise Unauthorized(f"missing or wrong cluster token ({CLUSTER_TOKEN_HEADER} header)")
-
-
-__all__ = ["check_client_auth", "check_cluster_auth", "check_key", "key_of", "parse_batch", "precondition",
+__all__ = ["authenticate", "check_key", "key_of", "parse_batch", "precondition",
            "read_options", "read_value", "scan_options", "ttl_ms", "write_options"]

@@ -20,20 +20,24 @@ Imports: asyncio, aiohttp, kvstore.errors/ids/config/protocol, kvstore.transport
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
+import ssl
 from collections import deque
 from typing import Any, Sequence
+from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
 from aiohttp import web
 
 from kvstore.config import ClusterConfig
-from kvstore.errors import BadRequest, Unauthorized, Unavailable
+from kvstore.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
 from kvstore.ids import LogIndex, NodeId, Term
 from kvstore.protocol.codec import decode_batch, encode_batch
 from kvstore.protocol.messages import Envelope, SnapshotRequest
+from kvstore.security.signing import PeerSigner, PeerVerifier
+from kvstore.security.tls import client_context, peer_cert_ok
 from kvstore.transport.base import Clock, Deliver, Unreachable
 from kvstore.transport.tasks import stop_tasks
 
@@ -46,14 +50,23 @@ MSGPACK = "application/msgpack"
 
 
 class HttpTransport:
+    """Peers are authenticated before anything else happens: with TLS by their node
+    certificate (signed by the cluster CA), else by the HMAC signature of every request
+    (and of the stream's handshake) with the cluster secret, or the older cluster token.
+    With none of them configured, membership of the sender is all that is checked."""
+
     def __init__(self, node_id: NodeId, peer_urls: dict[NodeId, str], *, timeout_s: float, probe_s: float,
-                 cluster_token: str | None, clock: Clock) -> None:
+                 clock: Clock, signer: PeerSigner | None = None, verifier: PeerVerifier | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.id = node_id
         self.urls = {p: u for p, u in peer_urls.items() if p != node_id}
         self.members = set(peer_urls)
         self.timeout = timeout_s
         self.probe_s = probe_s
-        self.token = cluster_token
+        self.signer = signer or PeerSigner(node_id, None)
+        self.verifier = verifier or PeerVerifier(None)
+        self.ssl_context = ssl_context
+        self.tls = ssl_context is not None
         self.clock = clock
         self.session: aiohttp.ClientSession | None = None
         self._queues: dict[NodeId, deque[Any]] = {p: deque() for p in self.urls}
@@ -68,9 +81,6 @@ class HttpTransport:
         self._stopped = False
         self.drop: set[NodeId] = set()
         self.delay_ms: dict[NodeId, int] = {}
-        self.headers = {"Content-Type": MSGPACK, "KV-Sender": node_id}
-        if cluster_token:
-            self.headers[CLUSTER_TOKEN_HEADER] = cluster_token
         self.frames_sent = 0
         self.messages_sent = 0
 
@@ -79,14 +89,21 @@ class HttpTransport:
         fd = config.failure_detector
         return cls(node_id, {NodeId(n.id): n.url for n in config.cluster.nodes},
                    timeout_s=fd.timeout_ms / 1000.0, probe_s=max(0.2, fd.heartbeat_interval_ms * 3 / 1000.0),
-                   cluster_token=config.security.cluster_token, clock=clock)
+                   clock=clock, signer=PeerSigner.from_config(config, node_id),
+                   verifier=PeerVerifier.from_config(config), ssl_context=client_context(config, node_id))
+
+    def _signed(self, method: str, url: str, body: bytes = b"") -> tuple[URL, dict[str, str]]:
+        """The exact URL to send and its peer headers (the signature covers PATH?QUERY as sent)."""
+        target = URL(url, encoded=True)
+        return target, self.signer.headers(method, target.raw_path_qs, body)
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self, deliver: Deliver, unreachable: Unreachable) -> None:
         self._deliver, self._unreachable = deliver, unreachable
         # No per-host limit: the streams are one connection each, and nothing else may
         # queue behind a small pool (a limit of 8 once made every forwarded write wait).
-        conn = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        conn = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True,
+                                    ssl=self.ssl_context if self.ssl_context is not None else True)
         self.session = aiohttp.ClientSession(connector=conn, headers={"User-Agent": f"kvstore-node/{self.id}"})
         for p in self.urls:
             self._spawn(self._sender(p), f"send-{p}")
@@ -156,11 +173,12 @@ class HttpTransport:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
             # that races the connect's completion, and the sender would never stop. A dead
             # peer's address may swallow SYNs (a killed container): bound the whole handshake.
+            target, headers = self._signed("GET", self.urls[peer] + "/internal/stream?" +
+                                           urlencode({"sender": self.id}))
             async with asyncio.timeout(self.timeout):
                 ws = await self.session.ws_connect(
-                    self.urls[peer] + "/internal/stream", headers=self.headers,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=1.0), heartbeat=max(0.5, self.timeout),
-                    max_msg_size=0, compress=0, autoclose=True, autoping=True, params={"sender": self.id})
+                    target, headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
+                    heartbeat=max(0.5, self.timeout), max_msg_size=0, compress=0, autoclose=True, autoping=True)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self._log_fail(peer, f"{type(e).__name__}: {e}")
             return None
@@ -245,13 +263,13 @@ class HttpTransport:
 
     async def _send_snapshot(self, peer: NodeId, m: SnapshotRequest) -> bool:
         assert self.session is not None
-        headers = dict(self.headers)
-        headers["Content-Type"] = "application/octet-stream"
         params = {"term": str(m.term), "sender": m.sender, "index": str(m.index), "snap_term": str(m.snap_term),
                   "term_starts": json.dumps([list(t) for t in m.term_starts])}
+        target, headers = self._signed("POST", self.urls[peer] + "/internal/snapshot?" + urlencode(params), m.data)
+        headers["Content-Type"] = "application/octet-stream"
         try:
-            async with self.session.post(self.urls[peer] + "/internal/snapshot", data=m.data, params=params,
-                                         headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as r:
+            async with self.session.post(target, data=m.data, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=300)) as r:
                 if r.status not in (200, 204):
                     self._log_fail(peer, f"snapshot HTTP {r.status}")
                     return False
@@ -288,16 +306,42 @@ class HttpTransport:
             await asyncio.sleep(self.probe_s)
 
     # ---- receiving (the /internal/* handlers) ----------------------------------------
-    def check_peer(self, request: web.Request) -> NodeId:
-        """The sender of an /internal request, once its credential and membership check out."""
-        if self.token:
-            got = request.headers.get(CLUSTER_TOKEN_HEADER, "")
-            if not hmac.compare_digest(got.encode(), self.token.encode()):
-                raise Unauthorized(f"missing or wrong cluster token ({CLUSTER_TOKEN_HEADER} header)")
-        sender = request.query.get("sender") or request.headers.get("KV-Sender", "")
+    def check_peer(self, request: web.Request, body: bytes | None = None) -> NodeId:
+        """The sender of an /internal request, once its peer credential and membership check
+        out (401/403 otherwise, before anything else happens). `body`: what the request
+        carried (b"" for none), for the signature."""
+        if self.tls:
+            if not peer_cert_ok(request):
+                raise Unauthorized("/internal/* needs a node certificate signed by the cluster CA "
+                                   "(mutual TLS): this connection presented none")
+            sender = request.headers.get("KV-Sender") or request.query.get("sender", "")
+        else:
+            sender = self.verifier.verify(request.method, request.raw_path, body if body is not None else b"",
+                                          request.headers)
+            if self.verifier.required and request.query.get("sender", sender) != sender:
+                raise Forbidden("the sender named in the query is not the one that signed the request")
+            sender = sender or request.query.get("sender", "")
         if sender not in self.members or sender == self.id:
-            raise BadRequest("internal requests need ?sender=<member id> (or KV-Sender)")
+            raise Forbidden("internal requests come from the other members of this cluster only")
         return NodeId(sender)
+
+    def has_peer_credential(self, request: web.Request, body: bytes) -> bool:
+        """Whether the request carries this cluster's peer credential (a node certificate,
+        a valid signature or the cluster token) — the tools that act as the cluster use it."""
+        if self.tls:
+            return peer_cert_ok(request)
+        if not self.verifier.required:
+            return False
+        try:
+            self.verifier.verify(request.method, request.raw_path, body, request.headers)
+        except Unauthorized:
+            return False
+        return True
+
+    async def handle_unknown(self, request: web.Request) -> web.Response:
+        """Any other /internal path: authenticated first (401/403), then 404."""
+        self.check_peer(request, await request.read())
+        raise NotFound(f"no internal endpoint {request.path}")
 
     def _accept(self, sender: NodeId, msgs: list[Any]) -> None:
         self._contact[sender] = self.clock.monotonic()
@@ -333,10 +377,11 @@ class HttpTransport:
 
     async def handle_frame(self, request: web.Request) -> web.Response:
         """One frame per POST (tools, debugging): same checks as the stream."""
-        sender = self.check_peer(request)
+        body = await request.read()
+        sender = self.check_peer(request, body)
         if sender in self.drop:
             raise Unavailable("dropped by fault injection")
-        msgs = decode_batch(await request.read())
+        msgs = decode_batch(body)
         if any(getattr(m, "sender", None) != sender for m in msgs):
             raise BadRequest("every message must come from the sender")
         await self._inbound_delay(sender)
@@ -344,7 +389,8 @@ class HttpTransport:
         return web.Response(status=204)
 
     async def handle_snapshot(self, request: web.Request) -> web.Response:
-        sender = self.check_peer(request)
+        data = await request.read()
+        sender = self.check_peer(request, data)
         q = request.query
         try:
             term, index, snap_term = int(q["term"]), int(q["index"]), int(q["snap_term"])
@@ -353,7 +399,6 @@ class HttpTransport:
             raise BadRequest("snapshot needs term, sender, index, snap_term (and term_starts)") from None
         if sender in self.drop:
             raise Unavailable("dropped by fault injection")
-        data = await request.read()
         self._accept(sender, [SnapshotRequest(Term(term), sender, LogIndex(index), Term(snap_term), data, starts)])
         return web.Response(status=204)
 
@@ -362,6 +407,7 @@ class HttpTransport:
         app.router.add_post("/internal/frame", self.handle_frame)
         app.router.add_post("/internal/raft", self.handle_frame)     # the older name of /internal/frame
         app.router.add_post("/internal/snapshot", self.handle_snapshot)
+        app.router.add_route("*", r"/internal/{tail:[\s\S]*}", self.handle_unknown)
 
 
 __all__ = ["HttpTransport", "CLUSTER_TOKEN_HEADER", "MSGPACK"]

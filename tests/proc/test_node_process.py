@@ -329,9 +329,10 @@ MALFORMED = [
     ("PUT", "/kv/x", {"KV-Acks": "most"}, b"v", 400),
     ("GET", "/kv/x?consistency=weird", {}, None, 400),
     ("GET", "/kv/x?after=not-a-token", {}, None, 400),
-    ("POST", "/internal/raft", {}, b"\xc1\x00garbage", 400),
-    ("POST", "/internal/raft", {}, b"", 400),
-    ("POST", "/internal/raft", {}, b"\x92\x63\x90", 400),   # valid msgpack, wrong shape
+    # /internal/*: peer credentials are checked before anything else (CONTRACT §10)
+    ("POST", "/internal/raft", {}, b"\xc1\x00garbage", 403),
+    ("POST", "/internal/raft", {}, b"", 403),
+    ("POST", "/internal/raft", {}, b"\x92\x63\x90", 403),   # valid msgpack, wrong shape
 ]
 BAD_PERCENT = [
     ("PUT", "/kv/%zz", {}, b"v", 400),
@@ -348,7 +349,7 @@ async def test_malformed_requests_get_json_errors_and_never_kill_the_node(guarde
                 text = await r.read()
                 assert r.status == status, (method, path[:40], r.status, text[:200])
                 obj = json.loads(text)
-                assert obj["error"] in ("bad_request", "too_large", "version_mismatch") and obj["message"], obj
+                assert obj["error"] in ("bad_request", "too_large", "version_mismatch", "forbidden") and obj["message"], obj
         # still alive and still correct
         async with s.put(f"{node.url}/kv/ok", data=b"fine") as r:
             assert r.status == 200
