@@ -1,7 +1,13 @@
-"""The client side of multi-leader mode: what a write or read request means here, what
-its answer looks like, and the request-id table that makes a retried write apply once.
-Helpers of the core (kvstore/replication/multi_leader.py), which decides when to
-answer.
+"""The client side of multi-leader mode's writes: what a write request means here, what
+its answer looks like, the KV-Token and change-feed tokens, and the request-id table
+that makes a retried write apply once. Helpers of the core
+(kvstore/replication/multi_leader.py), which decides when to answer. (Reads and scans:
+ml_reads.py.)
+
+Change feed tokens: "NODE@WALINDEX", e.g. "n1@57" — the node's id and the WAL index
+of the entry that holds the change (its position; one change per entry). "@" appears
+in no node id and in no KV-Token of any mode, so a watch token is never mistaken for
+one. A token is valid only on the node that served it.
 
 Durability of the dedup table: every entry comes from a local write whose WAL record
 carries the request id (the core replays it from there), and snapshot images carry the
@@ -17,22 +23,23 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from typing import Any, assert_never
 
-from kvstore.errors import BadRequest
+from kvstore.errors import BadRequest, Compacted
 from kvstore.ids import NodeId
-from kvstore.replication.core import Delete, Put, ReadResult, Version, WriteRequest, WriteResult
-from kvstore.replication.ml_store import LogRecord, MultiLeaderStore, WriteOutcome
-from kvstore.replication.versions import VersionVector, decode_vv, encode_dot, encode_hlc, encode_vv
+from kvstore.replication.core import Delete, Put, WriteRequest, WriteResult
+from kvstore.replication.ml_store import LogRecord, WriteOutcome
+from kvstore.replication.versions import VersionVector, decode_dot, decode_vv, encode_dot, encode_hlc, encode_vv
 
 RID_CACHE_MAX = 100_000
+MAX_TTL_MS = 10**15      # ~31,700 years: an expiry (HLC ms + ttl) stays far inside int64 on every replica
 _PRECONDITIONS = "multi-leader mode cannot honour it: send the KV-Context of your read instead"
 
-__all__ = ["RID_CACHE_MAX", "DedupTable", "parse_token", "parse_write", "read_result", "write_result",
-           "write_token"]
+__all__ = ["MAX_TTL_MS", "RID_CACHE_MAX", "DedupTable", "change_token", "parse_token", "parse_watch_token",
+           "parse_write", "write_result", "write_token"]
 
 
-def parse_write(req: WriteRequest) -> tuple[str, bytes | None, VersionVector | None]:
-    """(key, value or None for a delete, client context). BadRequest for what this mode
-    cannot do: batches, preconditions (there is no single order to compare against)."""
+def parse_write(req: WriteRequest) -> tuple[str, bytes | None, VersionVector | None, int | None]:
+    """(key, value or None for a delete, client context, ttl_ms). BadRequest for what this
+    mode cannot do: batches, preconditions (there is no single order to compare against)."""
     if len(req.ops) != 1:
         raise BadRequest("batch needs single-leader mode (multi-leader writes one key at a time)")
     pc = req.precondition
@@ -50,7 +57,12 @@ def parse_write(req: WriteRequest) -> tuple[str, bytes | None, VersionVector | N
             assert_never(op)
     if not op.key:
         raise BadRequest("the key must not be empty")
-    return op.key, value, decode_vv(req.context) if req.context else None
+    ttl = req.ttl_ms
+    if ttl is not None and value is None:
+        raise BadRequest("ttl: only a put may carry a TTL")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= MAX_TTL_MS):
+        raise BadRequest(f"ttl: a put's TTL is 1 ms to {MAX_TTL_MS // (365 * 86_400_000)} years")
+    return op.key, value, decode_vv(req.context) if req.context else None, ttl
 
 
 def parse_token(text: str, members: Collection[NodeId]) -> VersionVector:
@@ -80,20 +92,29 @@ def write_result(out: WriteOutcome, token: str) -> WriteResult:
                        headers=(("KV-Timestamp", encode_hlc(sib.timestamp)),))
 
 
-def read_result(store: MultiLeaderStore, key: str) -> ReadResult:
-    """What a read of `key` answers from this replica: absent/deleted (value None),
-    siblings (two or more visible versions, tombstones as value None), or one version."""
-    c = store.get(key)
-    token = encode_vv(store.positions())
-    ctx = encode_vv(c.context) if len(c.context) else None
-    vis = store.visible(key)
-    if all(s.value is None for s in vis):
-        return ReadResult(key, None, None, token, context=ctx)
-    if len(vis) > 1:
-        return ReadResult(key, None, None, token, tuple(Version(s.value, encode_dot(s.dot)) for s in vis), ctx)
-    s = vis[0]
-    return ReadResult(key, s.value, encode_dot(s.dot), token, context=ctx,
-                      headers=(("KV-Timestamp", encode_hlc(s.timestamp)),))
+def change_token(node: NodeId, index: int) -> str:
+    return f"{node}@{index}"
+
+
+def parse_watch_token(token: str, me: NodeId, last_index: int) -> int:
+    """The position (WAL index) a watch token of this node names. BadRequest if it is
+    malformed or another node's; Compacted if it is beyond this node's log (the node lost
+    its data since: that history is gone)."""
+    node, sep, idx = token.strip().strip('"').rpartition("@")
+    try:
+        parsed = decode_dot(f"{node}:{idx}") if sep else None     # the same rules as a dot's node and number
+    except BadRequest:
+        parsed = None
+    if parsed is None:
+        raise BadRequest(f"watch token {token[:80]!r}: expected NODE@POSITION, as the events' ids carry it")
+    if parsed.node != me:
+        raise BadRequest(f"watch token of {parsed.node}: this node's ({me}) change feed is its own; resume a watch "
+                         f"on the node that served the token")
+    pos = parsed.counter
+    if pos > last_index:
+        raise Compacted(f"this node's log ends at {last_index}, before the token's position {pos} (it lost its "
+                        f"data since); start a new watch without `from`, and read the current values first")
+    return pos
 
 
 class DedupTable:

@@ -25,8 +25,17 @@ Owns:
   upper bound of the sequence number of the record of its origin that created it
   (`tombs`); once every member has merged that origin's log that far, a key whose
   siblings are all such tombstones keeps only its causal context;
-- the encodings: WAL records, wire records, snapshot rows (msgpack, versioned,
-  validated on decode: a malformed payload is a BadRequest, never a crash).
+- TTLs: a put with `ttl_ms` gives its version an absolute expiry (its HLC physical time
+  + ttl) that travels with the sibling; `expiries_due` names the versions of ours whose
+  time has come, and `local_write(..., expire=version)` writes their expiry tombstone
+  (what readers see meanwhile, and why: ml_view.py);
+- the derived indexes (`index`: ml_view.KeyIndex — keys with a live version in byte
+  order for scans, versions with an expiry) and the change each container change makes
+  for readers (`_put` returns it: ml_view.feed_change). Every change of a container
+  goes through `_put`, so both follow local writes, merges, state transfers, tombstone
+  collection and recovery alike.
+The encodings (WAL records, wire records, snapshot rows) are in ml_records.py; this
+module re-exports them.
 
 Durability (kept by the core): what these methods return is persisted before anything
 depends on it — a local write before its answer, a received batch before the answer
@@ -40,21 +49,38 @@ ordered on it as in a single-leader store. Conflicts are writes to two leaders t
 had not seen each other. A write WITH a context supersedes exactly what the context
 covers (a sibling written concurrently with the resolve survives).
 
-May import: the standard library, msgpack, kvstore.ids, kvstore.errors,
-kvstore.replication.versions. Pure: no I/O, no asyncio, no time, no global random.
+May import: the standard library, kvstore.ids, kvstore.errors,
+kvstore.replication.versions/ml_records/ml_view. Pure: no I/O, no asyncio, no time, no
+global random.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, overload
-
-import msgpack
+from typing import Any
 
 from kvstore.errors import BadRequest, invariant
 from kvstore.ids import NodeId
+from kvstore.replication.ml_records import (
+    MAX_BATCH_RECORDS,
+    LogRecord,
+    PlainRows,
+    decode_record,
+    decode_state_record,
+    encode_local_record,
+    encode_remote_record,
+    encode_state_record,
+    item_bytes,
+    items_from_wire,
+    items_to_wire,
+    key_digest,
+    recompute_digest,
+    records_from_wire,
+    records_to_wire,
+    take_chunk,
+)
+from kvstore.replication.ml_view import Feed, KeyIndex, Policy, feed_change, logical_view, read_view
 from kvstore.replication.versions import (
     DVVSet,
     Dot,
@@ -62,7 +88,6 @@ from kvstore.replication.versions import (
     HybridClock,
     Sibling,
     VersionVector,
-    digest,
     encode_dot,
     encode_hlc,
     is_deleted,
@@ -100,41 +125,11 @@ __all__ = [
     "take_chunk",
 ]
 
-Policy = Literal["lww", "siblings"]
-_RECORD_VERSION = 1
 _IMAGE_VERSION = 1
-MAX_BATCH_RECORDS = 100_000
 
 # special `upto` values of a state record about ourselves (origin == this node)
 AWAIT_POSITIONS = -1    # started with empty storage: take no writes until HEARD_ALL
 HEARD_ALL = -2          # every peer told us its position of our log
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    """Entry `seq` of `origin`'s log: the key's whole container after origin's write."""
-
-    origin: NodeId
-    seq: int
-    key: str
-    container: DVVSet
-
-    def to_plain(self) -> list[Any]:
-        return [self.seq, self.key, self.container.to_plain()]
-
-    @classmethod
-    def from_plain(cls, origin: NodeId, obj: object) -> LogRecord:
-        if not isinstance(obj, (list, tuple)) or len(obj) != 3:
-            raise BadRequest("record: expected [seq, key, container]")
-        seq, key, c = obj
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-            raise BadRequest(f"record: bad sequence number {seq!r:.40}")
-        if not isinstance(key, str) or not key:
-            raise BadRequest("record: key must be a non-empty string")
-        return cls(origin, seq, key, DVVSet.from_plain(c))
-
-    def approx_bytes(self) -> int:
-        return item_bytes(self.key, self.container)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +139,7 @@ class WriteOutcome:
     record: LogRecord
     sibling: Sibling             # the new version (tombstone for a delete)
     superseded: tuple[Sibling, ...]   # local versions this write replaced
+    change: Feed | None = None   # what a reader sees change (None: nothing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +184,7 @@ class ReceiveOutcome:
     applied: int
     conflicts: tuple[ConflictEvent, ...]
     gap: bool = False
+    changes: tuple[Feed | None, ...] = ()   # what each new record changed for readers
 
 
 @dataclass(slots=True)
@@ -224,6 +221,7 @@ class MultiLeaderStore:
     peers: tuple[NodeId, ...]
     policy: Policy
     clock: HybridClock
+    now_ms: Callable[[], int]           # this node's physical clock (ms): what expiries are compared with
     store: dict[str, DVVSet] = field(default_factory=dict)
     applied: dict[NodeId, int] = field(default_factory=dict)
     log: list[LogRecord] = field(default_factory=list)   # own records, log[i].seq == log_base + i + 1
@@ -243,10 +241,13 @@ class MultiLeaderStore:
     tombs: dict[str, dict[Dot, int]] = field(default_factory=dict)
     # first-touch values since the last `mark()` (None: not tracking)
     undo: dict[str, _Touched] | None = None
+    # keys with a live version in byte order, versions with an expiry (derived, not durable)
+    index: KeyIndex = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         invariant(self.node_id not in self.peers, "a node is not its own peer")
         invariant(self.policy in ("lww", "siblings"), f"unknown conflict policy {self.policy!r}")
+        self.index = KeyIndex(self.policy)
         for p in self.peers:
             self.progress.setdefault(p, _PeerProgress())
             self.applied.setdefault(p, 0)
@@ -257,13 +258,17 @@ class MultiLeaderStore:
             t = self.tombs.get(key)
             self.undo[key] = (self.store.get(key), dict(t) if t is not None else None)
 
-    def _put(self, key: str, c: DVVSet) -> None:
+    def _put(self, key: str, c: DVVSet) -> Feed | None:
+        """Every change of a key's container goes through here: the undo log, the digest,
+        tombstone tracking, the scan and expiry index; returns what readers see change."""
         self._touch(key)
         old = self.store.get(key)
         if old is not None:
             self.store_digest ^= key_digest(key, old)
         self.store[key] = c
         self.store_digest ^= key_digest(key, c)
+        before = DVVSet.empty() if old is None else old
+        self.index.update(key, before, c, self.now_ms)
         t = self.tombs.get(key)
         if t is not None:
             alive = {s.dot for s in c.siblings if s.value is None}
@@ -271,6 +276,7 @@ class MultiLeaderStore:
                 del t[d]
             if not t:
                 del self.tombs[key]
+        return feed_change(key, before, c, self.policy)
 
     def _track(self, key: str, origin: NodeId, seq: int) -> None:
         """`origin`'s record `seq` carried the key's container: every tombstone of
@@ -289,14 +295,10 @@ class MultiLeaderStore:
     def get(self, key: str) -> DVVSet:
         return self.store.get(key, DVVSet.empty())
 
-    def visible(self, key: str) -> tuple[Sibling, ...]:
-        """The versions a read serves: every sibling (siblings), or the LWW winner (lww)."""
-        c = self.get(key)
-        if self.policy == "lww" and len(c.siblings) > 1:
-            winner, _ = resolve_lww(c)
-            assert winner is not None
-            return (winner,)
-        return c.siblings
+    def visible(self, key: str, now_ms: int | None = None) -> tuple[Sibling, ...]:
+        """The versions a read serves now: every sibling (siblings), or the LWW winner
+        (lww), without expired values or expiry tombstones (ml_view.read_view)."""
+        return read_view(self.get(key), self.policy, self.now_ms() if now_ms is None else now_ms)
 
     def positions(self) -> VersionVector:
         """Per-origin positions merged here (own: last seq) — the KV-Token of this node."""
@@ -315,28 +317,49 @@ class MultiLeaderStore:
         return sum(1 for c in self.store.values() if len(c.siblings) > 1)
 
     # ---- local writes ------------------------------------------------------------------
-    def local_write(self, key: str, value: bytes | None, client_context: VersionVector | None) -> WriteOutcome:
+    def local_write(self, key: str, value: bytes | None, client_context: VersionVector | None, *,
+                    ttl_ms: int | None = None, expire: Sibling | None = None) -> WriteOutcome:
         """PUT (value) or DELETE (None) coordinated here. Without a client context the write
         supersedes every version this node holds; with one (siblings) exactly those the
-        context covers. Under lww a local write always supersedes the local versions."""
-        current = self.get(key)
-        if client_context is None or self.policy == "lww":
+        context covers. Under lww a local write always supersedes the local versions.
+        `ttl_ms` (a put): the new version expires that long after its HLC physical time.
+        `expire`: a version of ours whose expiry has passed — write its expiry tombstone,
+        which supersedes exactly that version (a version vector cannot say "this dot
+        only", so the version is taken out of the container the update starts from)."""
+        current = base = self.get(key)
+        expires = None
+        if expire is not None:
+            floor = max(current.context.get(self.node_id), self.dot_floor)
+            base = DVVSet(tuple(s for s in current.siblings if s.dot != expire.dot),
+                          current.context.with_counter(self.node_id, floor))
+            ctx, expires = VersionVector(), expire.expires_ms
+        elif client_context is None or self.policy == "lww":
             ctx = current.context if client_context is None else current.context.merge(client_context)
         else:
             ctx = client_context
-        if self.dot_floor and ctx.get(self.node_id) < self.dot_floor:
+        if self.dot_floor and expire is None and ctx.get(self.node_id) < self.dot_floor:
             # we lost our own log once: dots up to the floor may exist elsewhere, never reuse one
             ctx = ctx.with_counter(self.node_id, self.dot_floor)
         ts = self.clock.now()
-        new = update(current, ctx, self.node_id, value, ts)
-        superseded = tuple(s for s in current.siblings if ctx.covers(s.dot))
+        if ttl_ms is not None:
+            expires = ts.physical_ms + ttl_ms
+        new = update(base, ctx, self.node_id, value, ts, expires)
+        superseded = (expire,) if expire is not None else tuple(s for s in current.siblings if ctx.covers(s.dot))
         counter = new.context.get(self.node_id)
         sib = next(s for s in new.siblings if s.dot.node == self.node_id and s.dot.counter == counter)
-        self._put(key, new)
+        change = self._put(key, new)
         rec = LogRecord(self.node_id, self.last_seq + 1, key, new)
         self.log.append(rec)
         self._track(key, self.node_id, rec.seq)
-        return WriteOutcome(rec, sib, superseded)
+        return WriteOutcome(rec, sib, superseded, change)
+
+    def expiries_due(self, limit: int) -> list[tuple[str, Sibling]]:
+        """Versions of ours whose expiry has passed and that readers still see (time aside:
+        every sibling under siblings, the winner under lww — an expiry tombstone for an lww
+        loser would beat the winner), from up to `limit` due versions; the scan membership
+        of every due key is brought up to date on the way (other nodes' versions too)."""
+        return [(key, s) for key, s in self.index.due(self.now_ms(), self.get, limit)
+                if s.dot.node == self.node_id and s in logical_view(self.get(key), self.policy)]
 
     # ---- remote writes -----------------------------------------------------------------
     def receive(self, origin: NodeId, records: Iterable[LogRecord]) -> ReceiveOutcome:
@@ -348,6 +371,7 @@ class MultiLeaderStore:
         pos = self.applied[origin]
         new: list[LogRecord] = []
         conflicts: list[ConflictEvent] = []
+        changes: list[Feed | None] = []
         gap = False
         for rec in records:
             invariant(rec.origin == origin, "record of another origin in a batch")
@@ -356,15 +380,17 @@ class MultiLeaderStore:
             if rec.seq != pos + 1:
                 gap = True
                 break
-            ev = self._merge(rec, count=True)
+            ev, change = self._merge(rec, count=True)
             if ev is not None:
                 conflicts.append(ev)
+            changes.append(change)
             pos = rec.seq
             new.append(rec)
         self.applied[origin] = pos
-        return ReceiveOutcome(origin, tuple(new), pos, tuple(conflicts), gap)
+        return ReceiveOutcome(origin, tuple(new), pos, tuple(conflicts), gap, tuple(changes))
 
-    def _merge(self, rec: LogRecord, *, count: bool, track: bool = True) -> ConflictEvent | None:
+    def _merge(self, rec: LogRecord, *, count: bool,
+               track: bool = True) -> tuple[ConflictEvent | None, Feed | None]:
         ts = max_timestamp(rec.container)
         if ts is not None and ts.node_id != self.node_id:
             # causally later local writes must get larger timestamps than anything seen
@@ -372,13 +398,14 @@ class MultiLeaderStore:
         local = self.get(rec.key)
         merged = sync(local, rec.container)
         ev: ConflictEvent | None = None
+        change: Feed | None = None
         if merged != local and merged != rec.container:
             ev = self._conflict(rec, local, merged, count)
         if merged != local:
-            self._put(rec.key, merged)
+            change = self._put(rec.key, merged)
         if track:
             self._track(rec.key, rec.origin, rec.seq)
-        return ev
+        return ev, change
 
     def _conflict(self, rec: LogRecord, local: DVVSet, merged: DVVSet, count: bool) -> ConflictEvent | None:
         """Neither side descends the other: report what the policy does with it."""
@@ -473,24 +500,25 @@ class MultiLeaderStore:
 
     # ---- state transfer ----------------------------------------------------------------------
     def receive_state(self, origin: NodeId, items: Iterable[tuple[str, DVVSet]],
-                      upto: int | None) -> tuple[tuple[ConflictEvent, ...], int]:
+                      upto: int | None) -> tuple[tuple[ConflictEvent, ...], int, tuple[Feed | None, ...]]:
         """Merge a chunk of `origin`'s whole store (sent when we need records it no longer
         keeps, or when we lost data and asked for it). `upto` is None on every chunk but
         the last; on the last it is the origin's log position its store covers (it becomes
         our position), or 0 when the origin cannot vouch for one (it is being reseeded
         itself: its store may lack some of its own old records). Returns (conflicts,
-        position). Tombstones that arrive this way are not tracked for collection (the
-        record that created them is unknown)."""
+        position, what each item changed for readers). Tombstones that arrive this way
+        are not tracked for collection (the record that created them is unknown)."""
         invariant(origin != self.node_id and origin in self.applied, f"state from {origin!r}")
-        conflicts = []
+        conflicts, changes = [], []
         for key, c in items:
-            ev = self._merge(LogRecord(origin, max(1, upto or 1), key, c), count=True, track=False)
+            ev, change = self._merge(LogRecord(origin, max(1, upto or 1), key, c), count=True, track=False)
             if ev is not None:
                 conflicts.append(ev)
+            changes.append(change)
         if upto is not None:
             self.applied[origin] = max(self.applied[origin], upto)
             self.reseed_from.discard(origin)
-        return tuple(conflicts), self.applied[origin]
+        return tuple(conflicts), self.applied[origin], tuple(changes)
 
     # ---- tombstone collection ------------------------------------------------------------
     def collect_tombstones(self, seen: Mapping[NodeId, int]) -> int:
@@ -639,148 +667,3 @@ def _tomb_row(row: object) -> tuple[str, Dot, int]:
     if not isinstance(row, (list, tuple)) or len(row) != 4 or not isinstance(row[0], str):
         raise BadRequest("snapshot: tombstone rows are [key, node, counter, seq]")
     return row[0], Dot.from_plain([row[1], row[2]]), _nonneg(row[3])
-
-
-# ---- lazy rows -------------------------------------------------------------------------------
-T = TypeVar("T")
-
-
-class PlainRows(Sequence[Any]):
-    """An immutable sequence of snapshot rows, each turned into its plain (msgpack-able)
-    form when read: taking a snapshot image costs pointer copies only, and the
-    conversion runs where the shell encodes the image (a disk thread)."""
-
-    __slots__ = ("_items", "_row")
-
-    def __init__(self, items: Sequence[T], row: Callable[[T], Any]) -> None:
-        self._items = items
-        self._row = row
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @overload
-    def __getitem__(self, i: int) -> Any: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[Any]: ...
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [self._row(x) for x in self._items[i]]
-        return self._row(self._items[i])
-
-    def __iter__(self) -> Iterator[Any]:
-        return map(self._row, self._items)
-
-
-# ---- encodings -----------------------------------------------------------------------------
-def encode_local_record(rec: LogRecord, rid: str | None) -> bytes:
-    """WAL payload of one local write (with the client's request id: dedup survives restarts)."""
-    return _pack([_RECORD_VERSION, "L", rec.origin, [rec.to_plain()], rid])
-
-
-def encode_remote_record(origin: NodeId, recs: Iterable[LogRecord]) -> bytes:
-    """WAL payload of one received batch (origin's records, consecutive)."""
-    return _pack([_RECORD_VERSION, "R", origin, [r.to_plain() for r in recs], None])
-
-
-def decode_record(data: bytes) -> tuple[str, NodeId, list[LogRecord], str | None]:
-    """(kind "L"|"R", origin, records, request id). Raises BadRequest on a bad payload."""
-    obj = _unpack(data)
-    if not isinstance(obj, list) or len(obj) != 5 or obj[0] != _RECORD_VERSION or obj[1] not in ("L", "R"):
-        raise BadRequest("multi-leader record: unknown shape or version")
-    _, kind, origin, recs, rid = obj
-    if not isinstance(origin, str) or not isinstance(recs, list) or (rid is not None and not isinstance(rid, str)):
-        raise BadRequest("multi-leader record: bad fields")
-    return kind, NodeId(origin), [LogRecord.from_plain(NodeId(origin), r) for r in recs], rid
-
-
-def encode_state_record(origin: NodeId, items: Iterable[tuple[str, DVVSet]], upto: int | None) -> bytes:
-    """WAL payload of one received state-transfer chunk, or (origin == this node) of a
-    fast-forward (upto = the new log base) or an empty-start marker (AWAIT_POSITIONS,
-    HEARD_ALL)."""
-    return _pack([_RECORD_VERSION, "S", origin, items_to_wire(items), upto])
-
-
-def decode_state_record(data: bytes) -> tuple[NodeId, list[tuple[str, DVVSet]], int | None] | None:
-    """(origin, items, upto) for an "S" record; None for any other kind."""
-    obj = _unpack(data)
-    if not isinstance(obj, list) or len(obj) != 5 or obj[1] != "S":
-        return None
-    _, _, origin, items, upto = obj
-    if not isinstance(origin, str) or (upto is not None and (not isinstance(upto, int) or isinstance(upto, bool))):
-        raise BadRequest("state record: bad fields")
-    return NodeId(origin), items_from_wire(items, limit=None), upto
-
-
-def _pack(obj: list[Any]) -> bytes:
-    out: bytes = msgpack.packb(obj, use_bin_type=True)
-    return out
-
-
-def _unpack(data: bytes) -> Any:
-    try:
-        return msgpack.unpackb(data, raw=False)
-    except Exception:  # msgpack raises many types on garbage; all mean "bad input"
-        raise BadRequest("multi-leader record: not msgpack") from None
-
-
-def key_digest(key: str, c: DVVSet) -> int:
-    """64-bit hash of one key's container (see MultiLeaderStore.store_digest)."""
-    return int.from_bytes(hashlib.blake2b(key.encode() + b"\0" + digest(c), digest_size=8).digest(), "big")
-
-
-def recompute_digest(store: dict[str, DVVSet]) -> int:
-    out = 0
-    for k, c in store.items():
-        out ^= key_digest(k, c)
-    return out
-
-
-def item_bytes(key: str, c: DVVSet) -> int:
-    """Rough wire size of one key's container (for batch and chunk limits)."""
-    return 64 + len(key) + sum(len(s.value or b"") + 48 for s in c.siblings)
-
-
-def take_chunk(items: Sequence[tuple[str, DVVSet]], pos: int, max_keys: int,
-               max_bytes: int) -> list[tuple[str, DVVSet]]:
-    """The next chunk of a whole-store transfer from `pos`: at most `max_keys` keys and
-    about `max_bytes` (always at least one key, however big)."""
-    chunk: list[tuple[str, DVVSet]] = []
-    size = 0
-    for key, c in items[pos:pos + max_keys]:
-        size += item_bytes(key, c)
-        if chunk and size > max_bytes:
-            break
-        chunk.append((key, c))
-    return chunk
-
-
-def items_to_wire(items: Iterable[tuple[str, DVVSet]]) -> list[Any]:
-    return [[k, c.to_plain()] for k, c in items]
-
-
-def items_from_wire(obj: object, limit: int | None = MAX_BATCH_RECORDS) -> list[tuple[str, DVVSet]]:
-    if not isinstance(obj, list) or (limit is not None and len(obj) > limit):
-        raise BadRequest("state: items must be a list")
-    out = []
-    for it in obj:
-        if not isinstance(it, (list, tuple)) or len(it) != 2 or not isinstance(it[0], str) or not it[0]:
-            raise BadRequest("state: items are [key, container]")
-        out.append((it[0], DVVSet.from_plain(it[1])))
-    return out
-
-
-def records_to_wire(recs: Iterable[LogRecord]) -> list[Any]:
-    return [r.to_plain() for r in recs]
-
-
-def records_from_wire(origin: NodeId, obj: object) -> list[LogRecord]:
-    if not isinstance(obj, list) or len(obj) > MAX_BATCH_RECORDS:
-        raise BadRequest("replicate: records must be a list")
-    recs = [LogRecord.from_plain(origin, r) for r in obj]
-    for a, b in zip(recs, recs[1:]):
-        if b.seq != a.seq + 1:
-            raise BadRequest("replicate: records must be consecutive")
-    return recs

@@ -7,13 +7,23 @@ without an answer, backed off after `unreachable`: ml_link.py); an empty one eve
 `heartbeat_ticks` is the heartbeat. The answer reports the peer's durable position of
 our log, its whole positions vector and whether our records left a gap.
 
-Owns: local writes (acks, dedup by request id, the writability gates), reads (waiting
-for a token; a key's unsynced write), the per-peer senders, whole-store transfers
-(`MLState` chunks: when a peer needs records our log no longer keeps, asks for our
-store, or anti-entropy finds our stores differ), the empty-start gate, data-loss
-detection and reseeding, tombstone collection (a tombstone goes once every member has
-merged it and every write any member made before that: see _collect_tombstones),
-snapshots, status.
+Owns: local writes (acks, dedup by request id, the writability gates, TTLs), reads
+and scans (from this node's replica: ml_reads.ReadDesk), expiry tombstones for our
+versions whose time has come (`_expire_versions`, a bounded batch per tick: ml_view.py
+says why and what readers see meanwhile), the change feed, the per-peer senders,
+whole-store transfers (`MLState` chunks: when a peer needs records our log no longer
+keeps, asks for our store, or anti-entropy finds our stores differ), the empty-start
+gate, data-loss detection and reseeding, tombstone collection (a tombstone goes once
+every member has merged it and every write any member made before that: see
+_collect_tombstones), snapshots, status (ml_status.py).
+
+Change feed (`Ready.changes`, published by the shell once the Ready's entries are
+durable): every change of what a reader sees that this node applies — local writes,
+expiry tombstones, merged records, state-transfer items — in apply order, as
+`Change(position = the WAL index of the entry holding it, token "NODE@INDEX")`. A
+received batch or state chunk is logged as one entry per change (records that change
+nothing ride along), so positions are strictly increasing; a merge or a tombstone
+collection that changes nothing a reader sees emits nothing (ml_view.feed_change).
 
 Durability (the shell persists a Ready's entries before it sends its `outbox` or
 answers its `results`):
@@ -24,8 +34,8 @@ answers its `results`):
 - a received batch's (or state chunk's) answer is in the `outbox` of the Ready whose
   entries persist it: an origin's position of a peer never runs ahead of the peer's
   disk. For the same reason every position this node reports is durable here;
-- a read of a key whose latest local write is not synced is answered in `results` (so
-  after the flush that makes the write durable), never earlier.
+- a read of a key (a scan page showing a key) whose latest local write is not synced is
+  answered in `results` (so after the flush that makes the write durable), never earlier.
 
 Time is ticks; the HLC reads the injected `now_ms`. Events an operator should see are
 `CoreEvent`s; every counter is in `status().counters` (events carry none).
@@ -50,21 +60,26 @@ from kvstore.protocol.messages import Entry, Envelope, HardState, SnapshotImage
 from kvstore.protocol.wire import Plain
 from kvstore.protocol.multi_leader import ML_MESSAGES, MLReplicate, MLReplicateResponse, MLState, MLStateResponse
 from kvstore.replication.core import (
+    Change,
     CoreConfig,
     CoreEvent,
     CoreStatus,
     Outcome,
     PeerState,
-    PeerStatus,
     ReadRequest,
     ReadResult,
     Ready,
     RequestId,
+    ScanRequest,
+    ScanResult,
     WriteRequest,
     WriteResult,
 )
 from kvstore.replication.ml_link import PeerLink, Transfer
-from kvstore.replication.ml_client import DedupTable, parse_token, parse_write, read_result, write_result, write_token
+from kvstore.replication.ml_client import (DedupTable, change_token, parse_token, parse_watch_token, parse_write,
+                                            write_result, write_token)
+from kvstore.replication.ml_reads import ReadDesk
+from kvstore.replication.ml_status import WriteTimes, render_status
 from kvstore.replication.ml_store import (
     HEARD_ALL,
     AWAIT_POSITIONS,
@@ -82,12 +97,14 @@ from kvstore.replication.ml_store import (
     records_from_wire,
     records_to_wire,
 )
-from kvstore.replication.versions import HybridClock, VersionVector, encode_dot, encode_vv
+from kvstore.replication.ml_view import Feed, split_at_changes
+from kvstore.replication.versions import HybridClock, Sibling, VersionVector, encode_dot, encode_vv
 
 MODE = "multi-leader"
 GATE_TIMEOUTS = 3                  # empty start / reseed: wait up to 3 x timeout for peers
 REPAIR_EVERY_TIMEOUTS = 10         # anti-entropy: at most one push per peer per 10 x timeout
 MAX_POSITION = 2**62               # sanity bound of a position a peer reports (dots must stay in int64)
+EXPIRE_BATCH = 256                 # due versions looked at per tick (expiry tombstones: bounded work)
 
 
 @dataclass(slots=True)
@@ -101,16 +118,6 @@ class _Write:
     deadline: int
     ticks: int
     after: str | None
-
-
-@dataclass(slots=True)
-class _Read:
-    """A read waiting until this node has reached the client's token."""
-
-    req: ReadRequest
-    token: VersionVector
-    deadline: int
-    ticks: int
 
 
 class MultiLeaderCore:
@@ -149,13 +156,14 @@ class MultiLeaderCore:
         self._results: list[tuple[RequestId, Outcome]] = []
         self._early: list[tuple[RequestId, Outcome]] = []
         self._events: list[CoreEvent] = []
+        self._changes: list[Change] = []
         # clients
         self._unsynced_keys: dict[str, int] = {}            # key -> WAL index of its unsynced local write
         self._unsynced_order: deque[tuple[int, str]] = deque()
         self._writes: dict[RequestId, _Write] = {}          # waiting for peer acks...
         self._by_needed: dict[int, OrderedDict[RequestId, _Write]] = {}   # ... by acks needed, in seq order
         self._deadlines: list[tuple[int, RequestId]] = []   # heap of the waiting writes' deadlines
-        self._reads: dict[RequestId, _Read] = {}
+        self._reads = ReadDesk(store, self.members, self._timeout, cfg.tick_ms, self._unsynced_keys, self._inc)
         self._rids = DedupTable()
         # snapshots
         self._mark: StoreMark = store.mark()
@@ -168,7 +176,7 @@ class MultiLeaderCore:
         self._gate_since = 0
         self._reseed_since = 0
         self._reseed_gave_up = False
-        self._write_ticks: deque[tuple[int, int]] = deque(maxlen=1_000_000)
+        self._times = WriteTimes()
         self._transfers = rng.randrange(1 << 31)
         self._c: dict[str, float] = {}
 
@@ -180,6 +188,7 @@ class MultiLeaderCore:
                 self._abort_transfer(p, "no answer")
         self._check_gates()
         self._expire()
+        self._expire_versions()
         if self.now % self._hb == 0:
             self._collect_tombstones()
         self._pump_all()
@@ -220,7 +229,7 @@ class MultiLeaderCore:
 
     def propose(self, req: WriteRequest) -> None:
         try:
-            key, value, ctx = parse_write(req)
+            key, value, ctx, ttl = parse_write(req)
         except KVError as e:
             self._early.append((req.req, e))
             return
@@ -237,12 +246,7 @@ class MultiLeaderCore:
         if refused is not None:
             self._early.append((req.req, refused))
             return
-        out = self.store.local_write(key, value, ctx)
-        seq = out.record.seq
-        idx = self._append(encode_local_record(out.record, req.rid), own_seq=seq)
-        self._unsynced_keys[key] = idx
-        self._unsynced_order.append((idx, key))
-        self._write_ticks.append((seq, self.now))
+        out = self._write_local(key, value, ctx, req.rid, ttl_ms=ttl)
         if req.rid is not None:
             self._rids.remember(req.rid, key, encode_dot(out.sibling.dot))
         self._inc("kv_writes_total")
@@ -258,34 +262,56 @@ class MultiLeaderCore:
             self._results.append((req.req, self._write_result(w)))
         self._try_reads()       # a token naming our new position
 
+    def _write_local(self, key: str, value: bytes | None, ctx: VersionVector | None, rid: str | None, *,
+                     ttl_ms: int | None = None, expire: Sibling | None = None) -> WriteOutcome:
+        """A local write (a client's, or an expiry tombstone): apply, log, publish."""
+        out = self.store.local_write(key, value, ctx, ttl_ms=ttl_ms, expire=expire)
+        seq = out.record.seq
+        idx = self._append(encode_local_record(out.record, rid), own_seq=seq)
+        self._unsynced_keys[key] = idx
+        self._unsynced_order.append((idx, key))
+        self._times.note(seq, self.now)
+        self._publish(idx, out.change)
+        return out
+
     def read(self, req: ReadRequest) -> ReadResult | KVError | None:
-        if req.consistency not in (None, "", "local", "leader"):
-            return BadRequest(f"consistency must be local or leader (got {req.consistency!r}); in multi-leader "
-                              f"mode every node answers from its own replica")
-        try:
-            token = parse_token(req.after, self.members) if req.after else None
-        except BadRequest as e:
-            return e
-        if token is not None and not self.store.has_positions(token):
-            ticks = req.timeout_ticks or self._timeout
-            self._reads[req.req] = _Read(req, token, self.now + ticks, ticks)
+        out = self._query(req)
+        assert not isinstance(out, ScanResult)
+        return out
+
+    def scan(self, req: ScanRequest) -> ScanResult | KVError | None:
+        """A page of this node's replica (ml_reads: no cross-node snapshot; `after` waits
+        as for reads)."""
+        out = self._query(req)
+        assert not isinstance(out, ReadResult)
+        return out
+
+    def _query(self, req: ReadRequest | ScanRequest) -> ReadResult | ScanResult | KVError | None:
+        out, later = self._reads.take(req, self.now)
+        if later:
+            assert out is not None
+            self._results.append((req.req, out))
             return None
-        return self._serve(req)
+        return out
+
+    def watch_position(self, token: str) -> int:
+        return parse_watch_token(token, self.id, self._next_index - 1)
 
     def cancel(self, req: RequestId) -> None:
         self._forget_write(req)
-        self._reads.pop(req, None)
+        self._reads.cancel(req)
 
     # ================================================================ Ready ===========
     def has_ready(self) -> bool:
-        return bool(self._entries or self._out or self._results or self._early or self._events)
+        return bool(self._entries or self._out or self._results or self._early or self._events or self._changes)
 
     def ready(self) -> Ready:
         rd = Ready(entries=tuple(self._entries), outbox=tuple(self._out), results=tuple(self._results),
-                   early_results=tuple(self._early), events=tuple(self._events))
+                   early_results=tuple(self._early), events=tuple(self._events), changes=tuple(self._changes))
         last = self._entries[-1].index if self._entries else self._mark_index
         self._handed.append((last, self._pending_own_seq))
         self._entries, self._out, self._results, self._early, self._events = [], [], [], [], []
+        self._changes = []
         self._pending_own_seq = 0
         # the state now is the state at `last`: the base of the next snapshot image
         self._mark, self._mark_index = self.store.mark(), last
@@ -311,6 +337,13 @@ class MultiLeaderCore:
         self._entries.append(Entry(Term(0), LogIndex(idx), data))
         self._pending_own_seq = max(self._pending_own_seq, own_seq)
         return idx
+
+    def _publish(self, idx: int, change: Feed | None) -> None:
+        """The change WAL entry `idx` makes for readers, for watchers (Ready.changes: the
+        shell publishes them once the entry is durable)."""
+        if change is not None:
+            self._changes.append(Change(idx, change_token(self.id, idx), change.type, change.key, change.version,
+                                        change.value))
 
     def _send(self, to: NodeId, msg: object) -> None:
         self._out.append(Envelope(to, msg))
@@ -388,7 +421,9 @@ class MultiLeaderCore:
         out = self.store.receive(p.id, recs)
         self._report_conflicts(out.conflicts)
         if out.new:
-            self._append(encode_remote_record(p.id, out.new))
+            # one WAL entry per change (its position), no-op records riding along
+            for group, change in split_at_changes(out.new, out.changes):
+                self._publish(self._append(encode_remote_record(p.id, group)), change)
             self._inc("kv_received_entries_total", len(out.new))
             self._try_reads()
         self._anti_entropy(p, msg)
@@ -410,7 +445,7 @@ class MultiLeaderCore:
             self._answer_writes()
         if msg.gap:
             self._event("info", f"{p.id} is at {msg.applied} of our log (gap); resending from there")
-        self._trim_write_ticks()
+        self._times.trim(self.store)
         if p.sent_records and self._snap_last_seq > self.store.log_base:
             self._trim_log()
         self._pump(p)
@@ -421,9 +456,12 @@ class MultiLeaderCore:
         except BadRequest as e:
             self._reject(p.id, f"state: {e.message}")
             return
-        conflicts, _ = self.store.receive_state(p.id, items, msg.upto)
+        conflicts, _, changes = self.store.receive_state(p.id, items, msg.upto)
         self._report_conflicts(conflicts)
-        self._append(encode_state_record(p.id, items, msg.upto))
+        groups = split_at_changes(items, changes) or [([], None)]
+        for i, (group, change) in enumerate(groups):     # `upto` goes with the last one
+            self._publish(self._append(encode_state_record(p.id, group, msg.upto if i == len(groups) - 1 else None)),
+                          change)
         self._send(p.id, MLStateResponse(self.id, msg.transfer, msg.chunk, self.store.applied[p.id]))
         self._try_reads()
 
@@ -587,34 +625,21 @@ class MultiLeaderCore:
                 f"acks={w.acks}: {got} of {w.needed} peer(s) confirmed within {w.ticks * self.cfg.tick_ms} ms; the "
                 f"write is durable here and will replicate when they are reachable", acks=got + 1,
                 needed=w.needed + 1)))
-        for rd in [rd for rd in self._reads.values() if self.now >= rd.deadline]:
-            del self._reads[rd.req.req]
-            have = encode_vv(self.store.positions())
-            self._early.append((rd.req.req, Unavailable(
-                f"this node has not received position {encode_vv(rd.token)} within {rd.ticks * self.cfg.tick_ms} ms "
-                f"(it has {have}); retry or read from the node that served the token", positions=have)))
-
-    def _serve(self, req: ReadRequest) -> ReadResult | None:
-        """Answer a read from this replica. If the key's latest local write is not synced
-        yet, the answer goes out with the next Ready's results — after a flush that makes
-        the write durable — and None is returned: no client ever sees (or takes a
-        KV-Context covering) a version a crash could lose and this node would reissue."""
-        out = read_result(self.store, req.key)
-        self._inc("kv_reads_total")
-        if out.siblings:
-            self._inc("kv_sibling_reads_total")
-        if req.key in self._unsynced_keys:
-            self._results.append((req.req, out))
-            return None
-        return out
+        self._early.extend(self._reads.expired(self.now))
 
     def _try_reads(self) -> None:
-        """Serve the reads whose token this node has now reached."""
-        for rd in [rd for rd in self._reads.values() if self.store.has_positions(rd.token)]:
-            del self._reads[rd.req.req]
-            out = self._serve(rd.req)
-            if out is not None:
-                self._early.append((rd.req.req, out))
+        """Serve the reads and scans whose token this node has now reached."""
+        for req, out, later in self._reads.reached():
+            (self._results if later else self._early).append((req, out))
+
+    def _expire_versions(self) -> None:
+        """Write the expiry tombstones of our versions whose time has come (a bounded batch
+        per tick; never while this node may not issue dots: they wait, hidden from reads)."""
+        if not self.store.index.expiry or self._writable() is not None:
+            return
+        for key, version in self.store.expiries_due(EXPIRE_BATCH):
+            self._write_local(key, None, None, None, expire=version)
+            self._inc("kv_keys_expired_total")
 
     # ================================================================ housekeeping ====
     def _collect_tombstones(self) -> None:
@@ -637,11 +662,6 @@ class MultiLeaderCore:
         low = self.store.min_acked()
         if low is not None:
             self.store.trim_log(min(low, self._snap_last_seq))
-
-    def _trim_write_ticks(self) -> None:
-        low = min((p.acked or 0 for p in self.store.progress.values()), default=self.store.last_seq)
-        while self._write_ticks and self._write_ticks[0][0] <= low:
-            self._write_ticks.popleft()
 
     # ================================================================ snapshots =======
     def snapshot_image(self) -> SnapshotImage | None:
@@ -674,64 +694,10 @@ class MultiLeaderCore:
     def _peer_state(self, peer: NodeId) -> PeerState:
         return self._peers[peer].state(self.now, self._timeout)
 
-    def _lag_ticks(self, peer: NodeId) -> int | None:
-        acked = self.store.progress[peer].acked
-        if acked is None:
-            return None
-        if acked >= self.store.last_seq:
-            return 0
-        for seq, t in self._write_ticks:
-            if seq > acked:
-                return self.now - t
-        return 0
-
     def status(self) -> CoreStatus:
-        store, tick_ms = self.store, self.cfg.tick_ms
-        positions = store.positions()
-        applied = sum(c for _, c in positions)
-        nodes = []
-        for nid in self.members:
-            region = self._regions.get(nid)
-            if nid == self.id:
-                nodes.append(PeerStatus(nid, "leader", "up", 0, 0, {"log_last": store.last_seq, "region": region}))
-                continue
-            prog, contact = store.progress[nid], self._peers[nid].contact
-            nodes.append(PeerStatus(nid, "leader", self._peer_state(nid), store.lag_entries(nid), self._lag_ticks(nid),
-                                    {"acked": prog.acked, "received": store.applied.get(nid, 0),
-                                     "last_contact_ms_ago": None if contact is None else (self.now - contact) * tick_ms,
-                                     "conflicts_seen": prog.conflicts_seen, "region": region}))
-        extra = {"conflict": store.policy, "acks": self._acks, "commit": applied, "positions": dict(positions.entries),
-                 "writable": self._writable() is None, "reseeding_from": sorted(store.reseed_from),
-                 "sibling_keys": store.sibling_keys() if store.policy == "siblings" else 0,
-                 "conflicts": {"lww_discarded": store.lww_discarded, "siblings": store.sibling_conflicts}}
-        return CoreStatus(MODE, "leader", 0, None, applied, encode_vv(positions), len(store.store), tuple(nodes),
-                          extra, self._counters(), self._gauges())
-
-    def _counters(self) -> dict[str, float]:
-        names = ("kv_writes_total", "kv_reads_total", "kv_sibling_reads_total", "kv_siblings_resolved_total",
-                 "kv_replicated_entries_total", "kv_received_entries_total", "kv_write_timeouts_total",
-                 "kv_writes_refused_total", "kv_deduplicated_writes_total", "kv_state_transfers_total",
-                 "kv_data_loss_detected_total", "kv_anti_entropy_repairs_total", "kv_tombstones_purged_total",
-                 "kv_peer_messages_rejected_total")
-        out = {n: self._c.get(n, 0.0) for n in names}
-        out['kv_conflicts_total{resolution="lww"}'] = float(self.store.lww_discarded)
-        out['kv_conflicts_total{resolution="siblings"}'] = float(self.store.sibling_conflicts)
-        for p in self.peers:
-            out[f'kv_peer_conflicts_total{{peer="{p}"}}'] = float(self.store.progress[p].conflicts_seen)
-        return out
-
-    def _gauges(self) -> dict[str, float]:
-        store = self.store
-        out = {"kv_log_last_seq": float(store.last_seq), "kv_sibling_keys": float(store.sibling_keys()),
-               "kv_hlc_physical_ms": float(store.clock.last().physical_ms)}
-        for p in self.peers:
-            lag_e, lag_t = store.lag_entries(p), self._lag_ticks(p)
-            if lag_e is not None:
-                out[f'kv_replication_lag_entries{{peer="{p}"}}'] = float(lag_e)
-            if lag_t is not None:
-                out[f'kv_replication_lag_seconds{{peer="{p}"}}'] = lag_t * self.cfg.tick_ms / 1000.0
-            out[f'kv_peer_up{{peer="{p}"}}'] = 1.0 if self._peer_state(p) == "up" else 0.0
-        return out
+        return render_status(self.store, self._peers, self._times, me=self.id, members=self.members,
+                             regions=self._regions, now=self.now, timeout_ticks=self._timeout, tick_ms=self.cfg.tick_ms,
+                             acks=self._acks, writable=self._writable() is None, counts=self._c)
 
     # ================================================================ recovery ========
     def _recover(self, image: SnapshotImage | None, entries: Sequence[Entry], fresh: bool) -> None:
@@ -795,7 +761,8 @@ def build_core(cfg: CoreConfig, config: ClusterConfig, *, hard_state: HardState,
     """Recover a multi-leader core: the snapshot image, then the WAL after it. The hard
     state is unused in this mode (no terms, no votes); `rng` numbers calls to peers."""
     peers = tuple(n for n in cfg.nodes if n != cfg.node_id)
-    store = MultiLeaderStore(cfg.node_id, peers, config.replication.conflict, HybridClock(cfg.node_id, now_ms))
+    store = MultiLeaderStore(cfg.node_id, peers, config.replication.conflict, HybridClock(cfg.node_id, now_ms),
+                             now_ms)
     core = MultiLeaderCore(cfg, config, store, rng)
     core._recover(image, entries, fresh)  # noqa: SLF001 - the factory finishes the construction
     return core

@@ -41,7 +41,7 @@ def make(node: NodeId, policy: str = "siblings", ids: tuple[NodeId, ...] = IDS,
          clock: FakePhysical | None = None) -> MultiLeaderStore:
     phys = clock or FakePhysical()
     return MultiLeaderStore(node, tuple(i for i in ids if i != node), policy,  # type: ignore[arg-type]
-                            HybridClock(node, phys))
+                            HybridClock(node, phys), phys)
 
 
 def ship(src: MultiLeaderStore, dst: MultiLeaderStore) -> None:
@@ -82,7 +82,7 @@ def test_remote_write_that_local_descends_is_ignored() -> None:
     ship(b, a)
     # replaying a's first record (through b's view) changes nothing at a
     stale = LogRecord(N2, 99, "k", b.get("k"))
-    assert a._merge(stale, count=True) is None   # noqa: SLF001 - the merge rule itself
+    assert a._merge(stale, count=True) == (None, None)   # noqa: SLF001 - the merge rule itself (no conflict, no change)
     assert a.get("k") == before
 
 
@@ -363,7 +363,7 @@ def test_trimmed_log_sends_a_peer_that_fell_behind_it_the_state_instead() -> Non
     a.local_write("k0", b"newer", None)                   # seq 11
     a.on_ack(N2, 0)                                       # b lost everything
     assert a.needs_state_transfer(N2)
-    conflicts, pos = b.receive_state(N1, list(a.store.items()), upto=10)
+    conflicts, pos, _ = b.receive_state(N1, list(a.store.items()), upto=10)
     assert pos == 10 and conflicts == ()
     a.on_ack(N2, pos)
     assert not a.needs_state_transfer(N2)
@@ -397,7 +397,7 @@ def test_a_node_that_lost_its_log_continues_after_it_and_never_reuses_a_dot() ->
     assert out.record.seq == 6 and out.sibling.dot.counter == 6   # no reuse of n1:1..5
     b.receive(N1, [out.record])                              # not skipped as a duplicate
     assert live_values(b, "k") == [b"after-loss"]
-    _, pos = wiped.receive_state(N2, list(b.store.items()), upto=b.last_seq)
+    _, pos, _ = wiped.receive_state(N2, list(b.store.items()), upto=b.last_seq)
     assert N2 not in wiped.reseed_from and wiped.get("k") == b.get("k")
 
 
@@ -428,9 +428,44 @@ def test_a_store_sent_while_being_reseeded_vouches_for_no_position() -> None:
     b.local_write("k", b"v", None)
     a = make(N1)
     a.fast_forward(4)
-    conflicts, pos = a.receive_state(N2, list(b.store.items()), upto=0)   # final chunk, no position
+    conflicts, pos, _ = a.receive_state(N2, list(b.store.items()), upto=0)   # final chunk, no position
     assert pos == 0 and N2 not in a.reseed_from and a.get("k") == b.get("k")
     a.on_ack(N3, 0)                                        # n3 is behind our (fast-forwarded) log
     assert not a.needs_state_transfer(N3)                 # ...but our store is incomplete: wait
     a.receive_state(N3, [], upto=0)
     assert not a.reseed_from and a.needs_state_transfer(N3)
+
+
+# ---- TTLs --------------------------------------------------------------------------------------
+def test_an_expiry_travels_with_its_version_and_records_without_one_still_decode() -> None:
+    a = make(N1)
+    out = a.local_write("k", b"v", None, ttl_ms=1000)
+    assert out.sibling.expires_ms == BASE_MS + 1000       # the write's HLC physical time + ttl
+    _, _, (rec,), _ = decode_record(encode_local_record(out.record, None))
+    assert rec == out.record
+    plain = out.record.to_plain()
+    plain[2]["s"][0] = plain[2]["s"][0][:4]               # a sibling of a record written before TTLs
+    assert LogRecord.from_plain(N1, plain).container.siblings[0].expires_ms is None
+    plain[2]["s"][0] = [*plain[2]["s"][0], "soon"]
+    with pytest.raises(BadRequest):
+        LogRecord.from_plain(N1, plain)
+    assert a.local_write("k", b"w", None).sibling.expires_ms is None    # a put without a TTL clears it
+
+
+def test_an_expiry_tombstone_supersedes_exactly_the_expired_version() -> None:
+    clock = FakePhysical()
+    a, b = make(N1, clock=clock), make(N2)
+    a.local_write("k", b"keep", None)                                    # n1:1
+    ttl = a.local_write("k", b"ttl", VersionVector(), ttl_ms=100)        # n1:2, concurrent with n1:1
+    ship(a, b)
+    assert live_values(b, "k") == [b"keep", b"ttl"]
+    clock.ms += 100
+    assert live_values(a, "k") == [b"keep"]                              # hidden at once
+    assert a.expiries_due(10) == [("k", ttl.sibling)] and a.expiries_due(10) == []
+    out = a.local_write("k", None, None, expire=ttl.sibling)
+    assert out.superseded == (ttl.sibling,) and out.sibling.dot.counter == 3
+    assert (out.sibling.value, out.sibling.expires_ms) == (None, ttl.sibling.expires_ms)
+    assert [s.value for s in a.get("k").siblings] == [b"keep", None]     # n1:1 survives (a context would not)
+    assert out.change is not None and (out.change.type, out.change.version) == ("put", "n1:1")
+    ship(a, b)
+    assert b.get("k") == a.get("k") and live_values(b, "k") == [b"keep"]
