@@ -62,6 +62,13 @@ def cmd_node(args: argparse.Namespace) -> int:
     warn = config.quorum_warning()
     if warn:
         logging.getLogger("kvstore").warning(warn)
+    from kvstore.security.exposure import check_exposure
+
+    # peers on other hosts with no peer authentication: refused (ConfigError, exit 2)
+    # unless security.insecure, which is said loudly
+    exposed = check_exposure(config, node_id, host)
+    if exposed:
+        logging.getLogger("kvstore").warning(exposed)
     # A node holds millions of small long-lived objects (one tuple per key): collect the
     # young generation less often so the cyclic GC does not keep re-walking them.
     gc.set_threshold(50_000, 20, 50)
@@ -94,14 +101,35 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int, log_
         log.critical("cannot start: %s", e.message)
         print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
         return 1
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+    from kvstore.security.tls import server_context
+
+    try:
+        tls = server_context(config, node_id)     # None without a tls section
+    except KVError as e:
+        await runner.cleanup()
+        print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
+        return 2
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024, ssl_context=tls)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
         print(f"kvstore node {node_id}: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 1
-    log.info("listening on %s:%d", host, port)
+    log.info("listening on %s://%s:%d", "https" if tls else "http", host, port)
+    # ---- the Redis protocol (CONTRACT §11): only when the node's entry has `resp` ----
+    resp = None
+    spec = config.node(node_id)
+    if spec.resp_host is not None and spec.resp_port is not None:
+        from kvstore.api.resp import start_resp
+        try:
+            resp = await start_resp(node, spec.resp_host, spec.resp_port, config)
+        except OSError as e:
+            await runner.cleanup()
+            print(f"kvstore node {node_id}: cannot listen on {spec.resp} (resp): {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
+    # ---- end of the Redis protocol block ----
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,6 +141,8 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int, log_
     _shutdown_watchdog(SHUTDOWN_BOUND_S - 0.5, log)
     try:
         async with asyncio.timeout(SHUTDOWN_BOUND_S - 1.5):
+            if resp is not None:            # Redis clients first (bounded: 1 s), then HTTP and the node
+                await resp.stop()
             await runner.cleanup()
     except TimeoutError:
         log.error("clean shutdown did not finish within %.1f s; syncing files and exiting",

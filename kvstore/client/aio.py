@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections import Counter
@@ -26,7 +27,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from kvstore.errors import BadRequest, KVError, NotLeader, Unavailable
+from kvstore.errors import BadRequest, ConfigError, KVError, NotLeader, Unavailable
 
 from .errors import Conflict, IndeterminateError, error_from_reply, map_exceptions
 from .options import ACKS, CONSISTENCIES, READ_PREFERENCES, Acks, Consistency, ReadPreference, Value, check_choice
@@ -103,6 +104,9 @@ class AsyncClient:
         retry_after_cap_s: float = 0.25,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         check_choice("read_preference", read_preference, READ_PREFERENCES)
         if timeout <= 0 or attempt_timeout <= 0:
@@ -126,6 +130,7 @@ class AsyncClient:
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at: float | None = None
         self._closed = False
+        self._ssl = tls_context(cacert, cert, key)
         # What the client had to do: attempts, retries by cause, redirects, refreshes.
         self.stats: Counter[str] = Counter()
 
@@ -151,7 +156,8 @@ class AsyncClient:
             raise RuntimeError("the client is closed")
         s = self._http.get(url)
         if s is None or s.closed:
-            connector = aiohttp.TCPConnector(limit=self.connections_per_node, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=self.connections_per_node, ttl_dns_cache=300,
+                                             ssl=self._ssl if self._ssl is not None else True)
             s = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                       timeout=aiohttp.ClientTimeout(total=None))
             # aiohttp silently re-sends a PUT/DELETE once when a pooled connection breaks:
@@ -765,6 +771,20 @@ async def _resolve(get_siblings: Callable[[str], Awaitable[Siblings]],
     if merged is None:
         return await delete(key, context=sibs.context)
     return await put(key, as_bytes(merged), context=sibs.context)
+
+
+def tls_context(cacert: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """For https:// nodes: trust `cacert` (a cluster's own CA) besides the system's, and
+    present `cert`/`key` when the nodes ask for a client certificate. None: the defaults."""
+    if cacert is None and cert is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=cacert)
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS files ({cacert or cert}): {e}") from None
+    return ctx
 
 
 def _opt_str(v: Any) -> str | None:

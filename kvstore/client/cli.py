@@ -183,6 +183,12 @@ def add_client_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         f"several (env KVSTORE_URL; default {DEFAULT_URL})")
     g.add_argument("--token", dest=pre + "token", metavar="TOKEN", default=argparse.SUPPRESS,
                    help="client token, sent as 'Authorization: Bearer TOKEN' (env KVSTORE_TOKEN)")
+    g.add_argument("--cacert", dest=pre + "cacert", metavar="FILE", default=argparse.SUPPRESS,
+                   help="trust this CA for https:// nodes (env KVSTORE_CACERT), e.g. certs/ca.pem")
+    g.add_argument("--cert", dest=pre + "cert", metavar="FILE", default=argparse.SUPPRESS,
+                   help="client certificate for nodes with tls.client_auth (env KVSTORE_CERT)")
+    g.add_argument("--key", dest=pre + "tls_key", metavar="FILE", default=argparse.SUPPRESS,
+                   help="the client certificate's key (env KVSTORE_KEY)")
     g.add_argument("--json", dest=pre + "json", action="store_true", default=argparse.SUPPRESS,
                    help="machine-readable output: results as JSON on stdout, an error as one "
                         "JSON object on stderr")
@@ -309,6 +315,9 @@ class Args:
     acks: Acks | None = None
     read_preference: ReadPreference = "leader"
     ttl: float | None = None
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
     values: bool = False
     limit: int | None = None
     from_token: str | None = None
@@ -343,6 +352,9 @@ def args_from_namespace(ns: argparse.Namespace, env: Mapping[str, str]) -> Args:
         acks=cast("Acks | None", getattr(ns, "acks", None)),
         read_preference=cast(ReadPreference, getattr(ns, "read_preference", "leader")),
         ttl=getattr(ns, "ttl", None), values=bool(getattr(ns, "values", False)),
+        cacert=getattr(ns, "cacert", None) or getattr(ns, "top_cacert", None) or env.get("KVSTORE_CACERT") or None,
+        cert=getattr(ns, "cert", None) or getattr(ns, "top_cert", None) or env.get("KVSTORE_CERT") or None,
+        key=getattr(ns, "tls_key", None) or getattr(ns, "top_tls_key", None) or env.get("KVSTORE_KEY") or None,
         limit=getattr(ns, "limit", None), from_token=getattr(ns, "from_token", None),
     )
 
@@ -521,7 +533,7 @@ def _read_value(raw: str, stdin: IO[Any]) -> bytes:
 
 async def _run(args: Args, stdin: IO[Any], out: TextIO, err: TextIO) -> int:
     client = AsyncClient(args.urls, args.token, args.timeout, attempt_timeout=min(2.0, args.timeout),
-                         read_preference=args.read_preference)
+                         read_preference=args.read_preference, cacert=args.cacert, cert=args.cert, key=args.key)
     try:
         if args.command in ("status", "watch-status"):
             return await _status(client, args, out, err)

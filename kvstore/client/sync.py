@@ -47,6 +47,9 @@ class Client:
         retry_after_cap_s: float = 0.25,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         self._aclient = AsyncClient(
             urls, token, timeout, attempt_timeout=attempt_timeout,
@@ -54,7 +57,7 @@ class Client:
             use_msgpack=use_msgpack, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
             connections_per_node=connections_per_node, latency_max_age_s=latency_max_age_s,
             failure_cooldown_s=failure_cooldown_s, retry_after_cap_s=retry_after_cap_s, rng=rng,
-            clock=clock)
+            clock=clock, cacert=cacert, cert=cert, key=key)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
