@@ -162,7 +162,7 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"errors", "ids", "config", "protocol", "storage", "cluster", "replication", "transport", "runtime",
             "security"},
     "client": {"errors", "protocol"},
-    "chaos": {"errors", "ids", "config", "protocol", "client"},
+    "chaos": {"errors", "ids", "config", "protocol", "client", "security"},
 }
 TOP = {"__init__", "__main__", "cli"}     # may import anything
 

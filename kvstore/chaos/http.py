@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from kvstore.chaos.workload import PlannedOp
+from kvstore.security.signing import PeerSigner
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,7 @@ async def _on_headers_sent(_session: aiohttp.ClientSession, ctx: Any, _params: A
         ctx.trace_request_ctx["sent"] = ctx.trace_request_ctx.get("sent", 0) + 1
 
 
-def _make_session(*, limit: int = 0) -> aiohttp.ClientSession:
+def _make_session(*, limit: int = 0, ssl_context: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
     """An aiohttp session fit for recording a history.
 
     aiohttp silently re-sends an idempotent request (PUT, DELETE, GET) once when a
@@ -64,8 +67,8 @@ def _make_session(*, limit: int = 0) -> aiohttp.ClientSession:
     connection error after anything was sent is indeterminate (info), never fail."""
     tc = aiohttp.TraceConfig()
     tc.on_request_headers_sent.append(_on_headers_sent)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
-                                    trace_configs=[tc])
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        limit=limit, ssl=ssl_context if ssl_context is not None else True), trace_configs=[tc])
     if hasattr(session, "_retry_connection"):
         session._retry_connection = False
     return session
@@ -79,8 +82,9 @@ class NodeClient:
 
     def __init__(self, session: aiohttp.ClientSession, *, timeout_s: float,
                  client_token: str | None = None, cluster_token: str | None = None,
-                 _traced: bool = False) -> None:
+                 signer: PeerSigner | None = None, _traced: bool = False) -> None:
         self.session = session
+        self.signer = signer       # signs the cluster calls (/admin/faults) with the cluster secret
         self.traced = _traced
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.client_headers = {"Authorization": f"Bearer {client_token}"} if client_token else {}
@@ -123,9 +127,10 @@ class NodeClient:
 
     @classmethod
     async def open(cls, *, timeout_s: float, client_token: str | None = None,
-                   cluster_token: str | None = None) -> "NodeClient":
-        return cls(_make_session(), timeout_s=timeout_s, client_token=client_token,
-                   cluster_token=cluster_token, _traced=True)
+                   cluster_token: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                   signer: PeerSigner | None = None) -> "NodeClient":
+        return cls(_make_session(ssl_context=ssl_context), timeout_s=timeout_s, client_token=client_token,
+                   cluster_token=cluster_token, signer=signer, _traced=True)
 
     async def close(self) -> None:
         await self.session.close()
@@ -192,8 +197,12 @@ class NodeClient:
         headers = dict(self.cluster_headers if cluster else self.client_headers)
         if cluster:
             headers.update(self.client_headers)
+        body = json.dumps(payload).encode()
+        headers["Content-Type"] = "application/json"
+        if cluster and self.signer is not None and self.signer.secret is not None:
+            headers.update(self.signer.headers("POST", path, body))
         try:
-            async with self.session.post(url + path, json=payload, headers=headers,
+            async with self.session.post(URL(url + path, encoded=True), data=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return resp.status, (await resp.text())[:300]
         except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError) as e:

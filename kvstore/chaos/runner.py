@@ -16,6 +16,7 @@ Owns the I/O of a chaos run, in order:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import json
 import random
 import shutil
@@ -38,6 +39,7 @@ from kvstore.chaos.report import build_summary, render_html, text_summary
 from kvstore.chaos.targets import AttachedCluster, DockerCluster, LocalCluster
 from kvstore.chaos.workload import PlannedOp, Session, Workload, make_workload
 from kvstore.config import ClusterConfig, load_config, parse_config
+from kvstore.security.signing import PeerSigner
 from kvstore.errors import KVError
 
 SETUP_PROCESS_BASE = 900_000     # seeding writes before the run
@@ -82,6 +84,15 @@ def _load_raw_config(path: str) -> tuple[dict[str, Any], ClusterConfig]:
     the raw document, which the run copies for its local nodes."""
     cfg = load_config(path)
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    # the copy lives in another directory: carry the secrets' and certificates' paths as
+    # the loaded config resolved them (relative to the original file)
+    for section, names in (("security", ("cluster_secret_file", "users_file")),
+                           ("tls", ("cert_file", "key_file", "ca_file"))):
+        resolved = getattr(cfg, section, None)
+        if isinstance(raw.get(section), dict) and resolved is not None:
+            for name in names:
+                if raw[section].get(name) is not None:
+                    raw[section][name] = getattr(resolved, name)
     return raw, cfg
 
 
@@ -352,9 +363,10 @@ class ChaosRun:
     async def run(self) -> dict[str, Any]:
         """The whole run; returns the summary (also written to the report dir)."""
         o = self.opts
-        self.client = await NodeClient.open(timeout_s=o.op_timeout_s,
-                                            client_token=self.cfg.security.client_token,
-                                            cluster_token=self.cfg.security.cluster_token)
+        self.client = await NodeClient.open(timeout_s=o.op_timeout_s, client_token=chaos_token(self.cfg),
+                                            cluster_token=self.cfg.security.cluster_token,
+                                            ssl_context=chaos_tls(self.cfg),
+                                            signer=PeerSigner.from_config(self.cfg, "chaos"))
         try:
             await self._setup_target()
             return await self._run_with_target()
@@ -516,3 +528,24 @@ def run_chaos(opts: ChaosOptions, *, out: TextIO | None = None) -> dict[str, Any
 
 
 __all__ = ["ChaosOptions", "ChaosRun", "ChaosSetupError", "ChaosTargetError", "run_chaos"]
+
+
+def chaos_token(cfg: Any) -> str | None:
+    """The client token of a secured cluster: KVSTORE_TOKEN (a users-file user; the
+    workload writes and the nemesis needs admin), else security.client_token."""
+    import os
+    return os.environ.get("KVSTORE_TOKEN") or cfg.security.client_token
+
+
+def chaos_tls(cfg: Any) -> ssl.SSLContext | None:
+    """For https:// nodes: trust the cluster's CA (tls.ca_file, or KVSTORE_CACERT), and
+    present KVSTORE_CERT/KVSTORE_KEY when the nodes require a client certificate."""
+    import os
+    cafile = os.environ.get("KVSTORE_CACERT") or (cfg.tls.ca_file if cfg.tls is not None else None)
+    if cafile is None:
+        return None
+    ctx = ssl.create_default_context(cafile=cafile)
+    cert = os.environ.get("KVSTORE_CERT")
+    if cert:
+        ctx.load_cert_chain(cert, os.environ.get("KVSTORE_KEY"))
+    return ctx

@@ -195,3 +195,24 @@ def test_a_tls_cluster_forwards_replicates_fails_over_and_refuses_plain_http(tmp
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+def test_chaos_holds_its_guarantees_against_a_secured_tls_cluster(tmp_path: Path) -> None:
+    ports = free_ports(3)
+    (tmp_path / "cluster.key").write_text(os.urandom(32).hex())
+    token = kvstore("users", "add", str(tmp_path / "users.yaml"), "ops", "--role", "admin").strip().splitlines()[-1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "cluster:\n  name: sec\n  nodes:\n" + "".join(
+            f'    - {{id: n{i + 1}, url: "https://127.0.0.1:{p}"}}\n' for i, p in enumerate(ports)) +
+        "replication: {mode: single-leader, acks: semi-sync}\n"
+        "security: {cluster_secret_file: cluster.key, users_file: users.yaml}\n"
+        'tls: {cert_file: "certs/{id}.pem", key_file: "certs/{id}-key.pem", ca_file: certs/ca.pem}\n')
+    kvstore("certs", "init", str(tmp_path / "certs"), "--config", str(cfg))
+    env = {**os.environ, "KVSTORE_TOKEN": token}
+    out = subprocess.run([sys.executable, "-m", "kvstore", "chaos", "--config", str(cfg), "--duration", "10s",
+                          "--report", str(tmp_path / "report"), "--seed", "7"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert out.returncode == 0 and summary["valid"], (out.stdout[-3000:], out.stderr[-2000:])
+    assert summary["ok"] > 100 and summary["lost_writes"] == 0
