@@ -94,7 +94,10 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int, log_
         print(f"kvstore node {node_id}: {e.message}", file=sys.stderr)
         return 1
     app = create_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    # hardening: idle keep-alive connections are closed after 75 s (not aiohttp's hour),
+    # at most 100 headers and 16 KiB per header line (a KV-Context of a big cluster fits)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                           keepalive_timeout=75.0, max_headers=100, max_field_size=16384, max_line_size=16384)
     try:
         await runner.setup()      # starts the node: recovery (a corrupt disk is refused here)
     except KVError as e:

@@ -85,6 +85,25 @@ async def metrics_middleware(request: web.Request,
         request.app[METRICS].observe_request(route, request.method, status, time.perf_counter() - t0)
 
 
+MAX_INFLIGHT = 10_000     # requests being served at once; beyond, 503 at once (not an unbounded queue)
+INFLIGHT = web.AppKey("inflight", list)
+
+
+@web.middleware
+async def inflight_middleware(request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    counter = request.app[INFLIGHT]
+    if counter[0] >= MAX_INFLIGHT:
+        from kvstore.errors import Unavailable
+        return error_response(request, Unavailable(f"more than {MAX_INFLIGHT} requests in flight on this node; "
+                                                   f"retry shortly"), _node(request).id)
+    counter[0] += 1
+    try:
+        return await handler(request)
+    finally:
+        counter[0] -= 1
+
+
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -362,9 +381,10 @@ async def faults(request: web.Request) -> web.Response:
 
 def create_app(node: NodeAPI, *, manage_node: bool = True) -> web.Application:
     max_body = node.config.limits.max_value_bytes + 1024 * 1024
-    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+    app = web.Application(middlewares=[inflight_middleware, metrics_middleware, error_middleware],
                           client_max_size=max(max_body, 64 * 1024 * 1024))
     app[NODE] = node
+    app[INFLIGHT] = [0]
     app[METRICS] = NodeMetrics(node)
     app[AUTH] = Authenticator.from_config(node.config)   # ConfigError (bad users file): the node does not start
     r = app.router

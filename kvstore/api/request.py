@@ -223,10 +223,17 @@ def read_options(request: web.Request) -> dict[str, Any]:
     return {"consistency": consistency, "after": opt(request, "after") or None, "r": r_int}
 
 
+BODY_TIMEOUT_S = 30.0     # a client that sends its body slower than this is cut off
+
+
 async def read_value(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"value is {request.content_length} bytes; max_value_bytes is {limit}")
-    value = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            value = await request.read()
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
     if len(value) > limit:
         raise TooLarge(f"value is {len(value)} bytes; max_value_bytes is {limit}")
     return value

@@ -34,7 +34,7 @@ from aiohttp import web
 from kvstore.config import ClusterConfig
 from kvstore.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
 from kvstore.ids import LogIndex, NodeId, Term
-from kvstore.protocol.codec import decode_batch, encode_batch
+from kvstore.protocol.codec import MAX_MESSAGE_BYTES, decode_batch, encode_batch
 from kvstore.protocol.messages import Envelope, SnapshotRequest
 from kvstore.security.signing import PeerSigner, PeerVerifier
 from kvstore.security.tls import client_context, peer_cert_ok
@@ -44,6 +44,7 @@ from kvstore.transport.tasks import stop_tasks
 log = logging.getLogger("kvstore.transport")
 
 MAX_QUEUE = 50_000
+MAX_SNAPSHOT_BYTES = 8 * 1024 ** 3      # one snapshot POST (a whole state machine)
 STOP_S = 1.0          # how long stop() waits for senders and connections
 CLUSTER_TOKEN_HEADER = "KV-Cluster-Token"
 MSGPACK = "application/msgpack"
@@ -351,7 +352,7 @@ class HttpTransport:
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
         """A peer's persistent stream of message frames."""
         sender = self.check_peer(request)
-        ws = web.WebSocketResponse(max_msg_size=0, compress=False, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, autoping=True)
         await ws.prepare(request)
         self._streams.add(ws)
         try:
@@ -389,7 +390,20 @@ class HttpTransport:
         return web.Response(status=204)
 
     async def handle_snapshot(self, request: web.Request) -> web.Response:
-        data = await request.read()
+        # a snapshot may exceed the client routes' body limit: read it with its own bound
+        if request.content_length is not None and request.content_length > MAX_SNAPSHOT_BYTES:
+            raise BadRequest(f"snapshot larger than {MAX_SNAPSHOT_BYTES} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_SNAPSHOT_BYTES:
+                raise BadRequest(f"snapshot larger than {MAX_SNAPSHOT_BYTES} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
         sender = self.check_peer(request, data)
         q = request.query
         try:
