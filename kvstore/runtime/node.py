@@ -403,15 +403,7 @@ class Node:
         core = self._check_serving()
         req = ReadRequest(self._next_req(), key, consistency, after, r)
         self._catch_up_ticks()
-        now = core.read(req)
-        if isinstance(now, KVError):
-            raise now
-        if now is not None:
-            return now
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._waiters[req.req] = fut
-        self._wake.set()
-        out = await self._await(req.req, fut, max(self.cfg.write_timeout_ticks, self.cfg.election_ticks))
+        out = await self._answer_of(req.req, core.read(req))
         assert isinstance(out, ReadResult)
         return out
 
@@ -421,17 +413,20 @@ class Node:
         core = self._check_serving()
         req = ScanRequest(self._next_req(), start, end, limit, cursor, keys_only, consistency, after, r)
         self._catch_up_ticks()
-        now = core.scan(req)
+        out = await self._answer_of(req.req, core.scan(req))
+        assert isinstance(out, ScanResult)
+        return out
+
+    async def _answer_of(self, req: RequestId, now: Outcome | None) -> Outcome:
+        """A read-like request's answer: given at once by the core, or in a later Ready."""
         if isinstance(now, KVError):
             raise now
         if now is not None:
             return now
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._waiters[req.req] = fut
+        self._waiters[req] = fut
         self._wake.set()
-        out = await self._await(req.req, fut, max(self.cfg.write_timeout_ticks, self.cfg.election_ticks))
-        assert isinstance(out, ScanResult)
-        return out
+        return await self._await(req, fut, max(self.cfg.write_timeout_ticks, self.cfg.election_ticks))
 
     def watch(self, prefix: str, from_token: str | None) -> Subscriber:
         """Changes of keys under `prefix` after `from_token` (None: from now on). Raises
