@@ -124,7 +124,15 @@ async def _serve(config: ClusterConfig, node_id: str, host: str, port: int, log_
     resp = None
     spec = config.node(node_id)
     if spec.resp_host is not None and spec.resp_port is not None:
-        from kvstore.api.resp import start_resp
+        from kvstore.api.resp import check_resp_exposure, start_resp
+        try:
+            exposed = check_resp_exposure(config, node_id)   # no TLS there yet: loopback only with tls
+        except ConfigError as e:
+            await runner.cleanup()
+            print(f"kvstore: {e.message}", file=sys.stderr)
+            return 2
+        if exposed:
+            log.warning(exposed)
         try:
             resp = await start_resp(node, spec.resp_host, spec.resp_port, config)
         except OSError as e:

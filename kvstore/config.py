@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def split_host_port(v: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPV6]:PORT` -> (host, port); ValueError with a message otherwise."""
+    host, sep, port = v.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    bad = not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+        or any(ch in host for ch in "/ []") or (":" in host and not v.startswith("["))
+    if bad:
+        raise ValueError(f"must look like HOST:PORT (e.g. 127.0.0.1:6379, 0.0.0.0:6379, [::1]:6379), got {v!r}")
+    return host, int(port)
+
+
 class NodeSpec(_Strict):
     """One member of the cluster."""
 
@@ -76,6 +89,12 @@ class NodeSpec(_Strict):
                                  "another address.")
     region: str | None = Field(default=None, description="A free-form label shown in `GET /cluster`; "
                                                           "replication does not use it.")
+    resp: str | None = Field(
+        default=None,
+        description="`HOST:PORT` (`[v6addr]:PORT` for IPv6) where this node also speaks the Redis "
+                    "protocol (RESP2, and RESP3 after `HELLO 3`) to redis-cli and Redis client "
+                    "libraries: same data, options, errors and guarantees as HTTP, and the same "
+                    "credentials (`AUTH TOKEN`). Off when absent. See docs/redis.md.")
 
     @field_validator("url")
     @classmethod
@@ -84,6 +103,30 @@ class NodeSpec(_Strict):
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
             raise ValueError(f"must look like http://HOST:PORT, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("resp")
+    @classmethod
+    def _resp(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_host_port(v)
+        return v
+
+    @model_validator(mode="after")
+    def _resp_port(self) -> "NodeSpec":
+        if self.resp is not None:
+            host, port = split_host_port(self.resp)
+            if port == self.port and host in (self.host, "0.0.0.0", "::"):
+                raise ValueError(f"resp: {self.resp!r} is the address of the node's url; give the Redis "
+                                 f"protocol a port of its own")
+        return self
+
+    @property
+    def resp_host(self) -> str | None:
+        return split_host_port(self.resp)[0] if self.resp is not None else None
+
+    @property
+    def resp_port(self) -> int | None:
+        return split_host_port(self.resp)[1] if self.resp is not None else None
 
     @property
     def host(self) -> str:
@@ -463,7 +506,12 @@ class Problem:
         loc = self.loc
         if self.source and self.source != self.loc:
             loc = f"{loc} (from {self.source})" if loc else self.source
-        return f"{where}{loc}: {self.message}" if loc else f"{where}{self.message}"
+        text = f"{where}{loc}: {self.message}" if loc else f"{where}{self.message}"
+        # one line, always: a key or value may hold a newline ("a\nb": 1 is valid YAML)
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ConfigProblems(ConfigError):
@@ -650,8 +698,12 @@ def duplicate_keys(root: yaml.Node | None) -> list[Problem]:
     (go-yaml, which etcd uses, refuses the file) — an operator editing one of the two
     copies would wonder why nothing changes."""
     out: list[Problem] = []
+    visited: set[int] = set()   # an alias is the node it names: `a: &x [*x]` is a cycle
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in visited:
+            return
+        visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: dict[str, int] = {}
             for k, v in node.value:
@@ -672,12 +724,28 @@ def duplicate_keys(root: yaml.Node | None) -> list[Problem]:
     return out
 
 
+# What PyYAML's safe constructors raise besides YAMLError: ValueError ("2001-02-30",
+# "!!int abc", "0000-01-01"), AttributeError ("!!timestamp x"), KeyError ("!!bool x"),
+# IndexError ("!!int"), RecursionError (deep nesting: "[[[[..." ).
+_YAML_BUGS = (ValueError, TypeError, LookupError, AttributeError, RecursionError)
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, with every failure a yaml.YAMLError (see _YAML_BUGS)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except _YAML_BUGS as e:
+        raise yaml.YAMLError(f"a value YAML cannot read ({type(e).__name__}: {e})") from None
+
+
 def _read_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     """Decode the document and compose its node graph (for line numbers). Raises yaml.YAMLError."""
-    data = yaml.safe_load(text)
+    data = _safe_load(text)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:  # decoded fine, so this cannot happen; lines are only a nicety
+    except (yaml.YAMLError, *_YAML_BUGS):  # decoded fine, so this cannot happen; lines are only a nicety
         root = None
     return data, root
 
@@ -730,7 +798,7 @@ def env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[
             value: Any = raw
         else:
             try:
-                value = yaml.safe_load(raw)
+                value = _safe_load(raw)
             except yaml.YAMLError:
                 value = raw  # not YAML: give the text to the validator, which names the variable
         values.setdefault(section, {})[key] = value

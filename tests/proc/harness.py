@@ -72,14 +72,21 @@ class Cluster:
     sections: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
+    resp: bool = False              # give every node a Redis-protocol port too (resp_ports)
+    resp_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        ports = free_ports(self.n)
+        ports = free_ports(self.n * (2 if self.resp else 1))
         self.ids = [f"n{i + 1}" for i in range(self.n)]
         self.urls = {nid: f"http://127.0.0.1:{p}" for nid, p in zip(self.ids, ports)}
-        cfg: dict[str, Any] = {"cluster": {"name": "test", "nodes": [{"id": i, "url": u}
-                                                                    for i, u in self.urls.items()]}}
+        if self.resp:
+            self.resp_ports = dict(zip(self.ids, ports[self.n:]))
+        nodes: list[dict[str, Any]] = [{"id": i, "url": u} for i, u in self.urls.items()]
+        for row in nodes:
+            if row["id"] in self.resp_ports:
+                row["resp"] = f"127.0.0.1:{self.resp_ports[row['id']]}"
+        cfg: dict[str, Any] = {"cluster": {"name": "test", "nodes": nodes}}
         fd = {"heartbeat_interval_ms": 100, "timeout_ms": 1000}
         cfg["failure_detector"] = fd
         cfg["storage"] = {"data_dir": str(self.tmp / "data"), "fsync": "always"}
@@ -250,12 +257,13 @@ async def read_all(url: str, keys: list[str], params: str = "?consistency=leader
 
 
 def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Body of the make_cluster fixture: make(n, **sections) starts a cluster; all are
-    closed (every process killed) when the generator finishes."""
+    """Body of the make_cluster fixture: make(n, resp=False, **sections) starts a cluster
+    (`resp=True`: every node also serves the Redis protocol, on `Cluster.resp_ports`); all
+    are closed (every process killed) when the generator finishes."""
     made: list[Cluster] = []
 
-    def make(n: int = 3, **sections: Any) -> Cluster:
-        c = Cluster(tmp_path / f"c{len(made)}", n, sections)
+    def make(n: int = 3, resp: bool = False, **sections: Any) -> Cluster:
+        c = Cluster(tmp_path / f"c{len(made)}", n, sections, resp=resp)
         made.append(c)
         # every node is a "leader" in multi-leader mode; leaderless has none to wait for
         return c.start(wait_leader=sections.get("replication", {}).get("mode", "single-leader") != "leaderless")

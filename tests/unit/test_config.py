@@ -295,7 +295,7 @@ def test_check_lists_every_problem_with_its_line(tmp_path: Path) -> None:
         (16, "limitz"),
     ]
     text = [p.render("cluster.yaml") for p in problems]
-    assert text[0] == "cluster.yaml:5: cluster.nodes.1.port: unknown key; allowed here: id, url, region"
+    assert text[0] == "cluster.yaml:5: cluster.nodes.1.port: unknown key; allowed here: id, url, region, resp"
     assert "cluster.yaml:9: replication.ack: unknown key; did you mean 'acks'?" in text
     assert "cluster.yaml:16: limitz: unknown key; did you mean 'limits'?" in text
     assert ("cluster.yaml:15: storage.fsync: must be one of always, interval, never; got 'alwys'; "
@@ -351,7 +351,7 @@ def test_load_config_is_one_line_with_the_count_of_more_problems(tmp_path: Path)
         load_config(p, env={})
     msg = ei.value.message
     assert "\n" not in msg
-    assert msg == (f"{p}:5: cluster.nodes.1.port: unknown key; allowed here: id, url, region "
+    assert msg == (f"{p}:5: cluster.nodes.1.port: unknown key; allowed here: id, url, region, resp "
                    f"(6 more problems: run `kvstore config check {p}`)")
     assert len(ei.value.problems) == 7
     assert isinstance(ei.value, ConfigError)
