@@ -62,7 +62,7 @@ ENV PATH=/opt/kvstore/bin:$PATH \
 USER kvstore
 WORKDIR /data
 VOLUME ["/data"]
-EXPOSE 7001 7002 7003
+EXPOSE 7001 7002 7003 6379
 STOPSIGNAL SIGTERM
 # Healthy = ready (GET /ready: recovered, and a leader known and reachable, or W peers up).
 # Set KVSTORE_HEALTH_URL to the node's own port when it is not 7001.

@@ -267,7 +267,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         for n in config.cluster.nodes:
             info = _get_json(n.url + "/cluster") or {}
             role = info.get("role", "unknown")
-            print(f"{n.id}  {n.url}  {role}  pid={procs[n.id].pid}  log={logs[n.id]}", flush=True)
+            resp = f"  redis={n.resp}" if n.resp else ""
+            print(f"{n.id}  {n.url}  {role}{resp}  pid={procs[n.id].pid}  log={logs[n.id]}", flush=True)
         while not stopping:
             for nid, p in procs.items():
                 if p.poll() is not None:

@@ -164,7 +164,7 @@ class StatusCollector:
         except Exception:     # a node still starting: only the shell's own series
             st = None
         counters: dict[str, float] = dict(node.counters)
-        gauges: dict[str, float] = {}
+        gauges: dict[str, float] = dict(getattr(node, "gauges", {}))
         if st is not None:
             counters.update(st.counters)
             gauges.update(st.gauges)

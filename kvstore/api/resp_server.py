@@ -235,12 +235,19 @@ class RespServer:
         self.connections_received += 1
         c = self.counters
         c["kv_resp_connections_total"] = c.get("kv_resp_connections_total", 0.0) + 1.0
+        self._gauge()
         return self._next_id
+
+    def _gauge(self) -> None:
+        gauges = getattr(self.node, "gauges", None)
+        if gauges is not None:
+            gauges["kv_resp_connections"] = float(len(self.conns))
 
     def unregister(self, conn: RespConnection) -> None:
         if self.conns.pop(conn.id, None) is not None:
             c = self.counters
             c["kv_resp_connections_closed_total"] = c.get("kv_resp_connections_closed_total", 0.0) + 1.0
+            self._gauge()
 
     def cursor_id(self, node_cursor: str) -> int:
         """A SCAN cursor for the node's opaque page cursor: Redis clients need an integer."""

@@ -100,6 +100,7 @@ class Node:
         self.skew_ms = self._skew()
         self.core: Core | None = None
         self.counters: dict[str, float] = {}
+        self.gauges: dict[str, float] = {}          # front ends' own gauges (e.g. RESP connections)
         self._wake = asyncio.Event()
         self._waiters: dict[RequestId, asyncio.Future[Outcome]] = {}
         self._req_seq = 0
@@ -516,6 +517,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.counters: dict[str, float] = {}
+        self.gauges: dict[str, float] = {}          # front ends' own gauges (e.g. RESP connections)
 
     def inc(self, name: str, v: float = 1.0) -> None:
         self.counters[name] = self.counters.get(name, 0.0) + v

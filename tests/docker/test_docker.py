@@ -127,6 +127,21 @@ def _pick_ports() -> dict[str, int]:
             s.close()
 
 
+def resp_port_env() -> dict[str, str]:
+    """Host ports for the containers' Redis-protocol ports: 6381-6383, or free ones."""
+    want = {"n1": 6381, "n2": 6382, "n3": 6383}
+    if not all(_port_free(p) for p in want.values()):
+        socks = [socket.socket() for _ in NODES]
+        try:
+            for sk in socks:
+                sk.bind(("127.0.0.1", 0))
+            want = {n: sk.getsockname()[1] for n, sk in zip(NODES, socks)}
+        finally:
+            for sk in socks:
+                sk.close()
+    return {f"KVSTORE_{n.upper()}_RESP_PORT": str(p) for n, p in want.items()}
+
+
 def _build_mode() -> str:
     mode = os.environ.get("KVSTORE_DOCKER_BUILD", "auto")
     if mode not in ("auto", "offline", "online", "none"):
@@ -224,6 +239,7 @@ def _cluster(compose: list[str]) -> Iterator[Cluster]:
     ports = _pick_ports()
     env = dict(os.environ)
     env.update({f"KVSTORE_{n.upper()}_PORT": str(p) for n, p in ports.items()})
+    env.update(resp_port_env())
     env.pop("KVSTORE_CLUSTER_TOKEN", None)
     env.pop("KVSTORE_CLIENT_TOKEN", None)
     c = Cluster(compose=[*compose, "-p", PROJECT], env=env, ports=ports)

@@ -39,6 +39,7 @@ from tests.docker.test_docker import (
     _pick_ports,
     _run,
     container,
+    resp_port_env,
     volume,
 )
 
@@ -112,6 +113,7 @@ def _secured(compose: list[str], tmp: Path) -> None:
     env = dict(os.environ)
     env.update({f"KVSTORE_{n.upper()}_PORT": str(p) for n, p in ports.items()})
     env.update(KVSTORE_CERTS_DIR=str(certs), KVSTORE_SECRETS_DIR=str(secrets))
+    env.update(resp_port_env())
     base = [*compose, "-p", PROJECT, "-f", "docker-compose.yml", "-f", "docker-compose.secure.yml"]
     mode = _build_mode()
     if mode == "offline":
