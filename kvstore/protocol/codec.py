@@ -36,6 +36,8 @@ def decode_batch(data: bytes) -> list[Any]:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises many types on garbage; all mean "bad input"
         raise BadRequest(f"undecodable msgpack: {type(e).__name__}") from None
-    if not isinstance(obj, list) or len(obj) != 2 or obj[0] != WIRE_VERSION or not isinstance(obj[1], list):
+    # type(...) is int: True and 1.0 compare equal to 1 but are not version 1
+    if not isinstance(obj, list) or len(obj) != 2 or type(obj[0]) is not int or obj[0] != WIRE_VERSION \
+            or not isinstance(obj[1], list):
         raise BadRequest(f"expected [{WIRE_VERSION}, [messages]]")
     return [decode_message(m) for m in obj[1]]

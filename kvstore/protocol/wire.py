@@ -25,7 +25,6 @@ import types
 import typing
 from typing import Any, Callable, Literal, NewType, TypeVar, Union
 
-import msgpack
 
 from kvstore.errors import BadRequest
 
@@ -117,9 +116,11 @@ def _decoder_for(tp: Any, owner: type) -> _Decoder:
     args = typing.get_args(tp)
     if origin is Literal:
         allowed = set(args)
+        types_allowed = {type(a) for a in args}
 
         def lit(v: Any) -> Any:
-            if v not in allowed or type(v) not in {type(a) for a in args}:
+            # type first: a list or map is unhashable, and `in allowed` would raise TypeError
+            if type(v) not in types_allowed or v not in allowed:
                 raise BadRequest(f"expected one of {sorted(map(repr, allowed))}, got {v!r:.40}")
             return v
         return lit

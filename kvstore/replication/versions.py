@@ -80,6 +80,11 @@ __all__ = [
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _COUNTER_RE = re.compile(r"[0-9]{1,19}")
 _INT_MAX = 2**63 - 1  # keeps every counter inside msgpack's int64
+# The most a decoder accepts from a peer or a client: a counter or timestamp is only
+# ever increased from what was received (the next dot, HLC logical + 1), so leave 2**62
+# steps of headroom below int64 — at one a millisecond, 146 million years. A value
+# above it would pass the decoder and break an invariant later (a crash, not a 400).
+_WIRE_MAX = 2**62 - 1
 MAX_ENCODED_CHARS = 65536
 MAX_VV_ENTRIES = 1024
 MAX_SIBLINGS = 4096
@@ -89,9 +94,14 @@ def _valid_node_id(node: object) -> bool:
     return isinstance(node, str) and _NODE_ID_RE.fullmatch(node) is not None
 
 
-def _valid_counter(c: object, minimum: int = 0) -> bool:
+def _valid_counter(c: object, minimum: int = 0, maximum: int = _INT_MAX) -> bool:
     # bool is an int subclass; a True counter is a malformed message, not 1.
-    return isinstance(c, int) and not isinstance(c, bool) and minimum <= c <= _INT_MAX
+    return isinstance(c, int) and not isinstance(c, bool) and minimum <= c <= maximum
+
+
+def _wire_counter(c: object, minimum: int = 0) -> bool:
+    """What a decoder accepts (see _WIRE_MAX)."""
+    return _valid_counter(c, minimum, _WIRE_MAX)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,7 +217,7 @@ class VersionVector:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise BadRequest("version vector: expected [node, counter] pairs")
             node, counter = item
-            if not _valid_node_id(node) or not _valid_counter(counter, 1):
+            if not _valid_node_id(node) or not _wire_counter(counter, 1):
                 raise BadRequest(f"version vector: bad entry {item!r:.80}")
             if node in out:
                 raise BadRequest(f"version vector: node {node!r} appears twice")
@@ -247,7 +257,7 @@ class Dot:
         if not isinstance(obj, (list, tuple)) or len(obj) != 2:
             raise BadRequest("dot: expected [node, counter]")
         node, counter = obj
-        if not _valid_node_id(node) or not _valid_counter(counter, 1):
+        if not _valid_node_id(node) or not _wire_counter(counter, 1):
             raise BadRequest(f"dot: bad value {obj!r:.80}")
         return cls(NodeId(node), counter)
 
@@ -278,7 +288,7 @@ class HlcTimestamp:
         if not isinstance(obj, (list, tuple)) or len(obj) != 3:
             raise BadRequest("hlc timestamp: expected [physical_ms, logical, node]")
         pt, lc, node = obj
-        if not _valid_counter(pt) or not _valid_counter(lc) or not _valid_node_id(node):
+        if not _wire_counter(pt) or not _wire_counter(lc) or not _valid_node_id(node):
             raise BadRequest(f"hlc timestamp: bad value {obj!r:.80}")
         return cls(pt, lc, NodeId(node))
 
@@ -402,7 +412,7 @@ class Sibling:
         if value is not None and not isinstance(value, bytes):
             raise BadRequest("sibling: value must be bytes or nil")
         expires = obj[4] if len(obj) == 5 else None
-        if expires is not None and not _valid_counter(expires):
+        if expires is not None and not _wire_counter(expires):
             raise BadRequest(f"sibling: bad expiry {expires!r:.40}")
         return cls(Dot.from_plain([node, counter]), value, HlcTimestamp.from_plain(ts), expires)
 
@@ -613,7 +623,7 @@ def decode_vv(text: str) -> VersionVector:
         if not sep or not _valid_node_id(node) or not _COUNTER_RE.fullmatch(counter):
             raise BadRequest(f"context: bad entry {part!r:.80} (expected NODE:COUNTER)")
         value = int(counter)
-        if not _valid_counter(value, 0):
+        if not _wire_counter(value, 0):
             raise BadRequest(f"context: counter out of range in {part!r:.80}")
         if node in out:
             raise BadRequest(f"context: node {node!r} appears twice")
@@ -634,7 +644,7 @@ def decode_dot(text: str) -> Dot:
     if not sep or not _valid_node_id(node) or not _COUNTER_RE.fullmatch(counter):
         raise BadRequest(f"version: bad value {text!r:.80} (expected NODE:COUNTER)")
     value = int(counter)
-    if not _valid_counter(value, 1):
+    if not _wire_counter(value, 1):
         raise BadRequest(f"version: counter out of range in {text!r:.80}")
     return Dot(NodeId(node), value)
 
@@ -657,6 +667,6 @@ def decode_hlc(text: str) -> HlcTimestamp:
     ):
         raise BadRequest(f"timestamp: bad value {text!r:.80}")
     pt, lc = int(parts[0]), int(parts[1])
-    if not _valid_counter(pt) or not _valid_counter(lc):
+    if not _wire_counter(pt) or not _wire_counter(lc):
         raise BadRequest(f"timestamp: out of range {text!r:.80}")
     return HlcTimestamp(pt, lc, NodeId(parts[2]))

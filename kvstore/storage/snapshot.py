@@ -301,13 +301,17 @@ def _unpack(payload: bytes | memoryview, origin: str, off: int) -> Any:
         raise CorruptionError(f"snapshot {origin}: undecodable frame at offset {off} ({e})") from None
 
 
+def _uint(v: object) -> bool:
+    """A non-negative int (bool is not one, though Python says it is an int)."""
+    return type(v) is int and v >= 0
+
+
 def _decode_frames(frames: Iterator[Any], origin: str) -> SnapshotImage:
     header = next(frames, None)
     if header is None:
         raise CorruptionError(f"snapshot {origin}: no header")
     if not (isinstance(header, dict) and header.get("format") == FORMAT and isinstance(header.get("mode"), str)
-            and isinstance(header.get("index"), int) and isinstance(header.get("term"), int)
-            and header["index"] >= 0 and header["term"] >= 0 and isinstance(header.get("meta"), dict)
+            and _uint(header.get("index")) and _uint(header.get("term")) and isinstance(header.get("meta"), dict)
             and isinstance(header.get("sections"), list)
             and all(isinstance(s, str) for s in header["sections"])
             and len(set(header["sections"])) == len(header["sections"])):
@@ -324,7 +328,7 @@ def _decode_frames(frames: Iterator[Any], origin: str) -> SnapshotImage:
                                       f"{expected!r} read")
             ended = True
             break
-        if not (isinstance(fr, list) and len(fr) == 2 and isinstance(fr[0], int) and 0 <= fr[0] < len(names)
+        if not (isinstance(fr, list) and len(fr) == 2 and type(fr[0]) is int and 0 <= fr[0] < len(names)
                 and isinstance(fr[1], list) and fr[1] and all(isinstance(c, list) for c in fr[1])):
             raise CorruptionError(f"snapshot {origin}: bad chunk")
         no, cols = fr
@@ -353,8 +357,10 @@ def _decode_legacy(frames: Iterator[Any], origin: str) -> SnapshotImage:
     """KVSNAP2 (single-leader, before the one format): header {index, term, count, dedup},
     chunks [keys, values, versions], end {"end": count}."""
     header = next(frames, None)
-    if not (isinstance(header, dict) and isinstance(header.get("index"), int)
-            and isinstance(header.get("term"), int) and isinstance(header.get("dedup", []), list)):
+    if not (isinstance(header, dict) and _uint(header.get("index")) and _uint(header.get("term"))
+            and isinstance(header.get("dedup", []), list)
+            and all(isinstance(r, list) for r in header.get("dedup", []))):
+        # dedup rows must be arrays: a map row would make the transpose raise KeyError
         raise CorruptionError(f"snapshot {origin}: bad header")
     keys: list[Any] = []
     vals: list[Any] = []

@@ -86,6 +86,10 @@ def version_index(ver: int) -> int:
     return ver & _INDEX_MASK
 
 
+def _decimal(s: str, max_digits: int) -> bool:
+    return s.isascii() and s.isdigit() and len(s) <= max_digits
+
+
 def parse_version(text: str) -> int:
     """Parse "TERM.INDEX" (quotes and W/ ignored, as HTTP If-Match allows). Raises BadRequest."""
     t = text.strip()
@@ -93,8 +97,10 @@ def parse_version(text: str) -> int:
         t = t[2:]
     t = t.strip().strip('"')
     term_s, sep, index_s = t.partition(".")
-    if not sep or not term_s.isdigit() or not index_s.isdigit():
-        raise BadRequest(f"invalid version {text!r}: expected TERM.INDEX as returned in KV-Version")
+    # ASCII digits, and few of them: str.isdigit() accepts "²" and "١", which int() refuses,
+    # and int() refuses more than 4300 digits (ValueError, not BadRequest)
+    if not sep or not _decimal(term_s, 8) or not _decimal(index_s, 13):
+        raise BadRequest(f"invalid version {text!r:.80}: expected TERM.INDEX as returned in KV-Version")
     term, index = int(term_s), int(index_s)
     if index > _INDEX_MASK or term >= (1 << 23):
         raise BadRequest(f"invalid version {text!r}: out of range")
@@ -147,9 +153,17 @@ def encode_expire(items: Iterable[tuple[str, int]]) -> bytes:
 
 
 def decode_command(data: bytes) -> tuple[Any, ...] | None:
+    """The command of an entry's data (None for a no-op). BadRequest if it is not one: a
+    msgpack array whose first element is an op code."""
     if not data:
         return None
-    return tuple(msgpack.unpackb(data, raw=False, use_list=True))
+    try:
+        cmd = msgpack.unpackb(data, raw=False, use_list=True)
+    except Exception:  # msgpack raises many types on garbage; all mean "not a command"
+        raise BadRequest(f"undecodable command ({len(data)} bytes)") from None
+    if type(cmd) is not list or not cmd or type(cmd[0]) is not int:
+        raise BadRequest(f"not a command: {cmd!r:.60}")
+    return tuple(cmd)
 
 
 def command_rid(data: bytes) -> str | None:

@@ -51,6 +51,58 @@ def frame(payload: bytes) -> bytes:
     return _HDR.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def _uint(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _parse_payload(payload: bytes) -> tuple | None:  # type: ignore[type-arg]
+    """A record's payload as [0, term, index, data] or [1, snap_index, snap_term]; None if
+    it is anything else (a checksummed payload of another shape is corruption too)."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False)
+    except Exception:  # msgpack raises many types on garbage; all mean "not a record"
+        return None
+    if type(obj) is not list or not obj or type(obj[0]) is not int:
+        return None
+    if obj[0] == 0 and len(obj) == 4 and _uint(obj[1]) and _uint(obj[2]) and obj[2] >= 1 \
+            and type(obj[3]) is bytes:
+        return tuple(obj)
+    if obj[0] == 1 and len(obj) == 3 and _uint(obj[1]) and _uint(obj[2]):
+        return tuple(obj)
+    return None
+
+
+_ENTRY_PREFIX_MAX = 2 + 9 + 9 + 5   # fixarray + kind, uint64 term, uint64 index, bin32 header
+_UINT_SIZES = {0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8}
+_BIN_SIZES = {0xc4: 1, 0xc5: 2, 0xc6: 4}
+
+
+def _entry_payload_size(prefix: bytes) -> int | None:
+    """The payload size an entry record announces in its first bytes — msgpack
+    [0, term, index, bin(L)] as `append` writes it — or None if `prefix` does not start
+    like one (or is too short to tell)."""
+    if len(prefix) < 2 or prefix[0] != 0x94 or prefix[1] != 0x00:
+        return None
+    pos = 2
+    for _ in range(2):                          # term, index
+        if pos >= len(prefix):
+            return None
+        b = prefix[pos]
+        if b <= 0x7f:
+            pos += 1
+        elif b in _UINT_SIZES:
+            pos += 1 + _UINT_SIZES[b]
+        else:
+            return None
+    if pos >= len(prefix) or prefix[pos] not in _BIN_SIZES:
+        return None
+    size = _BIN_SIZES[prefix[pos]]
+    if pos + 1 + size > len(prefix):
+        return None
+    data_len = int.from_bytes(prefix[pos + 1: pos + 1 + size], "big")
+    return pos + 1 + size + data_len
+
+
 def _seg_name(seq: int) -> str:
     return f"{_SEG_PREFIX}{seq:010d}{_SEG_SUFFIX}"
 
@@ -154,12 +206,11 @@ class WAL:
                         f"or from a backup."
                     )
                 length, _ = _HDR.unpack_from(data, off)
-                payload = data[off + 8: off + 8 + length]
-                try:
-                    rec_obj = msgpack.unpackb(payload, raw=False)
-                    kind = rec_obj[0]
-                except Exception:
-                    raise CorruptionError(f"WAL {path} offset {off}: checksum ok but payload undecodable") from None
+                rec_obj = _parse_payload(data[off + 8: off + 8 + length])
+                if rec_obj is None:
+                    raise CorruptionError(f"WAL {path} offset {off}: checksum ok but the payload is not a WAL "
+                                          f"record")
+                kind = rec_obj[0]
                 if kind == 0:
                     _, term, index, edata = rec_obj
                     e = Entry(Term(term), LogIndex(index), edata)
@@ -182,12 +233,10 @@ class WAL:
                             f"WAL {path} offset {off}: entry {index} does not follow {expected - 1}")
                     entries.append(e)
                     seg.max_index = max(seg.max_index, index)
-                elif kind == 1:
+                else:
                     _, sidx, sterm = rec_obj
                     entries.clear()
                     rec.reset_index, rec.reset_term = LogIndex(sidx), Term(sterm)
-                else:
-                    raise CorruptionError(f"WAL {path} offset {off}: unknown record kind {kind!r}")
                 off += 8 + length
             seg.size = n
             self._segments.append(seg)
@@ -218,11 +267,7 @@ class WAL:
             if cls._check_record(data, off) is not None:
                 return False
             length, _ = _HDR.unpack_from(data, off)
-            try:
-                obj = msgpack.unpackb(data[off + 8: off + 8 + length], raw=False)
-            except Exception:
-                return False
-            if not (isinstance(obj, list) and obj and obj[0] in (0, 1)):
+            if _parse_payload(data[off + 8: off + 8 + length]) is None:
                 return False
             off += 8 + length
         return True
@@ -239,6 +284,12 @@ class WAL:
         if bad_off + 8 <= n:
             length, _ = _HDR.unpack_from(data, bad_off)
             end = bad_off + 8 + length
+            if end > n and _entry_payload_size(data[bad_off + 8: bad_off + 8 + _ENTRY_PREFIX_MAX]) == length:
+                # The record's header and the start of its payload are intact and agree on its
+                # size, and the file ends inside it: a write torn in this record. Everything
+                # after its header is its own (partial) payload — a client value may hold
+                # frame-shaped bytes that chain exactly to the tear, so do not scan it.
+                return False
             if length <= _MAX_RECORD and end < n and cls._chain_to_eof(data, end):
                 return True
         # The length field itself may be damaged: look for a chain starting further on.

@@ -148,8 +148,9 @@ def test_physical_source_returning_garbage_is_a_bug() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True))
+@given(st.integers(0, 2**62 - 1), st.integers(0, 2**62 - 1), st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True))
 def test_timestamp_encodings_round_trip(ms: int, logical: int, node: str) -> None:
+    # decoders accept up to 2**62 - 1 (headroom for the +1s of the clock: versions._WIRE_MAX)
     stamp = HlcTimestamp(ms, logical, NodeId(node))
     assert decode_hlc(encode_hlc(stamp)) == stamp
     assert HlcTimestamp.from_plain(stamp.to_plain()) == stamp
