@@ -194,10 +194,12 @@ class ReplicationSection(_Strict):
     write_timeout_ms: int = Field(default=5000, ge=10,
                                   description="How long a write waits for its acknowledgements before "
                                               "the answer is `504 timeout` (it may still be applied).")
-    sloppy_quorum: bool = Field(default=True,
+    sloppy_quorum: bool = Field(default=False,
                                 description="Leaderless: when a replica is down, write to the next "
-                                            "healthy node with a hint (hinted handoff) instead of "
-                                            "failing the write.")
+                                            "healthy node with a hint (hinted handoff) and count it "
+                                            "towards W, instead of failing the write. More available, "
+                                            "but a read after an acknowledged write may miss it until "
+                                            "the hint is handed off (off: strict quorums, W + R > N holds).")
     hint_max_count: int = Field(default=100_000, ge=0,
                                 description="Leaderless: hints kept per node for replicas that are "
                                             "down; the oldest are dropped beyond this (anti-entropy "

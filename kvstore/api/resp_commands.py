@@ -49,7 +49,7 @@ from kvstore.api.resp_wire import (
     parse_i64,
 )
 from kvstore.errors import TooLarge, VersionMismatch
-from kvstore.replication.core import Delete, Op, Precondition, Put, ReadResult, WriteResult
+from kvstore.replication.core import MAX_TTL_MS, Delete, Op, Precondition, Put, ReadResult, WriteResult
 from kvstore.security.users import Action, KeyRange, authorize
 from kvstore.storage.keyspace import prefix_end
 
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 READ, WRITE = Action.READ, Action.WRITE
 CAS_ATTEMPTS = 32              # compare-and-set rounds before giving up on a hot key
 KEYS_MAX = 100_000             # KEYS refuses to look at more keys than this
-MAX_TTL_MS = 10 * 365 * 86_400_000   # as HTTP's ttl: at most ten years
 SCAN_COUNT = 10                # Redis's default COUNT
 NOT_INT = "ERR value is not an integer or out of range"
 SYNTAX = "ERR syntax error"

@@ -40,7 +40,7 @@ no global random.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, NewType, Protocol
+from typing import Any, Literal, Mapping, NewType, Protocol, Sequence
 
 from kvstore.config import ClusterConfig
 from kvstore.errors import KVError
@@ -79,6 +79,9 @@ class Precondition:
 
     if_match: str | None = None
     if_none_match: bool = False
+
+
+MAX_TTL_MS = 10 * 365 * 86_400_000   # a put's TTL: at most ten years (every mode, every front end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +307,10 @@ class Core(Protocol):
     def tick(self) -> None:
         """One tick of time passed."""
 
-    def unreachable(self, peer: NodeId) -> None:
-        """The transport could not deliver to `peer` (a hint: back off, probe later)."""
+    def unreachable(self, peer: NodeId, lost: Sequence[object] = ()) -> None:
+        """The transport could not deliver to `peer` (a hint: back off, probe later).
+        `lost`: messages this core sent that surely never arrived (safe to send elsewhere);
+        any other message to `peer` may or may not have arrived."""
 
     def propose(self, req: WriteRequest) -> None:
         """A client write; answered in a later Ready."""
@@ -351,6 +356,7 @@ class Core(Protocol):
 
 
 __all__ = [
+    "MAX_TTL_MS",
     "AcksMode",
     "Core",
     "CoreConfig",

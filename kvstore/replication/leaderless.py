@@ -65,7 +65,8 @@ from kvstore.replication.core import (
 from kvstore.replication.ll_background import EXPIRY_RETRY_MS, AntiEntropy, Expiry, HintHandoff, Liveness
 from kvstore.replication.ll_effects import (
     COUNTERS, ClientOrigin, Dedup, Effects, ExpiryOrigin, ForHint, Forward, ForWrite, LeaderlessSettings, Origin,
-    Parked, PeerOrigin, Purpose, RepWait, Write, WriteOp, bounded_put, coord_outcome, rebuild_error, write_of,
+    Parked, PeerOrigin, Purpose, RepWait, Write, WriteOp, bounded_put, check_ttl, coord_outcome, rebuild_error,
+    write_of,
 )
 from kvstore.replication.ll_replica import *  # noqa: F403  (the pure pieces, re-exported)
 from kvstore.replication.ll_replica import (
@@ -237,9 +238,11 @@ class LeaderlessCore:
     def is_up(self, peer: NodeId) -> bool:
         return self.live.is_up(peer)
 
-    def unreachable(self, peer: NodeId) -> None:
+    def unreachable(self, peer: NodeId, lost: Sequence[object] = ()) -> None:
         """A send to `peer` failed (a refused connection): it is down now, and every
-        request waiting on it fails (a write moves on to other replicas / owners)."""
+        request waiting on it fails. A forwarded write moves on to the next owner only if
+        its forward is in `lost` (it surely never arrived); otherwise the owner may have
+        coordinated it and the outcome is unknown."""
         if peer not in self.live.view:
             return
         self.live.mark_down(peer)
@@ -247,9 +250,20 @@ class LeaderlessCore:
         for req in [r for r, w in fx.rep_waits.items() if w.peer == peer]:
             self._replicate_failed(fx.rep_waits.pop(req), Reply.FAIL, f"{peer} is unreachable")
         self.reads.lost(peer)
+        unsent = {i.req for m in lost if isinstance(m, LLCoord) for i in m.items}
         for fw in [f for f in self._forwards.values() if f.waiting_on == peer]:
-            fw.waiting_on = None
-            self._route(fw, None)
+            if fw.id in unsent:
+                fw.waiting_on = None
+                self._route(fw, None)
+                continue
+            # The forward has left: the owner may have coordinated it (only its answer may be
+            # lost). Another owner would make a second version, a refusal would say "not
+            # applied": the outcome is unknown (the client retries with the same request id).
+            del self._forwards[fw.id]
+            self.fx.count("kv_write_timeouts_total")
+            self._answer(fw.write.origin, fw.write.key, None, Timeout(
+                f"coordinator {peer} became unreachable with the write in flight; it may or may not have "
+                f"been applied"))
         self.ae.lost(peer, f"{peer} is unreachable")
         self.scans.lost(peer)
 
@@ -449,8 +463,7 @@ class LeaderlessCore:
             ctx = parse_context(item.context)
             if self.id not in self.ring.preference_list(item.key, self.s.n):
                 raise BadRequest(f"{self.id} does not own {item.key!r}")
-            if item.ttl_ms is not None and item.ttl_ms < 1:
-                raise BadRequest(f"ttl must be a positive number of milliseconds (got {item.ttl_ms})")
+            check_ttl(item.ttl_ms)
         except BadRequest as e:
             self._answer(origin, item.key, None, e)
             return

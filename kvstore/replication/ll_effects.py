@@ -39,7 +39,7 @@ from kvstore.protocol.leaderless import (
 )
 from kvstore.protocol.messages import Entry, Envelope
 from kvstore.protocol.wire import Plain
-from kvstore.replication.core import Change, CoreEvent, Delete, Put, Ready, RequestId, WriteRequest
+from kvstore.replication.core import MAX_TTL_MS, Change, CoreEvent, Delete, Put, Ready, RequestId, WriteRequest
 from kvstore.replication.ll_replica import ReadQuorum, WriteQuorum, container_bytes, encode_record, parse_context
 from kvstore.replication.versions import DVVSet, VersionVector, encode_vv
 
@@ -79,7 +79,7 @@ class LeaderlessSettings:
     w: int
     r: int
     conflict: Literal["lww", "siblings"] = "siblings"
-    sloppy_quorum: bool = True
+    sloppy_quorum: bool = False
     hint_max_count: int = 100_000
     hint_max_age_ms: int = 3_600_000
     anti_entropy_interval_ms: int = 5000
@@ -276,6 +276,11 @@ _CONDITIONAL = ("{what} is not available in leaderless mode: replicas accept wri
                 "the write instead (concurrent writes then become siblings, never lost).")
 
 
+def check_ttl(ttl: int | None) -> None:
+    if ttl is not None and (type(ttl) is not int or not 1 <= ttl <= MAX_TTL_MS):
+        raise BadRequest(f"ttl must be 1 ms to {MAX_TTL_MS // (365 * 86_400_000)} years (got {ttl!r:.40})")
+
+
 def write_of(req: WriteRequest, after: Callable[[str, str | None], VersionVector | None],
              default_timeout: int) -> Write:
     """A client write as the core carries it. BadRequest for what this mode cannot do
@@ -298,8 +303,7 @@ def write_of(req: WriteRequest, after: Callable[[str, str | None], VersionVector
         case _:
             assert_never(op)
     ttl = req.ttl_ms if value is not None else None
-    if ttl is not None and ttl < 1:
-        raise BadRequest(f"ttl must be a positive number of milliseconds (got {ttl})")
+    check_ttl(ttl)
     ctx = parse_context(req.context)
     return Write(ClientOrigin(req.req, after(key, req.after)), key, value, ctx, req.context, req.rid,
                  req.timeout_ticks or default_timeout, ttl)

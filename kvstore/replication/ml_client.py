@@ -25,12 +25,11 @@ from typing import Any, assert_never
 
 from kvstore.errors import BadRequest, Compacted
 from kvstore.ids import NodeId
-from kvstore.replication.core import Delete, Put, WriteRequest, WriteResult
+from kvstore.replication.core import MAX_TTL_MS, Delete, Put, WriteRequest, WriteResult
 from kvstore.replication.ml_store import LogRecord, WriteOutcome
 from kvstore.replication.versions import VersionVector, decode_dot, decode_vv, encode_dot, encode_hlc, encode_vv
 
 RID_CACHE_MAX = 100_000
-MAX_TTL_MS = 10**15      # ~31,700 years: an expiry (HLC ms + ttl) stays far inside int64 on every replica
 _PRECONDITIONS = "multi-leader mode cannot honour it: send the KV-Context of your read instead"
 
 __all__ = ["MAX_TTL_MS", "RID_CACHE_MAX", "DedupTable", "change_token", "parse_token", "parse_watch_token",

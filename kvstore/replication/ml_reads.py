@@ -125,8 +125,14 @@ class ReadDesk:
     local write that is not durable yet (kept by the core); `inc(counter)` counts."""
 
     def __init__(self, store: MultiLeaderStore, members: Collection[NodeId], wait_ticks: int, tick_ms: int,
-                 unsynced: Mapping[str, int], inc: Callable[[str], None]) -> None:
+                 unsynced: Mapping[str, int], inc: Callable[[str], None],
+                 reseeding: Callable[[], bool] = lambda: False) -> None:
         self.store = store
+        # True while this node lost data and waits for the peers' stores: its own log
+        # position then runs ahead of what its store holds (the records up to it come
+        # back with the peers' stores), so a token naming one of its own writes is not
+        # reached yet
+        self.reseeding = reseeding
         self.members = members
         self.wait_ticks = wait_ticks
         self.tick_ms = tick_ms
@@ -146,7 +152,7 @@ class ReadDesk:
             token = parse_token(req.after, self.members) if req.after else None
         except BadRequest as e:
             return e, False
-        if token is not None and not self.store.has_positions(token):
+        if token is not None and not self._reached(token):
             ticks = req.timeout_ticks or self.wait_ticks
             self.waiting[req.req] = _Waiting(req, token, now + ticks, ticks, after_key)
             return None, False
@@ -155,10 +161,15 @@ class ReadDesk:
     def reached(self) -> list[tuple[RequestId, Answer, bool]]:
         """Serve the waiting queries whose token this node has now merged."""
         out = []
-        for w in [w for w in self.waiting.values() if self.store.has_positions(w.token)]:
+        for w in [w for w in self.waiting.values() if self._reached(w.token)]:
             del self.waiting[w.req.req]
             out.append((w.req.req, *self._serve(w.req, w.after_key)))
         return out
+
+    def _reached(self, token: VersionVector) -> bool:
+        if self.reseeding() and token.get(self.store.node_id) > 0:
+            return False
+        return self.store.has_positions(token)
 
     def expired(self, now: int) -> list[tuple[RequestId, Unavailable]]:
         out = []

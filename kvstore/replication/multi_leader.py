@@ -109,15 +109,18 @@ EXPIRE_BATCH = 256                 # due versions looked at per tick (expiry tom
 
 @dataclass(slots=True)
 class _Write:
-    """A durable local write waiting for `needed` peers to confirm its record."""
+    """A durable local write waiting for `needed` peers to confirm its record (`seq`:
+    the record, or an upper bound of it for a retry answered from the dedup table)."""
 
     req: RequestId
-    out: WriteOutcome
+    out: WriteOutcome | None     # None: a retry; `retry` is its answer
     acks: str
     needed: int
     deadline: int
     ticks: int
     after: str | None
+    seq: int
+    retry: tuple[str, str] | None = None   # (key, version) of the original write
 
 
 class MultiLeaderCore:
@@ -163,7 +166,8 @@ class MultiLeaderCore:
         self._writes: dict[RequestId, _Write] = {}          # waiting for peer acks...
         self._by_needed: dict[int, OrderedDict[RequestId, _Write]] = {}   # ... by acks needed, in seq order
         self._deadlines: list[tuple[int, RequestId]] = []   # heap of the waiting writes' deadlines
-        self._reads = ReadDesk(store, self.members, self._timeout, cfg.tick_ms, self._unsynced_keys, self._inc)
+        self._reads = ReadDesk(store, self.members, self._timeout, cfg.tick_ms, self._unsynced_keys, self._inc,
+                               lambda: bool(self.store.reseed_from) and not self._reseed_gave_up)
         self._rids = DedupTable()
         # snapshots
         self._mark: StoreMark = store.mark()
@@ -219,7 +223,7 @@ class MultiLeaderCore:
             case _:
                 assert_never(msg)
 
-    def unreachable(self, peer: NodeId) -> None:
+    def unreachable(self, peer: NodeId, lost: Sequence[object] = ()) -> None:
         p = self._peers.get(peer)
         if p is None:
             return
@@ -233,15 +237,18 @@ class MultiLeaderCore:
         except KVError as e:
             self._early.append((req.req, e))
             return
-        hit = self._rids.get(req.rid) if req.rid is not None else None
-        if hit is not None and hit[0] == key:
-            # answered after this Ready's flush: the original record may be in it
-            self._inc("kv_deduplicated_writes_total")
-            self._results.append((req.req, WriteResult(key, hit[1], write_token(self.store.positions(), req.after),
-                                                       context=encode_vv(self.store.get(key).context))))
-            return
         acks = req.acks or self._acks
         needed = self._needed(acks)
+        hit = self._rids.get(req.rid) if req.rid is not None else None
+        if hit is not None and hit[0] == key:
+            # A retry: answered with the original's version after this Ready's flush (the
+            # original record may be in it), and only once as many peers confirm it as this
+            # request asks — the first attempt may have timed out for want of them. Its exact
+            # seq is not kept: every own record so far bounds it.
+            self._inc("kv_deduplicated_writes_total")
+            self._wait_acks(_Write(req.req, None, acks, needed, 0, 0, req.after, self.store.last_seq, hit),
+                            req.timeout_ticks)
+            return
         refused = self._writable() or self._too_few_peers(acks, needed)
         if refused is not None:
             self._early.append((req.req, refused))
@@ -252,15 +259,21 @@ class MultiLeaderCore:
         self._inc("kv_writes_total")
         if len(out.superseded) > 1:
             self._inc("kv_siblings_resolved_total", len(out.superseded))
-        ticks = req.timeout_ticks or self.cfg.write_timeout_ticks
-        w = _Write(req.req, out, acks, needed, self.now + ticks, ticks, req.after)
-        if needed:
-            self._writes[req.req] = w
-            self._by_needed.setdefault(needed, OrderedDict())[req.req] = w
-            heapq.heappush(self._deadlines, (w.deadline, req.req))
-        else:
-            self._results.append((req.req, self._write_result(w)))
+        self._wait_acks(_Write(req.req, out, acks, needed, 0, 0, req.after, out.record.seq), req.timeout_ticks)
         self._try_reads()       # a token naming our new position
+
+    def _wait_acks(self, w: _Write, timeout_ticks: int) -> None:
+        """Answer `w` after this Ready's flush, or park it until `w.needed` peers hold
+        every own record up to `w.seq` (peers acknowledge in seq order)."""
+        if w.needed and self._acked_by(w.seq) < w.needed:
+            w.ticks = timeout_ticks or self.cfg.write_timeout_ticks
+            w.deadline = self.now + w.ticks
+            self._writes[w.req] = w
+            # groups are answered in seq order: a retry's bound (the last seq) keeps it
+            self._by_needed.setdefault(w.needed, OrderedDict())[w.req] = w
+            heapq.heappush(self._deadlines, (w.deadline, w.req))
+        else:
+            self._results.append((w.req, self._write_result(w)))
 
     def _write_local(self, key: str, value: bytes | None, ctx: VersionVector | None, rid: str | None, *,
                      ttl_ms: int | None = None, expire: Sibling | None = None) -> WriteOutcome:
@@ -508,7 +521,7 @@ class MultiLeaderCore:
         self._inc("kv_data_loss_detected_total")
         self._reseed_since, self._reseed_gave_up = self.now, False
         self._append(encode_state_record(self.id, [], held), own_seq=held)
-        for w in [w for w in self._writes.values() if w.out.record.seq <= held]:
+        for w in [w for w in self._writes.values() if w.seq <= held]:
             # its record was cut from our log before it was sent: peers skip that seq
             self._forget_write(w.req)
             self._results.append((w.req, Timeout("this node found it had lost data while the write was in "
@@ -541,6 +554,7 @@ class MultiLeaderCore:
             self._event("warning", f"still waiting for the store of {', '.join(sorted(self.store.reseed_from))} "
                                    f"after {ms} ms: taking writes anyway (a write may supersede this node's own "
                                    f"lost versions of its key)")
+            self._try_reads()
 
     def _writable(self) -> Unavailable | None:
         limit = GATE_TIMEOUTS * self._timeout
@@ -590,7 +604,12 @@ class MultiLeaderCore:
         return Unavailable(f"acks={acks}: {up} peer(s) reachable, {needed} needed", acks=1, needed=needed + 1)
 
     def _write_result(self, w: _Write) -> WriteResult:
-        return write_result(w.out, write_token(self.store.positions(), w.after))
+        token = write_token(self.store.positions(), w.after)
+        if w.out is None:
+            assert w.retry is not None
+            key, version = w.retry
+            return WriteResult(key, version, token, context=encode_vv(self.store.get(key).context))
+        return write_result(w.out, token)
 
     def _acked_by(self, seq: int) -> int:
         return sum(1 for p in self.store.progress.values() if (p.acked or 0) >= seq)
@@ -607,7 +626,7 @@ class MultiLeaderCore:
             reached = acked[needed - 1]
             while group:
                 w = next(iter(group.values()))
-                if w.out.record.seq > reached:
+                if w.seq > reached:
                     break
                 self._forget_write(w.req)
                 self._results.append((w.req, self._write_result(w)))
@@ -619,7 +638,7 @@ class MultiLeaderCore:
             if w is None or w.deadline > self.now:
                 continue               # answered or cancelled already
             self._forget_write(req)
-            got = self._acked_by(w.out.record.seq)
+            got = self._acked_by(w.seq)
             self._inc("kv_write_timeouts_total")
             self._results.append((w.req, Timeout(
                 f"acks={w.acks}: {got} of {w.needed} peer(s) confirmed within {w.ticks * self.cfg.tick_ms} ms; the "

@@ -59,6 +59,41 @@ from kvstore.protocol.messages import (
 Role = Literal["follower", "candidate", "leader"]
 AcksMode = Literal["async", "semi-sync", "sync"]
 
+RAFT_MESSAGES = (AppendRequest, AppendResponse, VoteRequest, VoteResponse, TimeoutNow, SnapshotRequest)
+MAX_TERM = 2**62          # sanity bound: no election reaches it; beyond it a term cannot be encoded
+MAX_INDEX = 2**62
+
+
+def malformed(m: object) -> str | None:
+    """Why `m` is not a Raft message a correct peer can send (None: it is one). Checked
+    before `Raft.step`, so a corrupt or hostile message never moves the term or the log."""
+    if not isinstance(m, RAFT_MESSAGES):
+        return f"{type(m).__name__} is not a single-leader message"
+    if not 0 <= m.term < MAX_TERM:
+        return f"term {m.term} out of range"
+    match m:
+        case AppendRequest():
+            if not (0 <= m.prev_index < MAX_INDEX and 0 <= m.prev_term <= m.term
+                    and 0 <= m.commit < MAX_INDEX and 0 <= m.safe < MAX_INDEX):
+                return "an index or term out of range"
+            last_term = m.prev_term
+            for k, e in enumerate(m.entries):
+                if e.index != m.prev_index + 1 + k:
+                    return f"entry {k} has index {e.index}, not {m.prev_index + 1 + k}"
+                if not last_term <= e.term <= m.term or e.term < 1:
+                    return f"entry {e.index} has term {e.term} (previous {last_term}, message {m.term})"
+                last_term = e.term
+        case AppendResponse():
+            if not (0 <= m.match_index < MAX_INDEX and 0 <= m.hint_index < MAX_INDEX):
+                return "an index out of range"
+        case VoteRequest():
+            if not (0 <= m.last_index < MAX_INDEX and 0 <= m.last_term <= m.term):
+                return "last index or term out of range"
+        case SnapshotRequest():
+            if not (0 <= m.index < MAX_INDEX and 0 <= m.snap_term <= m.term):
+                return "snapshot index or term out of range"
+    return None
+
 
 def election_quorum(n: int, acks: AcksMode, sync_followers: int) -> int:
     """Votes needed to win: a majority (so two leaders never share a term) and, when acks

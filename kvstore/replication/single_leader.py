@@ -33,7 +33,7 @@ Pure: imports kvstore.errors/ids/protocol/storage.state/storage.keyspace/cluster
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -68,7 +68,7 @@ from kvstore.replication.core import (
     WriteRequest,
     WriteResult,
 )
-from kvstore.replication.raft import Raft, RaftConfig, RaftReady
+from kvstore.replication.raft import Raft, RaftConfig, RaftReady, malformed
 from kvstore.replication.sl_expiry import ExpiryProposer
 from kvstore.replication.sl_feed import ChangeFeed, watch_position
 from kvstore.replication.sl_status import core_status
@@ -100,6 +100,7 @@ from kvstore.storage.state import (
 )
 
 MODE = "single-leader"
+FORWARD_DEDUP_MAX = 65_536   # forwarded requests remembered against duplicate delivery
 
 
 # ---- bookkeeping ---------------------------------------------------------------------
@@ -116,6 +117,7 @@ class _Write:
     deadline: int
     key: str | None
     ops: int
+    rid: str | None = None
     result: Result | None = None
     done: bool = False
 
@@ -165,6 +167,14 @@ class SingleLeaderCore:
         self._ack_waits: list[_Write] = []        # applied, waiting for more replicas
         self._early_waits: list[_Write] = []      # waiting to be durable on the leader
         self._forwarded: dict[RequestId, _Forwarded] = {}
+        # forwarded writes this leader has received, by (follower, its request number): a
+        # copy delivered twice is proposed once (the transport promises best effort only)
+        self._fwd_seen: OrderedDict[tuple[NodeId, int], None] = OrderedDict()
+        # request ids of this leader's proposals not applied yet: a retry of one of them
+        # never takes the early path (its entry applies as a deduplicated no-op, so the
+        # answer must come from the apply: the original's version)
+        self._rid_at: dict[LogIndex, str] = {}
+        self._rids_unapplied: dict[str, int] = {}
         self._reads: dict[RequestId, _Read] = {}
         self._read_seq = 0
         self._raft_reads: dict[int, tuple[NodeId, RequestId]] = {}   # raft read id -> (asker, request)
@@ -206,9 +216,14 @@ class SingleLeaderCore:
             case ReadIndexResponse():
                 self._on_read_index_response(msg)
             case _:
-                self.raft.step(msg)
+                why = malformed(msg)
+                if why is not None:
+                    self.metrics.inc("kv_peer_messages_rejected_total")
+                    self._event("warning", f"ignored a malformed message from {sender}: {why}")
+                    return
+                self.raft.step(msg)  # type: ignore[arg-type]
 
-    def unreachable(self, peer: NodeId) -> None:
+    def unreachable(self, peer: NodeId, lost: Sequence[object] = ()) -> None:
         self.raft.report_unreachable(peer)
 
     def propose(self, req: WriteRequest) -> None:
@@ -331,15 +346,39 @@ class SingleLeaderCore:
         data, exact = self._encode(req)
         (index,) = raft.propose([data])
         self._append_ticks.append((index, raft.tick_now))
-        early = ACK_RANK[acks] < ACK_RANK[self.cfg.acks] and not exact
+        early = ACK_RANK[acks] < ACK_RANK[self.cfg.acks] and not exact and self._first_attempt(req.rid)
         w = _Write(origin, req.req, raft.term, index, acks, self._needed_replicas(acks), early, exact,
                    raft.tick_now + self._timeout(req.timeout_ticks),
-                   req.ops[0].key if len(req.ops) == 1 else None, len(req.ops))
+                   req.ops[0].key if len(req.ops) == 1 else None, len(req.ops), req.rid)
         self._writes[index] = w
+        if req.rid is not None:
+            self._rid_at[index] = req.rid
+            self._rids_unapplied[req.rid] = self._rids_unapplied.get(req.rid, 0) + 1
         if early:
             self._early_waits.append(w)
         self.metrics.inc("kv_writes_total")
         return None
+
+    def _first_attempt(self, rid: str | None) -> bool:
+        """True when no entry with request id `rid` can be in the log: not applied (the
+        dedup table), not proposed by this leader and unapplied, and every entry of an
+        earlier term applied (it may carry the id)."""
+        if rid is None:
+            return True
+        if rid in self.state.dedup or rid in self._rids_unapplied:
+            return False
+        starts = self.raft.term_starts
+        mine = starts[-1][1] if starts and starts[-1][0] == self.raft.term else self.raft.last_index + 1
+        return self.state.applied_index >= mine - 1
+
+    def _rid_done(self, index: int) -> None:
+        rid = self._rid_at.pop(LogIndex(index), None)
+        if rid is not None:
+            left = self._rids_unapplied.get(rid, 0) - 1
+            if left > 0:
+                self._rids_unapplied[rid] = left
+            else:
+                self._rids_unapplied.pop(rid, None)
 
     def _answer_write(self, w: _Write, out: WriteResult | KVError) -> None:
         if w.done:
@@ -363,6 +402,13 @@ class SingleLeaderCore:
 
     def _on_forward_request(self, m: ForwardRequest) -> None:
         raft = self.raft
+        seen = (m.sender, m.req)
+        if seen in self._fwd_seen:
+            self.metrics.inc("kv_forward_duplicates_total")
+            return            # a copy: the first one is (or was) answered
+        self._fwd_seen[seen] = None
+        if len(self._fwd_seen) > FORWARD_DEDUP_MAX:
+            self._fwd_seen.popitem(last=False)
         if raft.role != "leader":
             hint = raft.leader_id if raft.leader_id != m.sender else None
             err = NotLeader("the node it was forwarded to is not the leader; retry", leader_id=hint)
@@ -631,6 +677,8 @@ class SingleLeaderCore:
             if e.index <= state.applied_index:
                 continue    # an install already covered it
             res = state.apply(e, record_undo=e.index > safe, changes=raw)
+            if self._rid_at:
+                self._rid_done(e.index)
             if raw:
                 self.feed.applied(e, raw)
                 if raw[0][0] == "expire":
@@ -661,7 +709,12 @@ class SingleLeaderCore:
         if self._ack_waits:
             keep = []
             for w in self._ack_waits:
-                if raft.replicated_on(w.index) >= w.needed:
+                if raft.role != "leader" or raft.term_at(w.index) != w.term:
+                    # progress of another term's entry (or none, as a follower) says nothing
+                    # about this write's replicas
+                    self._answer_write(w, Timeout(f"leadership changed before acks={w.acks} was confirmed; "
+                                                  f"the write may or may not survive"))
+                elif raft.replicated_on(w.index) >= w.needed:
                     assert w.result is not None
                     self._answer_write(w, self._write_result(w, w.result))
                 else:
@@ -679,6 +732,14 @@ class SingleLeaderCore:
             self._early_waits = keep
 
     def _on_truncated(self, truncated: tuple[Entry, ...]) -> None:
+        for e in truncated:
+            self._rid_done(e.index)
+        if self._ack_waits:
+            gone = {(e.index, e.term) for e in truncated}
+            for w in [w for w in self._ack_waits if (w.index, w.term) in gone]:
+                self._ack_waits.remove(w)
+                self._answer_write(w, Timeout("the write was cut from this node's log by a new leader; it may "
+                                              "or may not survive"))
         for e in truncated:
             w = self._writes.get(e.index)
             if w is not None and w.term == e.term:

@@ -6,6 +6,8 @@ Pure: imports kvstore.cluster/replication (core, raft)/storage.state.
 
 from __future__ import annotations
 
+import bisect
+
 from collections import deque
 from typing import Mapping
 
@@ -18,12 +20,13 @@ from kvstore.storage.state import KVState
 
 def lag_ticks(raft: Raft, append_ticks: deque[tuple[int, int]], match: int) -> int:
     """Age (ticks) of the oldest entry a node with `match` lacks."""
-    if match >= raft.last_index:
+    if match >= raft.last_index or not append_ticks:
         return 0
-    for idx, t in append_ticks:
-        if idx > match:
-            return raft.tick_now - t
-    return 0
+    # indexes increase along the deque: binary search (status is polled, e.g. by WAIT)
+    pos = bisect.bisect_right(append_ticks, match, key=lambda it: it[0])
+    if pos == len(append_ticks):
+        return 0
+    return raft.tick_now - append_ticks[pos][1]
 
 
 def core_status(mode: str, cfg: CoreConfig, raft: Raft, state: KVState, fd: FailureDetector,

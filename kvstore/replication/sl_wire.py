@@ -16,7 +16,9 @@ from typing import Any, Sequence
 from kvstore.errors import BadRequest, KVError, NotLeader, Timeout, Unavailable, VersionMismatch
 from kvstore.ids import NodeId
 from kvstore.protocol.messages import Entry
-from kvstore.replication.core import Delete, Precondition, Put, RequestId, RollbackRow, WriteRequest, WriteResult
+from kvstore.replication.core import (
+    MAX_TTL_MS, Delete, Precondition, Put, RequestId, RollbackRow, WriteRequest, WriteResult,
+)
 from kvstore.storage.state import (
     OP_BATCH,
     OP_CAS,
@@ -36,11 +38,16 @@ def position_token(term: int, index: int) -> str:
     return f"{term}.{index}"
 
 
+def _digits(s: str) -> bool:
+    """ASCII digits, at most 19 (str.isdigit also takes '²' and '١', which int() refuses)."""
+    return 0 < len(s) <= 19 and s.isascii() and s.isdigit()
+
+
 def parse_token(token: str) -> tuple[int, int | None]:
     """(index, term) of a KV-Token "TERM.INDEX" (a bare INDEX has no term). Raises BadRequest."""
     t = token.strip().strip('"')
     term_s, sep, idx = t.rpartition(".")
-    if not idx.isdigit() or (sep and not term_s.isdigit()):
+    if not _digits(idx) or (sep and not _digits(term_s)):
         raise BadRequest(f"invalid token {token!r}: pass back a KV-Token value unchanged")
     return int(idx), (int(term_s) if sep else None)
 
@@ -48,7 +55,6 @@ def parse_token(token: str) -> tuple[int, int | None]:
 # ---- write requests on the wire (follower -> leader) -----------------------------------
 # [ops, acks, precondition, rid] or, with a TTL, [ops, acks, precondition, rid, ttl_ms]: the
 # follower forwards the relative TTL; the leader turns it into a deadline on its own clock.
-MAX_TTL_MS = 10 ** 13          # ~317 years: beyond this a TTL is a client's mistake
 
 
 def write_to_plain(req: WriteRequest) -> list[Any]:

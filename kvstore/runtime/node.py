@@ -103,7 +103,10 @@ class Node:
         self.gauges: dict[str, float] = {}          # front ends' own gauges (e.g. RESP connections)
         self._wake = asyncio.Event()
         self._waiters: dict[RequestId, asyncio.Future[Outcome]] = {}
-        self._req_seq = 0
+        # Request ids start at random: a follower matches the leader's answer to a forwarded
+        # write by this number, and an answer meant for this node's previous process (sent
+        # after a restart) must never resolve a request of this one.
+        self._req_seq = self.rng.getrandbits(62)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._crashed = False
@@ -356,9 +359,9 @@ class Node:
             core.step(m)
         self._wake.set()
 
-    def _unreachable(self, peer: NodeId) -> None:
+    def _unreachable(self, peer: NodeId, lost: Sequence[Any] = ()) -> None:
         if self.core is not None and not self._stopping:
-            self.core.unreachable(peer)
+            self.core.unreachable(peer, lost)
             self._wake.set()
 
     # ---- client operations -------------------------------------------------------------

@@ -21,7 +21,12 @@ from kvstore.ids import NodeId
 from kvstore.protocol.messages import Envelope
 
 Deliver = Callable[[NodeId, list[Any]], None]     # (sender, messages) -> None
-Unreachable = Callable[[NodeId], None]
+
+
+class Unreachable(Protocol):
+    def __call__(self, peer: NodeId, lost: Sequence[Any] = ()) -> None:
+        """A send to `peer` failed. `lost`: messages of that send that certainly never
+        reached it (a refused connection, a cut link); others may have been lost silently."""
 
 
 class Clock(Protocol):
@@ -35,8 +40,9 @@ class Clock(Protocol):
 class Transport(Protocol):
     async def start(self, deliver: Deliver, unreachable: Unreachable) -> None:
         """Begin delivering: `deliver(sender, messages)` for every frame that arrives
-        from a member (already decoded and authenticated), `unreachable(peer)` when a
-        send failed (a hint for the core to back off)."""
+        from a member (already decoded and authenticated), `unreachable(peer, lost)` when
+        a send failed (a hint for the core to back off; `lost`: the messages that surely
+        never arrived — a refused connection — so a core may send them elsewhere)."""
 
     async def stop(self) -> None:
         """Stop sending and reconnecting at once; bounded (never waits on a peer)."""

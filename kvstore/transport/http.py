@@ -217,17 +217,19 @@ class HttpTransport:
                         # fault injection: the link is cut — tell the core, as a refused
                         # connection would
                         if self._unreachable is not None:
-                            self._unreachable(peer)
+                            self._unreachable(peer, msgs + snaps)
                         continue
                     delay = self.delay_ms.get(peer)
                     if delay:
                         await asyncio.sleep(delay / 1000.0)
                     ok = True
+                    lost: list[Any] = []      # surely not delivered (no connection)
                     if msgs:
                         if ws is None or ws.closed:
                             ws = await self._connect(peer)
                         if ws is None:
                             ok = False
+                            lost.extend(msgs)
                         else:
                             try:
                                 async with asyncio.timeout(self.timeout):
@@ -235,6 +237,7 @@ class HttpTransport:
                                 self.frames_sent += 1
                                 self.messages_sent += len(msgs)
                             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError) as e:
+                                # the frame may still arrive (buffered, flushed on close): not `lost`
                                 self._log_fail(peer, f"stream: {type(e).__name__}: {e}")
                                 await self._close(ws)
                                 ws = None
@@ -243,7 +246,7 @@ class HttpTransport:
                         ok = await self._send_snapshot(peer, sm) and ok
                     if not ok:
                         if self._unreachable is not None:
-                            self._unreachable(peer)
+                            self._unreachable(peer, lost)
                         backoff = min(0.2, max(0.01, backoff * 2))
                         await asyncio.sleep(backoff)
                     else:

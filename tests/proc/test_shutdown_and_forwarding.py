@@ -18,7 +18,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from pathlib import Path
+
 from typing import Any
 
 import aiohttp

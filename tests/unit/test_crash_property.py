@@ -17,6 +17,9 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -128,11 +131,20 @@ def run(d: Path, steps: list, tmp_junk: bool) -> tuple[list[dict], int, Crash]:
     return states, acked, Crash(last, synced_size.get(last.name, 0), last.stat().st_size)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_torn_tails() -> Iterator[None]:
+    """Torn-tail warnings are expected here; the level is restored for the other tests."""
+    lg = logging.getLogger("kvstore.wal")
+    saved = lg.level
+    lg.setLevel(logging.ERROR)
+    yield
+    lg.setLevel(saved)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(step, min_size=1, max_size=25), cut=st.floats(min_value=0.0, max_value=1.0),
        tmp_junk=st.booleans())
 def test_recovery_after_a_torn_write_keeps_every_acknowledged_op(steps: list, cut: float, tmp_junk: bool) -> None:
-    logging.getLogger("kvstore.wal").setLevel(logging.ERROR)   # torn-tail warnings are expected here
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         states, acked, crash = run(d, steps, tmp_junk)
@@ -234,7 +246,6 @@ async def _run_file_log(d: Path, steps: list, tmp_junk: bool) -> tuple[list[dict
        tmp_junk=st.booleans())
 def test_file_log_recovery_after_a_torn_write_keeps_every_acknowledged_op(steps: list, cut: float,
                                                                            tmp_junk: bool) -> None:
-    logging.getLogger("kvstore.wal").setLevel(logging.ERROR)   # torn-tail warnings are expected here
 
     async def scenario(d: Path) -> None:
         states, acked, crash = await _run_file_log(d, steps, tmp_junk)

@@ -104,7 +104,7 @@ class Sim:
         if src not in self.cores:
             return
         if env.to in self.crashed:
-            self.cores[src].unreachable(env.to)
+            self.cores[src].unreachable(env.to, (env.msg,))   # a refused connection: surely not delivered
             return
         if self.drop(src, env.to, env.msg):
             return
