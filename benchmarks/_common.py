@@ -110,11 +110,16 @@ def start_raw(procs: Procs) -> str:
     return url
 
 
-def write_cluster_config(tmp: Path, n: int, **sections: Any) -> tuple[Path, list[str]]:
+def write_cluster_config(tmp: Path, n: int, resp_ports: list[int] | None = None,
+                         **sections: Any) -> tuple[Path, list[str]]:
+    """A cluster file for n nodes on free 127.0.0.1 ports; with resp_ports (one per node)
+    each node also speaks the Redis protocol on 127.0.0.1:<port> (docs/redis.md)."""
     import yaml
     urls = [f"http://127.0.0.1:{free_port()}" for _ in range(n)]
-    cfg: dict[str, Any] = {"cluster": {"name": "bench", "nodes": [{"id": f"n{i + 1}", "url": u}
-                                                                 for i, u in enumerate(urls)]}}
+    nodes: list[dict[str, Any]] = [{"id": f"n{i + 1}", "url": u} for i, u in enumerate(urls)]
+    for node, port in zip(nodes, resp_ports or []):
+        node["resp"] = f"127.0.0.1:{port}"
+    cfg: dict[str, Any] = {"cluster": {"name": "bench", "nodes": nodes}}
     cfg.update(sections)
     cfg.setdefault("storage", {})
     cfg["storage"].setdefault("data_dir", str(tmp / "data"))

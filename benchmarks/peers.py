@@ -1,33 +1,48 @@
 """kvstore against its peers (issue 10): etcd (3 members, fsync per commit, HTTP/JSON
-gateway) and Redis (primary + 2 replicas, appendfsync always, redis-py asyncio), plus the
-raw aiohttp+uvloop dict server (the ceiling of one Python HTTP process), all on 127.0.0.1,
-all driven by the SAME closed-loop asyncio driver (`closed_loop` below: N workers, back
-to back, warm-up then a measured window), in ONE run so that the ratios mean something
-on a shared, noisy machine.
+gateway) and Redis (primary + 2 replicas, appendfsync always), plus the raw aiohttp+uvloop
+dict server (the ceiling of one Python HTTP process), all on 127.0.0.1, in ONE run so that
+the ratios mean something on a shared, noisy machine. Three drivers, each the same for
+every system it drives:
+  asyncio  `closed_loop` below: 64 workers back to back, warm-up then a measured window;
+           aiohttp for HTTP (kvstore, raw, etcd), redis-py asyncio for RESP (Redis, kvstore)
+  redis-benchmark  (C) -c 50 -d 100 -r 100000, SET and GET as separate runs (each its own
+           CPU figure), also -P 16; against Redis and kvstore's Redis protocol
+  wrk      (C) -t1 -c64, 100-byte PUTs over 10,000 keys / GETs; against the raw ceiling,
+           a one-node kvstore and the 3-node semi-sync leader (the Python driver hides
+           most of the HTTP path's speed; wrk does not)
+The C drivers are in benchmarks/peers_resp.py; targets, report, Markdown and SVG in
+benchmarks/peers_report.py.
 
-    .venv/bin/pip install redis          # benchmark-only dependency (the Redis driver)
-    .venv/bin/python benchmarks/peers.py --quick             # ~2 min (< 3)
-    .venv/bin/python benchmarks/peers.py                     # full, ~7-8 min (< 15)
-    .venv/bin/python benchmarks/peers.py --install           # apt-get etcd-server redis-server first
+    .venv/bin/pip install -e '.[bench]'  # benchmark-only dependency (redis-py)
+    .venv/bin/python benchmarks/peers.py --quick             # ~3 min (< 5) on 2 cores
+    .venv/bin/python benchmarks/peers.py                     # full, ~11 min (< 15)
+    .venv/bin/python benchmarks/peers.py --install           # apt-get etcd-server redis-server redis-tools wrk first
     .venv/bin/python benchmarks/peers.py --quick --profile   # + py-spy stacks of the kvstore nodes
     .venv/bin/python benchmarks/peers.py --markdown          # the JSON's tables (docs/performance.md)
 
 Without --install, a peer whose Debian package is missing (etcd-server: /usr/bin/etcd,
-redis-server: /usr/bin/redis-server) or whose client is missing (redis-py) is skipped
-with a note, and so are the ratios that need it.
+redis-server, redis-tools: redis-benchmark, wrk) or whose client is missing (redis-py) is
+skipped with a note, and so are the ratios that need it.
 
-What runs (concurrency 64, key space 1,000, every peer on its own ports in one temp dir;
-never the default 2379/6379):
-  systems  raw ceiling | kvstore 3 nodes semi-sync (sync_followers 1) fsync always |
-           kvstore 3 nodes async fsync always | kvstore 5 nodes semi-sync |
-           etcd 3 members | Redis primary + 2 replicas (appendonly, appendfsync always)
-  loads    100% writes, 100% reads, 90/10 read/write (100 B); writes of 4 KiB and 64 KiB
-           (throughput vs value size); writes on 3 vs 5 kvstore nodes (vs cluster size).
-           Every workload runs each of its systems in turn, A B C A B C ..., --rounds
-           times; the medians are reported.
-  per run  ops/s, p50/p99, CPU per operation of every server process and of the driver
-           (/proc), run-queue wait (schedstat), kvstore's frames/messages/fsyncs per op
-           (/metrics)
+What runs (every system on its own ports in one temp dir; never the default 2379/6379):
+  systems  raw ceiling | kvstore 3 nodes semi-sync (sync_followers 1) fsync always, with
+           Redis-protocol ports | kvstore 3 nodes async fsync always, Redis-protocol ports
+           and read_from: any (a RESP GET is a local read) | kvstore 5 nodes semi-sync |
+           kvstore 1 node (wrk) | etcd 3 members | Redis primary + 2 replicas (appendonly,
+           appendfsync always)
+  asyncio  (c=64, key space 1,000) 100% writes, 100% reads, 90/10 read/write (100 B);
+           writes of 4 KiB and 64 KiB; 3 vs 5 kvstore nodes; semi-sync writes as Redis
+           SET+WAIT 1 (WAIT 1 1000 pipelined with the SET) vs kvstore RESP SET (a
+           semi-sync cluster acknowledges after a follower's fsync: no WAIT needed) and
+           RESP SET+WAIT 1 vs kvstore HTTP PUT vs etcd put
+  redis-benchmark  SET: Redis primary vs the kvstore async cluster's leader; GET (all
+           100,000 keys filled first): Redis primary vs an async-cluster follower (local
+           read) and the semi-sync leader (linearizable); SET and GET again with -P 16
+  wrk      PUT and GET: raw ceiling, one node, 3-node semi-sync leader (linearizable GET)
+  rounds   every row runs in turn, A B C A B C ..., --rounds times; medians reported
+  per run  ops/s, p50/p99, CPU per operation of every server process (/proc) and of the
+           driver (this process, or the C driver's rusage), run-queue wait (schedstat),
+           kvstore's frames/messages/fsyncs per op (/metrics)
   then     the batch API (POST /kv/_batch, msgpack {"ops": [["put", k, v], ...]}) into a
            fresh 3-node semi-sync cluster, in stages; after each stage the RSS of every node and
            the restart time of a follower (SIGTERM, start, until it serves the last key
@@ -36,11 +51,15 @@ never the default 2379/6379):
 Results: a table on stdout, benchmarks/results/peers[-quick].json and .svg (bar chart).
 Every process started is stopped by PID at the end, and the temp dir removed.
 
-Targets (ratios from this one run): semi-sync writes >= 3x etcd puts; consistency=leader
-reads >= 3x etcd linearizable ranges; async writes >= 0.5x Redis SET; semi-sync writes
->= 0.7x Redis SET+WAIT 1; local reads >= 0.8x raw ceiling GET; batch >= 100,000 keys/s;
-failover median gap <= 1.2 s with 0 lost (semi-sync); 1M keys: RSS <= 600 MB per node,
-restart <= 10 s.
+Targets (ratios from this one run): semi-sync writes >= 3x etcd puts (HTTP, and RESP SET);
+consistency=leader reads >= 3x etcd linearizable ranges; async writes >= 0.5x Redis SET;
+semi-sync writes >= 0.7x Redis SET+WAIT 1 (HTTP) and >= 1.0x (RESP SET); local reads
+>= 0.8x raw ceiling GET; redis-benchmark SET, kvstore 3n async >= 0.5x Redis 1+2 AOF
+always; redis-benchmark GET, kvstore local >= 0.5x Redis GET; wrk PUT: one node >= 0.85x
+raw, 3-node semi-sync leader >= 0.7x raw; server CPU per op (all processes): 3-node
+semi-sync 100 B writes <= 0.10 ms, leader reads <= 0.07 ms (each driver its own row);
+batch >= 100,000 keys/s; failover median gap <= 1.2 s with 0 lost (semi-sync); 1M keys:
+RSS <= 600 MB per node, restart <= 10 s.
 """
 
 from __future__ import annotations
@@ -58,7 +77,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -81,6 +100,29 @@ from _common import (  # noqa: E402
     write_cluster_config,
 )
 from node_bench import rss_mb  # noqa: E402
+from peers_report import (  # noqa: E402
+    RB_KV_LIN,
+    RB_KV_LOCAL,
+    RB_KV_SET,
+    RB_REDIS,
+    WRK_ONE,
+    WRK_SEMI,
+    _f,
+    markdown,
+    print_report,
+    targets,
+    write_svg,
+)
+from peers_resp import (  # noqa: E402
+    RB_CLIENTS,
+    WRK_CONNECTIONS,
+    WRK_KEYS,
+    RbSizer,
+    rb_job,
+    resp_prefill,
+    write_scripts,
+    wrk_job,
+)
 
 try:
     import redis.asyncio as aioredis
@@ -210,10 +252,15 @@ async def measured(pids: list[int], coro: Awaitable[dict[str, Any]]) -> dict[str
     el = res["elapsed_s"]
     res["server_cpu_ms_per_op"] = 1000 * srv / n
     res["server_cpu_ms_per_op_by_process"] = [round(1000 * (a - b) / n, 4) for a, b in zip(after, before)]
-    res["driver_cpu_ms_per_op"] = 1000 * (cpu_s("self") - me) / n
+    # a C driver (redis-benchmark, wrk) is a child process: its CPU comes with the result
+    child = res.pop("driver_cpu_s", None)
+    res["driver_cpu_ms_per_op"] = 1000 * (child if child is not None else cpu_s("self") - me) / n
     res["server_cores"] = srv / el
     res["server_runq_wait_cores"] = (sum(runq_wait_s(p) for p in pids) - wait0) / el
-    res["driver_runq_wait_cores"] = (runq_wait_s("self") - mewait) / el
+    res["driver_runq_wait_cores"] = (runq_wait_s("self") - mewait) / el if child is None else None
+    if not res["all_ok_ops"]:          # nothing completed: no per-operation figure
+        res["server_cpu_ms_per_op"] = res["driver_cpu_ms_per_op"] = None
+        res["server_cpu_ms_per_op_by_process"] = None
     return res
 
 
@@ -300,20 +347,40 @@ class KVCluster:
     dir: Path
     leader: str = ""
     follower: str = ""
+    resp: list[int] = field(default_factory=list)   # Redis-protocol port of each node (urls' order)
 
     def refresh(self) -> None:
         self.leader = wait_leader(self.urls)
         self.follower = next((u for u in self.urls if u != self.leader), self.leader)
 
+    def resp_port(self, url: str) -> int:
+        return self.resp[self.urls.index(url)]
 
-def start_kv(procs: Procs, tmp: Path, name: str, n: int, acks: str) -> KVCluster:
+    def pids(self) -> tuple[list[int], list[str]]:
+        """The node processes and their roles, the leader first."""
+        order = sorted(range(len(self.urls)), key=lambda i: self.urls[i] != self.leader)
+        return ([self.procs[i].pid for i in order],
+                ["leader" if self.urls[i] == self.leader else "follower" for i in order])
+
+    def metrics_urls(self) -> list[str]:
+        return sorted(self.urls, key=lambda u: u != self.leader)
+
+
+def start_kv(procs: Procs, tmp: Path, name: str, n: int, acks: str, resp: bool = False,
+             read_from: str | None = None) -> KVCluster:
+    """n nodes, fsync always; with resp, each node also speaks the Redis protocol; with
+    read_from ("any"), the default consistency of a GET (HTTP or RESP) is changed."""
     d = tmp / name
     d.mkdir()
-    cfg, urls = write_cluster_config(d, n, replication={"acks": acks},
+    repl: dict[str, Any] = {"acks": acks}
+    if read_from:
+        repl["read_from"] = read_from
+    ports = [free_port() for _ in range(n)] if resp else []
+    cfg, urls = write_cluster_config(d, n, resp_ports=ports, replication=repl,
                                      storage={"data_dir": str(d / "data"), "fsync": "always"},
                                      failure_detector={"heartbeat_interval_ms": 100, "timeout_ms": 1000})
     ps = start_cluster(procs, cfg, n, d)
-    return KVCluster(name, urls, ps, cfg, d)
+    return KVCluster(name, urls, ps, cfg, d, resp=ports)
 
 
 def kv_ready(c: KVCluster) -> None:
@@ -500,11 +567,11 @@ async def profile_during(pid: int, out: Path, seconds: int, load: Callable[[], A
 # --------------------------------------------------------------------------- batch / RSS / restart
 
 async def batch_put(http: aiohttp.ClientSession, url: str, lo: int, hi: int, value: bytes,
-                    per_batch: int = 2000, parallel: int = 4) -> None:
+                    per_batch: int = 2000, parallel: int = 4, prefix: str = "key") -> None:
     sem = asyncio.Semaphore(parallel)
 
     async def one(a: int) -> None:
-        ops = [["put", f"key{i}", value] for i in range(a, min(hi, a + per_batch))]
+        ops = [["put", f"{prefix}{i}", value] for i in range(a, min(hi, a + per_batch))]
         body = msgpack.packb({"ops": ops}, use_bin_type=True)
         async with sem:
             async with http.post(f"{url}/kv/_batch", data=body,
@@ -612,28 +679,42 @@ class Run:
     labels: list[str]
     metrics_urls: list[str] = field(default_factory=list)   # kvstore: its nodes, leader first
     results: list[dict[str, Any]] = field(default_factory=list)
+    driver: str = "asyncio"            # asyncio (aiohttp / redis-py closed loop) | redis-benchmark | wrk
+    concurrency: int = CONCURRENCY
+    # a C driver's row: prepare (calibration / warm-up, not measured) and the measured run
+    prepare: Callable[[], Awaitable[None]] | None = None
+    ext: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    note: str = ""
 
 
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+TOOLS = {"etcd": ("etcd", "etcd-server"), "redis": ("redis-server", "redis-server"),
+         "redis-benchmark": ("redis-benchmark", "redis-tools"), "wrk": ("wrk", "wrk")}
+
+
 def ensure_packages(install: bool, notes: list[str]) -> dict[str, bool]:
-    have = {"etcd": bool(shutil.which("etcd")), "redis": bool(shutil.which("redis-server"))}
-    missing = [pkg for name, pkg in (("etcd", "etcd-server"), ("redis", "redis-server")) if not have[name]]
+    def probe() -> dict[str, bool]:
+        return {name: bool(shutil.which(exe)) for name, (exe, _) in TOOLS.items()}
+
+    have = probe()
+    missing = sorted({pkg for name, (_, pkg) in TOOLS.items() if not have[name]})
     if missing and install:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
         subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
         subprocess.run(["apt-get", "install", "-y", *missing], check=True, env=env, stdout=subprocess.DEVNULL)
-        have = {"etcd": bool(shutil.which("etcd")), "redis": bool(shutil.which("redis-server"))}
-    if not have["etcd"]:
-        notes.append("etcd skipped: /usr/bin/etcd missing (apt-get install etcd-server, or --install)")
-    if not have["redis"]:
-        notes.append("Redis skipped: redis-server missing (apt-get install redis-server, or --install)")
-    elif aioredis is None:
+        have = probe()
+    for name, (exe, pkg) in TOOLS.items():
+        if not have[name]:
+            notes.append(f"{name} skipped: {exe} missing (apt-get install {pkg}, or --install)")
+    if have["redis"] and aioredis is None:
         have["redis"] = False
-        notes.append("Redis skipped: redis-py missing (.venv/bin/pip install redis)")
+        notes.append("Redis skipped: redis-py missing (.venv/bin/pip install -e '.[bench]')")
+    if aioredis is None:
+        notes.append("kvstore's Redis-protocol rows driven by redis-py skipped: redis-py missing")
     return have
 
 
@@ -656,14 +737,18 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
     t_start = time.monotonic()
 
     # start everything, then wait for it all (the starts overlap)
+    c_drivers = not args.skip_c_drivers
     raw = start_raw(procs)
     raw_pid = procs.procs[-1].pid
-    semi = start_kv(procs, tmp, "kv3-semi-sync", 3, "semi-sync")
-    asy = start_kv(procs, tmp, "kv3-async", 3, "async")
+    # semi: also RESP (redis-py SET rows, redis-benchmark linearizable GET on the leader);
+    # asy: RESP with read_from: any, so a RESP GET is a local read (redis-benchmark rows)
+    semi = start_kv(procs, tmp, "kv3-semi-sync", 3, "semi-sync", resp=True)
+    asy = start_kv(procs, tmp, "kv3-async", 3, "async", resp=True, read_from="any")
     semi5 = start_kv(procs, tmp, "kv5-semi-sync", 5, "semi-sync") if not args.skip_5 else None
+    one = start_kv(procs, tmp, "kv1", 1, "async") if c_drivers and have["wrk"] else None
     etcd = start_etcd(procs, tmp) if have["etcd"] else None
     red = start_redis(procs, tmp) if have["redis"] else None
-    for c in (semi, asy, semi5):
+    for c in (semi, asy, semi5, one):
         if c:
             kv_ready(c)
     if etcd:
@@ -677,6 +762,8 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
                  "kvstore 3n async": [p.pid for p in asy.procs]}
     if semi5:
         idle_sets["kvstore 5n semi-sync"] = [p.pid for p in semi5.procs]
+    if one:
+        idle_sets["kvstore 1 node"] = [p.pid for p in one.procs]
     if etcd:
         idle_sets["etcd 3m"] = etcd.pids
     if red:
@@ -688,7 +775,10 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
 
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
                                  timeout=aiohttp.ClientTimeout(total=10))
-    rcli = aioredis.Redis(host="127.0.0.1", port=red.ports[0], max_connections=CONCURRENCY + 8) if red else None
+    rcli: Any = aioredis.Redis(host="127.0.0.1", port=red.ports[0], max_connections=CONCURRENCY + 8) if red else None
+    # redis-py against kvstore's Redis protocol (the semi-sync leader), the same client as Redis's
+    kcli: Any = (aioredis.Redis(host="127.0.0.1", port=semi.resp_port(semi.leader), max_connections=CONCURRENCY + 8)
+            if aioredis is not None else None)
     try:
         o_raw = http_kv_op(http, raw, raw)
         o_semi = http_kv_op(http, semi.leader, semi.leader, "?consistency=leader")
@@ -699,6 +789,8 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
         o_etcd_ser = etcd_op(http, etcd.leader, etcd.follower, True) if etcd else None
         o_red = redis_op(rcli) if rcli else None
         o_red_wait = redis_op(rcli, 1) if rcli else None
+        o_kv_resp = redis_op(kcli) if kcli else None
+        o_kv_resp_wait = redis_op(kcli, 1) if kcli else None
 
         v100 = make_value(100)
         for o in (o_raw, o_semi, o_etcd_lin, o_red):
@@ -715,7 +807,7 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
                 return []
             c = semi5 if "5n" in system else asy if "async" in system else semi
             assert c is not None
-            return sorted(c.urls, key=lambda u: u != c.leader)
+            return c.metrics_urls()
 
         def pids_of(system: str) -> tuple[list[int], list[str]]:
             """The system's server processes and their roles (leader/primary first)."""
@@ -731,12 +823,12 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
                 return red.pids, ["primary"] + ["replica"] * (len(red.pids) - 1)
             c = semi5 if "5n" in system else asy if "async" in system else semi
             assert c is not None
-            order = sorted(range(len(c.urls)), key=lambda i: c.urls[i] != c.leader)
-            return ([c.procs[i].pid for i in order],
-                    ["leader" if c.urls[i] == c.leader else "follower" for i in order])
+            return c.pids()
 
         add("write 100B", "raw ceiling PUT", o_raw, 0.0)
         add("write 100B", "kvstore 3n semi-sync", o_semi, 0.0)
+        add("write 100B", "kvstore 3n semi-sync RESP SET", o_kv_resp, 0.0)
+        add("write 100B", "kvstore 3n semi-sync RESP SET+WAIT 1", o_kv_resp_wait, 0.0)
         add("write 100B", "kvstore 3n async", o_async, 0.0)
         add("write 100B", "kvstore 5n semi-sync", o_semi5, 0.0)
         add("write 100B", "etcd 3m put", o_etcd_lin, 0.0)
@@ -759,14 +851,27 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
             add(label, "etcd 3m put", o_etcd_lin, 0.0, vs)
             add(label, "redis SET+WAIT 1", o_red_wait, 0.0, vs)
 
+        # ---- the C drivers: redis-benchmark (RESP) and wrk (HTTP), in the same rounds
+        if c_drivers:
+            await c_driver_plan(args, plan, http, tmp, raw, raw_pid, semi, asy, one, red, have, notes)
+
         values = {vs: make_value(vs) for vs in {100, *args.value_sizes}}
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds} (load average {loadavg()[0]:.1f})", flush=True)
             for r in plan:
+                if r.prepare is not None:
+                    await r.prepare()
                 m0 = await node_counters(http, r.metrics_urls)
-                res = await measured(r.pids, closed_loop(
-                    r.op, concurrency=CONCURRENCY, duration=args.duration, warmup=args.warmup,
-                    read_ratio=r.read_ratio, value=values[r.value_size], seed=rnd))
+                if r.ext is not None:
+                    try:
+                        res = await measured(r.pids, r.ext())
+                    except RuntimeError as e:          # the driver printed no result: a row with 0 ops
+                        notes.append(f"round {rnd + 1}: {r.workload} / {r.system}: {e}")
+                        res = await measured(r.pids, _no_result(str(e)))
+                else:
+                    res = await measured(r.pids, closed_loop(
+                        r.op, concurrency=CONCURRENCY, duration=args.duration, warmup=args.warmup,
+                        read_ratio=r.read_ratio, value=values[r.value_size], seed=rnd))
                 if r.metrics_urls:
                     m1 = await node_counters(http, r.metrics_urls)
                     n_ops = max(1, res["all_ok_ops"])
@@ -777,33 +882,21 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
                 if not res["ops"]:
                     notes.append(f"round {rnd + 1}: {r.workload} / {r.system}: no operation completed "
                                  f"in the window (every one took > {args.duration} s, or timed out)")
-                print(f"  {r.workload:<11} {r.system:<36} {res['ops_s']:>8.0f} ops/s  p50 {res['p50_ms']:6.1f} ms"
-                      f"  p99 {res['p99_ms']:6.1f} ms  CPU/op {res['server_cpu_ms_per_op']:5.2f} ms "
-                      f"(driver {res['driver_cpu_ms_per_op']:4.2f})  errors {res['errors']}", flush=True)
-        table = []
-        for r in plan:
-            med = {m: statistics.median(x[m] for x in r.results)
-                   for m in ("ops_s", "p50_ms", "p99_ms", "server_cpu_ms_per_op", "driver_cpu_ms_per_op",
-                             "server_cores", "server_runq_wait_cores", "driver_runq_wait_cores")}
-            med["server_cpu_ms_per_op_by_process"] = [
-                round(statistics.median(x["server_cpu_ms_per_op_by_process"][i] for x in r.results), 4)
-                for i in range(len(r.pids))]
-            med["processes"] = r.labels
-            if r.results and "per_op" in r.results[0]:
-                med["node_counters_per_op"] = {k: round(statistics.median(x["per_op"][k] for x in r.results), 4)
-                                               for k in r.results[0]["per_op"]}
-            table.append({"workload": r.workload, "system": r.system, "value_bytes": r.value_size,
-                          "read_ratio": r.read_ratio, **med, "errors": sum(x["errors"] for x in r.results),
-                          "rounds": [round(x["ops_s"], 1) for x in r.results]})
+                print(f"  {r.workload:<24} {r.system:<50} {res['ops_s']:>8.0f} ops/s  p50 {res['p50_ms']:6.1f} ms"
+                      f"  p99 {res['p99_ms']:6.1f} ms  CPU/op {_f(res['server_cpu_ms_per_op'], 3)} ms "
+                      f"(driver {_f(res['driver_cpu_ms_per_op'], 3)})  errors {res['errors']}"
+                      f"{'  ' + str(res['errors_by']) if res['errors'] else ''}", flush=True)
+        table = [table_row(r) for r in plan]
         out["table"] = table
         out["loadavg_after_loads"] = loadavg()
 
         if args.profile:
             out["profile"] = await profiles(args, semi, raw_pid, o_semi, o_local, o_raw, values[100], tmp)
 
-        if rcli:
-            await rcli.aclose()
-            rcli = None
+        for cli in (rcli, kcli):
+            if cli:
+                await cli.aclose()
+        rcli = kcli = None
         # free the CPU: stop every process of the load phase
         procs.stop_all()
         fresh = start_kv(procs, tmp, "kv3-growth", 3, "semi-sync")
@@ -816,8 +909,9 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
         procs.stop_all()
     finally:
         await http.close()
-        if rcli:
-            await rcli.aclose()
+        for cli in (rcli, kcli):
+            if cli:
+                await cli.aclose()
 
     print(f"failover: 3-node semi-sync, {args.kills} leader kills (benchmarks/failover_bench.py)", flush=True)
     fo_dir = tmp / "failover"
@@ -828,6 +922,134 @@ async def run(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, An
     out["elapsed_s"] = round(time.monotonic() - t_start, 1)
     out["targets"] = targets(out)
     return out
+
+
+async def _no_result(why: str) -> dict[str, Any]:
+    return {"ops_s": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "errors": 1,
+            "errors_by": {"no result": why[:200]}, "ops": 0, "all_ok_ops": 0, "elapsed_s": 1.0,
+            "driver_cpu_s": 0.0}
+
+
+def table_row(r: Run) -> dict[str, Any]:
+    """The medians over the rounds of one row (a figure missing in a round is left out)."""
+    def med(m: str) -> float | None:
+        xs = [x[m] for x in r.results if x.get(m) is not None]
+        return statistics.median(xs) if xs else None
+
+    row: dict[str, Any] = {"workload": r.workload, "system": r.system, "driver": r.driver,
+                           "concurrency": r.concurrency, "value_bytes": r.value_size, "read_ratio": r.read_ratio}
+    for m in ("ops_s", "p50_ms", "p99_ms", "server_cpu_ms_per_op", "driver_cpu_ms_per_op",
+              "server_cores", "server_runq_wait_cores", "driver_runq_wait_cores"):
+        row[m] = med(m)
+    per = [x["server_cpu_ms_per_op_by_process"] for x in r.results if x.get("server_cpu_ms_per_op_by_process")]
+    row["server_cpu_ms_per_op_by_process"] = [round(statistics.median(x[i] for x in per), 4)
+                                              for i in range(len(r.pids))] if per else None
+    row["processes"] = r.labels
+    if r.results and "per_op" in r.results[0]:
+        row["node_counters_per_op"] = {k: round(statistics.median(x["per_op"][k] for x in r.results), 4)
+                                       for k in r.results[0]["per_op"]}
+    row["errors"] = sum(x["errors"] for x in r.results)
+    errs: Counter[str] = Counter()
+    for x in r.results:
+        for k, v in x.get("errors_by", {}).items():
+            if isinstance(v, int):
+                errs[k] += v
+            else:
+                errs[k] += 1
+                row.setdefault("first_error", v)
+    if errs:
+        row["errors_by"] = dict(errs)
+    row["rounds"] = [round(x["ops_s"], 1) for x in r.results]
+    cmd = next((x["command"] for x in r.results if x.get("command")), None)
+    if cmd:
+        row["command"] = cmd
+    if r.note:
+        row["note"] = r.note
+    return row
+
+
+async def c_driver_plan(args: argparse.Namespace, plan: list[Run], http: aiohttp.ClientSession, tmp: Path,
+                        raw: str, raw_pid: int, semi: KVCluster, asy: KVCluster, one: KVCluster | None,
+                        red: Redis | None, have: dict[str, bool], notes: list[str]) -> None:
+    """Append the redis-benchmark and wrk rows to the plan (after filling the keys they read).
+
+    redis-benchmark (c=50, 100 B, -r 100,000): Redis primary + 2 replicas (AOF always) vs
+    kvstore 3 nodes acks async, fsync always: SET on the leader's RESP port; GET on a
+    follower's, with read_from: any (a local read, as a Redis GET is); plus a linearizable
+    GET on the leader of the semi-sync cluster (read_from: leader); SET and GET again with
+    -P 16. wrk (-t1 -c64, 100 B over 10,000 keys): raw ceiling, one node, the leader of
+    the 3-node semi-sync cluster, PUT and GET each."""
+    dur = args.duration
+    if have["redis-benchmark"] and aioredis is not None:
+        sizer = RbSizer(dur)
+        timeout = dur * 10 + 30
+        t0 = time.monotonic()
+        fills = [(asy, asy.leader), (semi, semi.leader)]
+        for c, u in fills:
+            cli = aioredis.Redis(host="127.0.0.1", port=c.resp_port(u))
+            try:
+                await resp_prefill(cli)
+            finally:
+                await cli.aclose()
+        if red:
+            cli = aioredis.Redis(host="127.0.0.1", port=red.ports[0])
+            try:
+                await resp_prefill(cli)
+            finally:
+                await cli.aclose()
+        # the follower read below must find every key in its own copy
+        await wait_key(http, asy.follower, "key:000000099999", 60)
+        print(f"redis-benchmark keys filled in {time.monotonic() - t0:.1f} s", flush=True)
+        rpids = (red.pids, ["primary"] + ["replica"] * (len(red.pids) - 1)) if red else None
+        redis_sys, kv_set, kv_local, kv_lin = RB_REDIS, RB_KV_SET, RB_KV_LOCAL, RB_KV_LIN
+
+        def rb(workload: str, system: str, port: int, pids: tuple[list[int], list[str]], test: str,
+               pipeline: int, murls: list[str], note: str = "") -> None:
+            prep, go = rb_job(sizer, f"{workload}|{system}", port, test, pipeline, timeout)
+            plan.append(Run(workload, system, None, 1.0 if test == "get" else 0.0, 100, *pids, murls,  # type: ignore[arg-type]
+                            driver="redis-benchmark", concurrency=RB_CLIENTS, prepare=prep, ext=go, note=note))
+
+        for pipeline in (1, 16):
+            sfx = "" if pipeline == 1 else f" -P{pipeline}"
+            if red and rpids:
+                rb(f"redis-benchmark SET{sfx}", redis_sys, red.ports[0], rpids, "set", pipeline, [])
+            rb(f"redis-benchmark SET{sfx}", kv_set, asy.resp_port(asy.leader), asy.pids(), "set", pipeline,
+               asy.metrics_urls(), "RESP SET on the leader; acks async, fsync always")
+            if red and rpids:
+                rb(f"redis-benchmark GET{sfx}", redis_sys, red.ports[0], rpids, "get", pipeline, [])
+            rb(f"redis-benchmark GET{sfx}", kv_local, asy.resp_port(asy.follower), asy.pids(), "get", pipeline,
+               asy.metrics_urls(), "RESP GET on a follower; read_from: any, so a local read")
+            if pipeline == 1:
+                rb(f"redis-benchmark GET{sfx}", kv_lin, semi.resp_port(semi.leader), semi.pids(), "get", pipeline,
+                   semi.metrics_urls(), "RESP GET on the leader; read_from: leader, so linearizable")
+    if have["wrk"]:
+        scripts = write_scripts(tmp)
+        value = b"x" * 100
+        t0 = time.monotonic()
+        sem = asyncio.Semaphore(64)
+
+        async def put_raw(i: int) -> None:
+            async with sem:
+                async with http.put(f"{raw}/kv/wrk{i}", data=value) as r:
+                    await r.read()
+
+        await asyncio.gather(*(put_raw(i) for i in range(WRK_KEYS)))
+        targets_: list[tuple[str, KVCluster]] = [(n, c) for n, c in ((WRK_ONE, one), (WRK_SEMI, semi)) if c]
+        for _, kc in targets_:
+            await batch_put(http, kc.leader, 0, WRK_KEYS, value, prefix="wrk")
+        print(f"wrk keys filled in {time.monotonic() - t0:.1f} s", flush=True)
+        for op in ("put", "get"):
+            wl = f"wrk {op.upper()} 100B"
+            prep, go = wrk_job(raw, scripts[op], dur)
+            plan.append(Run(wl, f"raw ceiling {op.upper()}", None, 1.0 if op == "get" else 0.0, 100,  # type: ignore[arg-type]
+                            [raw_pid], ["raw"], [], driver="wrk", concurrency=WRK_CONNECTIONS, prepare=prep, ext=go))
+            for name, c in targets_:
+                prep, go = wrk_job(c.leader, scripts[op], dur)
+                note = ("default consistency (read_from: leader): linearizable" if op == "get" else
+                        "fsync always" + (", acks semi-sync (sync_followers 1)" if len(c.urls) > 1 else ""))
+                plan.append(Run(wl, name, None, 1.0 if op == "get" else 0.0, 100, *c.pids(),  # type: ignore[arg-type]
+                                c.metrics_urls(), driver="wrk", concurrency=WRK_CONNECTIONS, prepare=prep, ext=go,
+                                note=note))
 
 
 async def profiles(args: argparse.Namespace, semi: KVCluster, raw_pid: int, o_semi: Op, o_local: Op, o_raw: Op,
@@ -858,186 +1080,10 @@ async def profiles(args: argparse.Namespace, semi: KVCluster, raw_pid: int, o_se
     return res
 
 
-def _row(out: dict[str, Any], workload: str, system: str) -> dict[str, Any] | None:
-    return next((r for r in out.get("table", []) if r["workload"] == workload and r["system"] == system), None)
-
-
-def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
-    def ratio(name: str, a: tuple[str, str], b: tuple[str, str], goal: float) -> dict[str, Any]:
-        ra, rb = _row(out, *a), _row(out, *b)
-        if not ra or not rb or not rb["ops_s"]:
-            return {"target": name, "goal": f">= {goal}x", "value": None, "met": None,
-                    "note": "skipped: peer not run"}
-        # the median of the per-round ratios (each round runs A and B minutes apart at most)
-        per_round = [a / b for a, b in zip(ra["rounds"], rb["rounds"]) if b]
-        v = statistics.median(per_round) if per_round else ra["ops_s"] / rb["ops_s"]
-        cpu = (rb["server_cpu_ms_per_op"] / ra["server_cpu_ms_per_op"]) if ra.get("server_cpu_ms_per_op") else None
-        # what the ratio would be if nothing but CPU bound both (driver + servers per op)
-        model = None
-        if ra.get("server_cpu_ms_per_op") and rb.get("server_cpu_ms_per_op"):
-            model = ((rb["server_cpu_ms_per_op"] + rb["driver_cpu_ms_per_op"])
-                     / (ra["server_cpu_ms_per_op"] + ra["driver_cpu_ms_per_op"]))
-        return {"target": name, "goal": f">= {goal}x", "value": round(v, 2), "met": v >= goal,
-                "per_round": [round(x, 2) for x in per_round],
-                "ratio_of_medians": round(ra["ops_s"] / rb["ops_s"], 2),
-                "kvstore_ops_s": round(ra["ops_s"]), "peer_ops_s": round(rb["ops_s"]),
-                "cpu_per_op_ratio_peer_over_kvstore": round(cpu, 2) if cpu else None,
-                "cpu_bound_model_ratio": round(model, 2) if model else None}
-
-    t = [ratio("semi-sync writes / etcd put", ("write 100B", "kvstore 3n semi-sync"),
-               ("write 100B", "etcd 3m put"), 3.0),
-         ratio("leader reads / etcd linearizable range", ("read 100B", "kvstore leader (linearizable)"),
-               ("read 100B", "etcd linearizable range"), 3.0),
-         ratio("async writes / Redis SET", ("write 100B", "kvstore 3n async"), ("write 100B", "redis SET"), 0.5),
-         ratio("semi-sync writes / Redis SET+WAIT 1", ("write 100B", "kvstore 3n semi-sync"),
-               ("write 100B", "redis SET+WAIT 1"), 0.7),
-         ratio("local reads / raw ceiling GET", ("read 100B", "kvstore local (follower)"),
-               ("read 100B", "raw ceiling GET"), 0.8)]
-    g = out.get("growth")
-    if g:
-        t.append({"target": "batch keys/s into 3-node semi-sync", "goal": ">= 100000",
-                  "value": round(g["batch_keys_s"]), "met": g["batch_keys_s"] >= 100_000})
-        ex = " (extrapolated from the stages)" if g["extrapolated_to_1m"] else ""
-        t.append({"target": "RSS per node at 1M keys (MB)" + ex, "goal": "<= 600",
-                  "value": round(g["rss_at_1m_mb"]), "met": g["rss_at_1m_mb"] <= 600})
-        t.append({"target": "restart at 1M keys (s)" + ex, "goal": "<= 10",
-                  "value": round(g["restart_at_1m_s"], 2), "met": g["restart_at_1m_s"] <= 10})
-    f = out.get("failover")
-    if f:
-        med = f["median_gap_s"]
-        t.append({"target": "failover median gap (s), semi-sync", "goal": "<= 1.2",
-                  "value": round(med, 2) if med is not None else None, "met": med is not None and med <= 1.2})
-        t.append({"target": "failover lost acked writes, semi-sync", "goal": "0", "value": f["lost"],
-                  "met": f["lost"] == 0})
-    return t
-
-
-# --------------------------------------------------------------------------- output
-
-def print_report(out: dict[str, Any]) -> None:
-    print()
-    print(f"{'workload':<11} {'system':<36} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/op':>10} "
-          f"{'driver':>7} {'err':>5}")
-    for r in out["table"]:
-        print(f"{r['workload']:<11} {r['system']:<36} {r['ops_s']:>9.0f} {r['p50_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {r.get('server_cpu_ms_per_op', 0):>10.3f} {r.get('driver_cpu_ms_per_op', 0):>7.3f} "
-              f"{r['errors']:>5}")
-    print("(CPU ms/op: CPU time of all the system's server processes per operation; driver: the load "
-          "driver's own)")
-    g = out.get("growth")
-    if g:
-        print()
-        print(f"{'keys':>10} {'batch keys/s':>13} {'RSS max MB':>11} {'restart s':>10}")
-        for s in g["stages"]:
-            print(f"{s['keys']:>10,} {s['batch_keys_s']:>13,.0f} {s['rss_max_mb']:>11.0f} {s['restart_s']:>10.2f}")
-        print(f"RSS per million keys +{g['rss_mb_per_million_keys']:.0f} MB (empty node "
-              f"{max(g['rss_empty_mb'].values()):.0f} MB); restart {g['restart_s_per_million_keys']:.1f} s "
-              f"per million keys")
-    f = out.get("failover")
-    if f:
-        gaps = ", ".join(f"{x:.2f}" for x in f["gaps_s"])
-        print(f"failover semi-sync: gaps {gaps} s; median {f['median_gap_s']}; acked {f['acked']}, "
-              f"lost {f['lost']}")
-    print()
-    print(f"{'target':<52} {'goal':>10} {'value':>10}  verdict")
-    for t in out["targets"]:
-        v = "skipped" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        print(f"{t['target']:<52} {t['goal']:>10} {str(t['value']):>10}  {v}")
-    print(f"\nload average: start {out['loadavg_start']}, end {out['loadavg_end']}; "
-          f"elapsed {out['elapsed_s']} s")
-
-
-def markdown(out: dict[str, Any]) -> str:
-    """The tables of docs/performance.md, from a results JSON."""
-    L = ["| workload | system | ops/s | p50 ms | p99 ms | server CPU ms/op (per process) | driver CPU ms/op |",
-         "|---|---|---:|---:|---:|---|---:|"]
-    for r in out["table"]:
-        per = r.get("server_cpu_ms_per_op_by_process")
-        roles = r.get("processes") or []
-        detail = ""
-        if per and len(per) > 1:
-            detail = " (" + ", ".join(f"{lab[0]} {v:.3f}" for lab, v in zip(roles, per)) + ")"
-        L.append(f"| {r['workload']} | {r['system']} | {r['ops_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                 f"{r.get('server_cpu_ms_per_op', float('nan')):.3f}{detail} | "
-                 f"{r.get('driver_cpu_ms_per_op', float('nan')):.3f} |")
-    L += ["", "| target | goal | this run | per round | met? | CPU-bound model | server CPU/op, peer / kvstore |",
-          "|---|---|---:|---|---|---:|---:|"]
-    for t in out["targets"]:
-        v = "skipped" if t["met"] is None else ("met" if t["met"] else "**missed**")
-        L.append(f"| {t['target']} | {t['goal']} | {t['value']} | {t.get('per_round', '')} | {v} | "
-                 f"{t.get('cpu_bound_model_ratio') or ''} | {t.get('cpu_per_op_ratio_peer_over_kvstore') or ''} |")
-    g = out.get("growth")
-    if g:
-        L += ["", "| keys | batch keys/s | RSS per node MB (n1, n2, n3) | follower restart s |", "|---:|---:|---|---:|"]
-        for st in g["stages"]:
-            L.append(f"| {st['keys']:,} | {st['batch_keys_s']:,.0f} | "
-                     f"{', '.join(f'{v:.0f}' for v in st['rss_mb'].values())} | {st['restart_s']:.2f} |")
-    return "\n".join(L)
-
-
-COLORS = {"raw": "#9e9e9e", "kvstore": "#1f77b4", "etcd": "#2ca02c", "redis": "#d62728"}
-
-
-def _esc(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def write_svg(out: dict[str, Any], path: Path) -> None:
-    """Hand-written SVG: one group per workload, one bar per system (scaled to the
-    group's largest), the ops/s and p99 written on the bar; the targets below."""
-    rows: list[str] = []
-    y = 56
-    bar_h, gap, x0, width = 16, 4, 300, 520
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in out["table"]:
-        groups[r["workload"]].append(r)
-    for wl, rs in groups.items():
-        rows.append(f'<text x="10" y="{y + 12}" font-weight="bold">{_esc(wl)} '
-                    f'(concurrency {out["concurrency"]})</text>')
-        y += 20
-        mx = max(r["ops_s"] for r in rs) or 1.0
-        for r in rs:
-            fam = next((k for k in COLORS if r["system"].startswith(k)), "kvstore")
-            w = max(1.0, width * r["ops_s"] / mx)
-            rows.append(f'<text x="{x0 - 6}" y="{y + 12}" text-anchor="end">{_esc(r["system"])}</text>')
-            rows.append(f'<rect x="{x0}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{COLORS[fam]}"/>')
-            rows.append(f'<text x="{x0 + w + 4:.1f}" y="{y + 12}">{r["ops_s"]:,.0f}/s '
-                        f'(p99 {r["p99_ms"]:.0f} ms)</text>')
-            y += bar_h + gap
-        y += 10
-    rows.append(f'<text x="10" y="{y + 12}" font-weight="bold">targets</text>')
-    y += 20
-    for t in out["targets"]:
-        verdict = "skipped" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        col = "#555" if t["met"] is None else ("#2ca02c" if t["met"] else "#d62728")
-        rows.append(f'<text x="20" y="{y + 12}" fill="{col}">{_esc(t["target"])}: {t["value"]} '
-                    f'(goal {_esc(t["goal"])}) {verdict}</text>')
-        y += 18
-    g = out.get("growth")
-    if g:
-        y += 8
-        rows.append(f'<text x="10" y="{y + 12}" font-weight="bold">batch load into a fresh 3-node semi-sync '
-                    f'cluster: keys, batch keys/s, largest node RSS, follower restart</text>')
-        y += 20
-        for st in g["stages"]:
-            rows.append(f'<text x="20" y="{y + 12}">{st["keys"]:,} keys: {st["batch_keys_s"]:,.0f} keys/s, '
-                        f'RSS {st["rss_max_mb"]:.0f} MB, restart {st["restart_s"]:.2f} s</text>')
-            y += 18
-    la = out["loadavg_start"][0]
-    head = (f'<text x="10" y="22" font-size="15" font-weight="bold">kvstore vs etcd vs Redis vs raw aiohttp, '
-            f'one closed-loop driver, 127.0.0.1</text>'
-            f'<text x="10" y="40" fill="#555">{out["mode"]} run {out["started"]}, {out["nproc"]} cores, load '
-            f'average {la:.1f} at start; medians of {out["rounds"]} round(s); bars scaled per group</text>')
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{x0 + width + 200}" height="{y + 20}" '
-           f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
-           + head + "\n" + "\n".join(rows) + "\n</svg>\n")
-    path.write_text(svg)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short run (< ~3 min): 1 round of 2 s, 100k keys")
+    ap.add_argument("--quick", action="store_true", help="short run (~3 min, < 5 on 2 cores): 1 round of 2 s, stages up to 150k keys")
     ap.add_argument("--install", action="store_true", help="apt-get install etcd-server redis-server if missing")
     ap.add_argument("--rounds", type=int, help="rounds of every workload (default 3; quick 1)")
     ap.add_argument("--duration", type=float, help="measured seconds per run (default 4; quick 2)")
@@ -1047,6 +1093,8 @@ def main() -> int:
                                      "(default 1000,250000,1000000; quick 1000,50000,150000)")
     ap.add_argument("--value-sizes", default="4096,65536", help="extra write value sizes (bytes)")
     ap.add_argument("--skip-5", action="store_true", help="no 5-node cluster")
+    ap.add_argument("--skip-c-drivers", action="store_true",
+                    help="no redis-benchmark and wrk rows (only the asyncio closed-loop driver)")
     ap.add_argument("--profile", action="store_true", help="py-spy the kvstore nodes under load (adds ~30 s)")
     ap.add_argument("--profile-seconds", type=int, default=5)
     ap.add_argument("--keep-profiles", action="store_true",
