@@ -46,6 +46,11 @@ browser:
 			|| echo "browser: apt-get failed; tests/proc/test_ui.py will fail saying how to install chromium"; \
 	fi
 
+## build the documentation site (docs/, mkdocs.yml) into site/; a broken link or anchor fails it
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/node_bench.py
 

@@ -1,4 +1,4 @@
-"""Failover benchmark (issue 4): kill -9 the leader N times under a write load and
+"""Failover benchmark: kill -9 the leader N times under a write load and
 measure the unavailability gap (first failed write to first successful write) and the
 acknowledged writes lost, per acks mode. Defaults: heartbeat 100 ms, timeout 1000 ms.
 

@@ -1,4 +1,4 @@
-"""Leaderless benchmark (issue 9), in ONE run:
+"""Leaderless benchmark, in ONE run:
 
 1. PUT and GET throughput and latency (p50/p99) of a 3-node N=3 cluster for
    (W, R) = (1, 1), (2, 2), (3, 1), clients spread over all three nodes, fsync: always.

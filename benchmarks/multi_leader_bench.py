@@ -1,4 +1,4 @@
-"""Multi-leader benchmark (issue 8), fsync: always, 100-byte values.
+"""Multi-leader benchmark, fsync: always, 100-byte values.
 
 1. Write throughput per node with 3 leaders, every node taking writes at once
    (one closed-loop load per node, overlapping keys so conflicts happen), next to a

@@ -1,4 +1,4 @@
-"""Single-node benchmark (issue 2), all figures from ONE run so ratios are meaningful.
+"""Single-node benchmark, all figures from ONE run so ratios are meaningful.
 
   .venv/bin/python benchmarks/node_bench.py [--duration 5] [--rounds 2] [--keys 1000000]
 

@@ -1,4 +1,4 @@
-"""kvstore against its peers (issue 10): etcd (3 members, fsync per commit, HTTP/JSON
+"""kvstore against its peers: etcd (3 members, fsync per commit, HTTP/JSON
 gateway) and Redis (primary + 2 replicas, appendfsync always), plus the raw aiohttp+uvloop
 dict server (the ceiling of one Python HTTP process), all on 127.0.0.1, in ONE run so that
 the ratios mean something on a shared, noisy machine. Three drivers, each the same for

@@ -1,4 +1,4 @@
-"""Replication benchmark (issue 3): PUT throughput and latency for a 1-node cluster and
+"""Replication benchmark: PUT throughput and latency for a 1-node cluster and
 a 3-node cluster in each acks mode, in ONE run (alternating, medians), plus the p99 of
 the leader-measured lag_ms sampled under load.
 
