@@ -40,6 +40,7 @@ from typing import IO, Any, NoReturn, TextIO, cast
 from kvstore.errors import (
     BadRequest,
     ConfigError,
+    Forbidden,
     KVError,
     NotFound,
     Timeout,
@@ -379,7 +380,7 @@ def exit_code_for(e: KVError) -> int:
         return EXIT_PRECONDITION
     if isinstance(e, (Unavailable, Timeout)):          # NotLeader, IndeterminateError included
         return EXIT_UNAVAILABLE
-    if isinstance(e, (ConfigError, BadRequest, Unauthorized, TooLarge)):
+    if isinstance(e, (ConfigError, BadRequest, Unauthorized, Forbidden, TooLarge)):
         return EXIT_USAGE
     return EXIT_FAILURE
 
@@ -398,6 +399,8 @@ def error_text(e: KVError, args: Args) -> str:
         return f"{e.message} (see {args.prog} --help)"
     if isinstance(e, Unauthorized):
         return f"unauthorized: {e.message} (give --token or set KVSTORE_TOKEN)"
+    if isinstance(e, Forbidden):
+        return f"forbidden: {e.message} (this token's role or key prefixes do not allow it)"
     if isinstance(e, Timeout):
         return f"indeterminate: {e.message}"
     if isinstance(e, Unavailable):

@@ -20,6 +20,7 @@ from kvstore.errors import (
     BadRequest,
     Compacted,
     ConfigError,
+    Forbidden,
     KVError,
     NotFound,
     NotLeader,
@@ -36,6 +37,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "Conflict",
+    "Forbidden",
     "IndeterminateError",
     "KVError",
     "NotFound",
@@ -86,6 +88,7 @@ class Conflict(KVError):
 _BY_CODE: dict[str, type[KVError]] = {
     "bad_request": BadRequest,
     "unauthorized": Unauthorized,
+    "forbidden": Forbidden,
     "not_found": NotFound,
     "version_mismatch": VersionMismatch,
     "too_large": TooLarge,
@@ -96,7 +99,7 @@ _BY_CODE: dict[str, type[KVError]] = {
 _BY_STATUS: dict[int, type[KVError]] = {
     400: BadRequest,
     401: Unauthorized,
-    403: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     412: VersionMismatch,
     410: Compacted,

@@ -10,6 +10,7 @@ async client.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 import time
@@ -64,6 +65,8 @@ class Client:
         self._thread.start()
         self._ready.wait()
         self._closed = False
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[Any]] = set()   # calls running, from any thread
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -71,10 +74,22 @@ class Client:
         self._loop.run_forever()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
-            coro.close()
-            raise RuntimeError("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise RuntimeError("the client is closed")
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._pending.add(fut)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise RuntimeError("the client was closed while this call was running (a write may or may "
+                                   "not have been applied)") from None
+            raise
+        finally:
+            with self._lock:
+                self._pending.discard(fut)
 
     def __enter__(self) -> Client:
         return self
@@ -83,12 +98,20 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            self._call(self._aclient.close())
-        finally:
+        """Close the connections. A call still running on another thread is cancelled: it
+        raises RuntimeError (a write's outcome is then unknown) instead of waiting forever."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
+            running = list(self._pending)
+        for fut in running:
+            fut.cancel()
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclient.close(), self._loop).result(timeout=10)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            pass
+        finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             if not self._thread.is_alive():

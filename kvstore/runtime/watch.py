@@ -30,8 +30,11 @@ QUEUE_MAX = 100_000
 
 
 class Subscriber:
-    def __init__(self, prefix: str, queue_max: int) -> None:
+    def __init__(self, prefix: str, queue_max: int, after: int | None = None) -> None:
         self.prefix = prefix
+        # changes at or before `after` are never sent: a watch resumed from a token this
+        # node has not reached yet (a follower behind) starts strictly after the token
+        self.after = after
         self.queue_max = queue_max
         self.pending: deque[Change] = deque()
         self.backlog: list[Change] = []     # from the history: yielded first, not counted against queue_max
@@ -43,6 +46,11 @@ class Subscriber:
             return
         p = self.prefix
         got = [c for c in changes if c.key.startswith(p)] if p else list(changes)
+        if self.after is not None and got:
+            if got[-1].position <= self.after:
+                return
+            got = [c for c in got if c.position > self.after]
+            self.after = None          # the live stream has passed the token
         if not got:
             return
         if len(self.pending) + len(got) > self.queue_max:
@@ -103,7 +111,7 @@ class ChangeHub:
     def subscribe(self, prefix: str, after: int | None) -> Subscriber:
         """A subscriber to changes of keys under `prefix`: those after position `after`
         (from the history), then live ones; `after` None: from now on. Raises Compacted."""
-        sub = Subscriber(prefix, self.queue_max)
+        sub = Subscriber(prefix, self.queue_max, after)
         if after is not None:
             if after < self.floor:
                 raise Compacted(f"this node no longer holds the changes after that token (it keeps "

@@ -545,3 +545,34 @@ async def test_the_docs_example_runs() -> None:
         assert repr(c.urls[:2]) in code
         await asyncio.to_thread(exec, compile(code, "docs/client.md", "exec"), {"print": lambda *a: None})
         assert c.node("n1").data["cart"][0] == b"book" and c.node("n1").data["counter"][0] == b"1"
+
+
+def test_closing_the_sync_client_ends_a_call_running_on_another_thread() -> None:
+    """close() must not leave another thread's call waiting forever on a stopped loop."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)                     # accepts connections, never answers
+    try:
+        kv = Client(f"http://127.0.0.1:{srv.getsockname()[1]}", timeout=30.0)
+        outcome: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                kv.get("k")
+            except BaseException as e:   # noqa: BLE001 - recorded for the assertion
+                outcome.append(e)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        time.sleep(0.3)                  # the call is in flight
+        kv.close()
+        t.join(timeout=5)
+        assert not t.is_alive(), "the other thread's call still waits after close()"
+        assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+        assert "closed while this call was running" in str(outcome[0])
+    finally:
+        srv.close()
