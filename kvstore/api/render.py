@@ -209,6 +209,7 @@ def _families(values: dict[str, float], kind: str, nid: str) -> Iterator[Metric]
         yield fam
 
 
+_METHODS = frozenset(("GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"))
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -242,11 +243,22 @@ class NodeMetrics:
         self.batch = Histogram("kv_wal_batch_entries", "entries per group commit (one flush)", ["node"],
                                buckets=BATCH_BUCKETS, registry=reg).labels(nid)
         self.nid = nid
+        # (route, method, status) -> the two children: labels() takes a lock and builds a
+        # tuple on every call; routes are canonical, so this stays small
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        st = str(status)
-        self.requests.labels(self.nid, route, method, st).observe(seconds)
-        self.responses.labels(self.nid, route, method, st).inc()
+        key = (route, method, status)
+        pair = self._children.get(key)
+        if pair is None:
+            if method not in _METHODS:
+                method = "other"      # a client's made-up method must not make a new series each
+                key = (route, method, status)
+            st = str(status)
+            pair = self._children[key] = (self.requests.labels(self.nid, route, method, st),
+                                          self.responses.labels(self.nid, route, method, st))
+        pair[0].observe(seconds)
+        pair[1].inc()
 
     def scrape(self) -> bytes:
         ls = self.node.log_stats()

@@ -229,11 +229,14 @@ BODY_TIMEOUT_S = 30.0     # a client that sends its body slower than this is cut
 async def read_value(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"value is {request.content_length} bytes; max_value_bytes is {limit}")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            value = await request.read()
-    except TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
+    if request.content.is_eof():
+        value = await request.read()      # all of it arrived with the headers: no wait, no timer
+    else:
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                value = await request.read()
+        except TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
     if len(value) > limit:
         raise TooLarge(f"value is {len(value)} bytes; max_value_bytes is {limit}")
     return value

@@ -73,12 +73,16 @@ def build_core(config: ClusterConfig, cfg: CoreConfig, **kw: Any) -> Core:
 
 class Node:
     """One kvstore node. Real by default (FileLog, HttpTransport, the system clock); the
-    simulator passes its own log, transport, clock and seeded random."""
+    simulator passes its own log, transport, clock and seeded random, and `on_fatal`:
+    what happens when a background task dies (default: log it and exit the process with
+    code 70, runtime/tasks.py; the simulator fails the run instead)."""
 
     def __init__(self, config: ClusterConfig, node_id: str, *, log_: Log | None = None,
                  transport: Transport | None = None, clock: Clock | None = None,
-                 rng: random.Random | None = None, data_dir: Path | None = None) -> None:
+                 rng: random.Random | None = None, data_dir: Path | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.config = config
+        self.on_fatal = on_fatal
         self.spec = config.node(node_id)
         self.id = NodeId(node_id)
         self.mode = config.replication.mode
@@ -103,6 +107,9 @@ class Node:
         self.gauges: dict[str, float] = {}          # front ends' own gauges (e.g. RESP connections)
         self._wake = asyncio.Event()
         self._waiters: dict[RequestId, asyncio.Future[Outcome]] = {}
+        # the last-resort deadline of each waiter (clock.monotonic()), checked by the ticker:
+        # cheaper than an asyncio.timeout per request on the hot path
+        self._guards: dict[RequestId, float] = {}
         # Request ids start at random: a follower matches the leader's answer to a forwarded
         # write by this number, and an answer meant for this node's previous process (sent
         # after a restart) must never resolve a request of this one.
@@ -170,10 +177,15 @@ class Node:
     def _task_done(self, t: asyncio.Task[Any]) -> None:
         if t in self._tasks:
             self._tasks.remove(t)
-        if not t.cancelled() and t.exception() is not None:
-            self._fatal = t.exception()   # what killed the node (kept for tests and the simulator)
-        if not self._crashed:
+        exc = None if t.cancelled() else t.exception()
+        if exc is not None:
+            self._fatal = exc             # what killed the node (kept for tests and the simulator)
+        if self._crashed:
+            return
+        if self.on_fatal is None:
             exit_if_failed(t, self._stopping)
+        elif exc is not None and not self._stopping:
+            self.on_fatal(exc)
 
     async def stop(self) -> None:
         """Bounded (docs/operations.md: exit within 5 s of SIGTERM): the transport first
@@ -209,9 +221,24 @@ class Node:
     # ---- time ----------------------------------------------------------------------------
     async def _tick_loop(self) -> None:
         interval = self.cfg.tick_ms / 1000.0
+        every = max(1, int(0.25 / interval))      # the guards: four times a second
+        n = 0
         while True:
             await asyncio.sleep(interval)
             self._catch_up_ticks()
+            n += 1
+            if n % every == 0 and self._guards:
+                self._expire_guards()
+
+    def _expire_guards(self) -> None:
+        now = self.clock.monotonic()
+        for req in [r for r, t in self._guards.items() if t <= now]:
+            del self._guards[req]
+            fut = self._waiters.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(Timeout("no answer in time; the request may or may not have been applied"))
+            if self.core is not None:
+                self.core.cancel(req)
 
     def _catch_up_ticks(self) -> None:
         """Feed the core the ticks that real time says have passed (after a SIGSTOP too)."""
@@ -372,12 +399,11 @@ class Node:
     async def _await(self, req: RequestId, fut: asyncio.Future[Outcome], budget_ticks: int) -> Outcome:
         # The core answers every request by its own deadline; this one only guards a bug.
         safety = (budget_ticks + 2 * self.cfg.election_ticks) * self.cfg.tick_ms / 1000.0 + 1.0
+        self._guards[req] = self.clock.monotonic() + safety
         try:
-            async with asyncio.timeout(safety):
-                return await fut
-        except TimeoutError:
-            raise Timeout("no answer in time; the request may or may not have been applied") from None
+            return await fut
         finally:
+            self._guards.pop(req, None)
             if self._waiters.pop(req, None) is not None and self.core is not None:
                 self.core.cancel(req)
 
