@@ -25,20 +25,21 @@ class H:
         self.ops.append(op)
         return self
 
-    def _done(self, p: int, typ: str, t: float, value: Any = None) -> "H":
+    def _done(self, p: int, typ: str, t: float, value: Any = None, error: str | None = None,
+              node: str | None = None) -> "H":
         inv = self._open.pop(p)
         v = value if inv.f == "read" and typ == "ok" else inv.value
-        self.ops.append(Op(p, typ, inv.f, inv.key, v, t))
+        self.ops.append(Op(p, typ, inv.f, inv.key, v, t, node=node, error=error))
         return self
 
-    def ok(self, p: int, t: float, value: Any = None) -> "H":
-        return self._done(p, "ok", t, value)
+    def ok(self, p: int, t: float, value: Any = None, node: str | None = None) -> "H":
+        return self._done(p, "ok", t, value, node=node)
 
-    def fail(self, p: int, t: float) -> "H":
-        return self._done(p, "fail", t)
+    def fail(self, p: int, t: float, error: str | None = None, node: str | None = None) -> "H":
+        return self._done(p, "fail", t, error=error, node=node)
 
-    def info(self, p: int, t: float) -> "H":
-        return self._done(p, "info", t)
+    def info(self, p: int, t: float, error: str | None = None, node: str | None = None) -> "H":
+        return self._done(p, "info", t, error=error, node=node)
 
     def sorted(self) -> list[Op]:
         return sorted(self.ops, key=lambda o: o.time)
