@@ -20,7 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvstore.transport.sim import DiskWeather, NetWeather, NemesisOptions, SimFailure
+from kvstore.replication.versions import DVVSet
+from kvstore.transport.sim import DiskWeather, NetWeather, NemesisOptions, SimFailure, Simulation
 
 
 def seeds_for(default: int) -> list[int]:
@@ -138,3 +139,34 @@ def failure_text(config: str, seed: int, e: BaseException, test_id: str) -> str:
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     return fn(), time.perf_counter() - t0
+
+
+class Monotonic:
+    """Within one process a replica only ever merges: every key's causal context may
+    only grow (a restart may go back to what was durable; tombstone collection and lww
+    keep the context). Checked after every delivered batch, on the keys whose container
+    changed (the store replaces a container object when it changes it)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.seen: dict[str, tuple[dict[str, DVVSet], dict[str, DVVSet]]] = {}
+
+    def check(self, sim: Simulation, nid: str, store: dict[str, DVVSet] | None) -> None:
+        if store is None:
+            return
+        prev = self.seen.get(nid)
+        if prev is None or prev[0] is not store:     # a new process (or a replaced store)
+            self.seen[nid] = (store, dict(store))
+            return
+        last = prev[1]
+        for key, c in store.items():
+            old = last.get(key)
+            if old is c:
+                continue
+            if old is not None and not c.context.descends(old.context):
+                self.owner.fail(sim, f"{nid}: the context of {key!r} went backwards: {old.context.entries} -> "
+                                     f"{c.context.entries}")
+            last[key] = c
+        if len(last) > len(store):
+            gone = sorted(set(last) - set(store))
+            self.owner.fail(sim, f"{nid}: keys vanished from the store: {gone[:5]}")

@@ -32,7 +32,7 @@ from kvstore.replication.core import Delete, Put, ReadResult, WriteResult
 from kvstore.replication.ml_store import decode_record, decode_state_record
 from kvstore.replication.versions import DVVSet, Dot, VersionVector, decode_dot, decode_vv, resolve_lww
 from kvstore.transport.sim import NemesisOptions, Observer, OpRecord, SimFailure, Simulation, cluster_config
-from tests.sim.common import SeedOutcome, nemesis_for, replay_command, weather
+from tests.sim.common import Monotonic, SeedOutcome, nemesis_for, replay_command, weather
 
 MODE = "multi-leader"
 CONFIGS: dict[str, tuple[str, str, int]] = {
@@ -331,37 +331,6 @@ def store_of(sim: Simulation, nid: str) -> dict[str, DVVSet] | None:
     sn = sim.nodes[nid]   # type: ignore[index]
     core = sn.core
     return core.store.store if core is not None and sn.serving else None
-
-
-class Monotonic:
-    """Within one process a replica only ever merges: every key's causal context may
-    only grow (a restart may go back to what was durable; tombstone collection and lww
-    keep the context). Checked after every delivered batch, on the keys whose container
-    changed (the store replaces a container object when it changes it)."""
-
-    def __init__(self, owner: Any) -> None:
-        self.owner = owner
-        self.seen: dict[str, tuple[dict[str, DVVSet], dict[str, DVVSet]]] = {}
-
-    def check(self, sim: Simulation, nid: str, store: dict[str, DVVSet] | None) -> None:
-        if store is None:
-            return
-        prev = self.seen.get(nid)
-        if prev is None or prev[0] is not store:     # a new process (or a replaced store)
-            self.seen[nid] = (store, dict(store))
-            return
-        last = prev[1]
-        for key, c in store.items():
-            old = last.get(key)
-            if old is c:
-                continue
-            if old is not None and not c.context.descends(old.context):
-                self.owner.fail(sim, f"{nid}: the context of {key!r} went backwards: {old.context.entries} -> "
-                                     f"{c.context.entries}")
-            last[key] = c
-        if len(last) > len(store):
-            gone = sorted(set(last) - set(store))
-            self.owner.fail(sim, f"{nid}: keys vanished from the store: {gone[:5]}")
 
 
 # ---- the client mix ---------------------------------------------------------------------------
