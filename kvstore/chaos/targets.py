@@ -123,6 +123,17 @@ class _HttpFaults:
             raise ChaosTargetError(f"switchover {leader} -> {to}: {st} {text}")
 
 
+def _port_taken(url: str) -> bool:
+    """Something already accepts connections at `url`'s host and port."""
+    import socket
+    u = urlsplit(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 80), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
 class LocalCluster(_HttpFaults):
     supports = frozenset({"kill", "restart", "pause", "partition", "switchover"})
 
@@ -141,6 +152,11 @@ class LocalCluster(_HttpFaults):
         self.exits: list[tuple[str, int]] = []  # unexpected exits seen
 
     async def start_all(self) -> None:
+        busy = [f"{n} ({self.urls[n]})" for n in self.node_ids if _port_taken(self.urls[n])]
+        if busy:
+            raise ChaosTargetError(
+                f"the address of {', '.join(busy)} is already in use — is a cluster from `make run` still "
+                f"running? Stop it, or test that cluster with --attach")
         for n in self.node_ids:
             await self.start(n)
 

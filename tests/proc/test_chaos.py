@@ -291,3 +291,19 @@ def test_chaos_exits_1_when_the_cluster_cannot_start(tmp_path: Path) -> None:
     assert rc == 1, out
     assert "Traceback" not in out
     assert "exited" in out or "did not become ready" in out
+
+
+def test_chaos_refuses_to_start_on_ports_another_cluster_holds(tmp_path: Path) -> None:
+    """`make run` still up: chaos says so in one line instead of starting nodes that cannot
+    bind (or, worse, testing the other cluster)."""
+    cfg = write_config(tmp_path, "semi-sync")
+    port = int(cfg.read_text().split("127.0.0.1:")[1].split("'")[0])
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen(1)
+    try:
+        code, out = run_chaos(["--config", str(cfg), "--duration", "2s", "--quiet"], timeout_s=60)
+    finally:
+        squatter.close()
+    assert code == 1, out
+    assert "already in use" in out and "--attach" in out and "Traceback" not in out, out
