@@ -1,4 +1,4 @@
-"""Fuzz the cluster file (kvstore/config.py): `parse_config` on random documents and on a
+"""Fuzz the cluster file (kvstore/config/models.py): `parse_config` on random documents and on a
 valid file with random keys and values in every section, `KVSTORE_<SECTION>__<KEY>`
 overrides with random names and values, and `load_config` on random bytes and on YAML
 text full of tricky scalars and tags. The only failure allowed is ConfigError (a

@@ -146,7 +146,7 @@ def test_request_a_scan_prefix_is_percent_decoded_exactly_once(prefix: str) -> N
     assert opts["start"] == prefix
 
 
-# ---- config (kvstore/config.py) — fixed ------------------------------------------------------------
+# ---- config (kvstore/config/models.py) — fixed ------------------------------------------------------------
 @pytest.mark.parametrize("value", ["2001-02-30", "0000-01-01", "!!int abc", "!!int", "!!float x", "!!timestamp x",
                                    "!!bool maybe", "[" * 3000])
 def test_config_a_value_pyyaml_cannot_construct_is_a_config_error(value: str, tmp_path: Path) -> None:

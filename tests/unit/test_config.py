@@ -1,4 +1,4 @@
-"""The cluster file (kvstore/config.py, CONTRACT §2, §8): defaults, unknown keys,
+"""The cluster file (kvstore/config/models.py, CONTRACT §2, §8): defaults, unknown keys,
 cross-field checks, every problem listed at once with its line and a did-you-mean, the
 one-line error of `kvstore node`, `kvstore config check` exit codes, KVSTORE_<SECTION>__<KEY>
 overrides and their precedence, --data-dir, the generated reference, and every shipped
