@@ -40,7 +40,7 @@ from kvstore.chaos.targets import AttachedCluster, DockerCluster, LocalCluster
 from kvstore.chaos.workload import PlannedOp, Session, Workload, make_workload
 from kvstore.config import ClusterConfig, load_config, parse_config
 from kvstore.security.signing import PeerSigner
-from kvstore.errors import KVError
+from kvstore.errors import ConfigError, KVError
 
 SETUP_PROCESS_BASE = 900_000     # seeding writes before the run
 FINAL_PROCESS_BASE = 1_000_000   # final reads: BASE + 1000 * key index (+1 per retry)
@@ -119,9 +119,12 @@ class ChaosRun:
         self.stopping = False
         self.counts = {"ok": 0, "expected": 0, "fail": 0, "info": 0}
         self.last_event = ""
-        self.workload: Workload = make_workload(
-            opts.workload, keys=opts.keys, prefix=f"chaos-{self.run_id}-",
-            local_read_fraction=opts.local_read_fraction)
+        try:
+            self.workload: Workload = make_workload(
+                opts.workload, keys=opts.keys, prefix=f"chaos-{self.run_id}-",
+                local_read_fraction=opts.local_read_fraction, cas=self.mode == "single-leader")
+        except ValueError as e:
+            raise ConfigError(f"--workload {opts.workload}: {e} ({self.mode} mode)") from None
         self.sessions = [Session(process=i) for i in range(opts.clients)]
         self.tmp: Path | None = None
         self.notes: list[str] = []

@@ -97,12 +97,16 @@ class Workload:
 class RegisterWorkload(Workload):
     name = "register"
 
+    def __init__(self, *, keys: int, prefix: str, local_read_fraction: float = 0.25, cas: bool = True) -> None:
+        super().__init__(keys=keys, prefix=prefix, local_read_fraction=local_read_fraction)
+        self.cas = cas     # False where the mode has no compare-and-set (multi-leader, leaderless)
+
     def next_op(self, s: Session, rng: Random) -> PlannedOp:
         key = rng.choice(self.keys)
         r = rng.random()
         if r < 0.5:
             return self._read(key, rng)
-        if r < 0.78:
+        if r < 0.78 or (r < 0.95 and not self.cas):
             v = s.next_value()
             return PlannedOp("write", key, v, body=v)
         if r < 0.95:
@@ -155,9 +159,16 @@ class UniqueWritesWorkload(Workload):
         return out
 
 
-def make_workload(name: str, *, keys: int, prefix: str, local_read_fraction: float = 0.25) -> Workload:
+def make_workload(name: str, *, keys: int, prefix: str, local_read_fraction: float = 0.25,
+                  cas: bool = True) -> Workload:
+    """`cas`: whether the cluster's mode has compare-and-set (only single-leader does;
+    the others answer If-Match with 400): without it the register workload writes
+    instead, and the append workload, which is made of compare-and-sets, is refused."""
     if name == "register":
-        return RegisterWorkload(keys=keys, prefix=prefix, local_read_fraction=local_read_fraction)
+        return RegisterWorkload(keys=keys, prefix=prefix, local_read_fraction=local_read_fraction, cas=cas)
+    if name == "append" and not cas:
+        raise ValueError("the append workload grows lists by compare-and-set, which only single-leader mode "
+                         "has; use register or unique-writes")
     if name == "append":
         return AppendWorkload(keys=keys, prefix=prefix, local_read_fraction=local_read_fraction)
     if name == "unique-writes":

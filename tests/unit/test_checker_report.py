@@ -267,3 +267,29 @@ async def test_nemesis_heals_everything_when_cancelled_mid_fault() -> None:
         await task
     assert ("resume", "n1") in t.calls
     assert [e.kind for e in events] == ["start", "end"]
+
+
+def test_register_workload_without_cas_writes_instead_and_append_is_refused() -> None:
+    """Multi-leader and leaderless have no compare-and-set (If-Match is a 400 there): the
+    register workload must not send one, and the append workload (all CAS) is refused."""
+    import random
+
+    from kvstore.chaos.workload import Session, make_workload
+
+    w = make_workload("register", keys=3, prefix="k", cas=False)
+    s = Session(process=0)
+    rng = random.Random(7)
+    kinds = set()
+    for _ in range(2000):
+        op = w.next_op(s, rng)
+        kinds.add(op.f)
+        if op.f in ("read", "write"):
+            s.saw(op.key, "1.1", "x")          # every key looks known: a CAS would be possible
+    assert "cas" not in kinds and {"read", "write", "delete"} <= kinds
+    with_cas = make_workload("register", keys=3, prefix="k")
+    s2 = Session(process=0)
+    for k in ("k0", "k1", "k2"):
+        s2.saw(k, "1.1", "x")
+    assert any(with_cas.next_op(s2, rng).f == "cas" for _ in range(200))
+    with pytest.raises(ValueError, match="compare-and-set"):
+        make_workload("append", keys=3, prefix="k", cas=False)
