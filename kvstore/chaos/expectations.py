@@ -45,7 +45,6 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "values_known": "must",
         "recovered": "must",
     },
-    # ---- to be filled in when these modes land (keep the shape) ----------------------
     # multi-leader (both conflict policies): every node takes writes and replicates them
     # asynchronously; concurrent writes of one key are resolved by lww or kept as
     # siblings. Promised: no read returns a value nobody wrote; no acknowledged write is
@@ -61,7 +60,7 @@ EXPECTATIONS: dict[tuple[str, str], Expectation] = {
         "values_known": "must",
         "recovered": "must",
     },
-    # leaderless, w + r > n (kvstore/runtime/leaderless.py, docs/leaderless.md): a read
+    # leaderless, w + r > n (replication/leaderless.py, docs/leaderless.md): a read
     # that starts after a write was acknowledged sees it or a newer version, and acked
     # writes are durable on W replicas. NOT promised: linearizability (a read concurrent
     # with a write may see it, and a later read — before read repair lands — may not;
