@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -230,11 +231,23 @@ async def kv_scan(request: web.Request) -> web.Response:
     return web.json_response({"items": rows, "cursor": page.cursor, "token": page.token}, headers=headers)
 
 
+_EVENTS: OrderedDict[Change, bytes] = OrderedDict()   # each change encoded once, for every watcher
+_EVENTS_MAX = 4096
+_q = json.encoder.encode_basestring_ascii   # type: ignore[attr-defined]   # what json.dumps does for a str
+
+
 def _event(c: Change) -> bytes:
-    obj: dict[str, Any] = {"type": c.type, "key": c.key, "version": c.version, "token": c.token}
-    if c.type == "put" and c.value is not None:
-        obj["value_b64"] = base64.b64encode(c.value).decode()
-    return f"id: {c.token}\ndata: {json.dumps(obj)}\n\n".encode()
+    """The SSE event of one change (the same bytes json.dumps of the dict would give),
+    shared by every watcher it goes to: encoding per watcher was most of a live watch's cost."""
+    ev = _EVENTS.get(c)
+    if ev is None:
+        body = f'{{"type": {_q(c.type)}, "key": {_q(c.key)}, "version": {_q(c.version)}, "token": {_q(c.token)}'
+        if c.type == "put" and c.value is not None:
+            body += f', "value_b64": "{base64.b64encode(c.value).decode()}"'
+        ev = _EVENTS[c] = f"id: {c.token}\ndata: {body}}}\n\n".encode()
+        if len(_EVENTS) > _EVENTS_MAX:
+            _EVENTS.popitem(last=False)
+    return ev
 
 
 WATCH_KEEPALIVE_S = 15.0
