@@ -50,6 +50,14 @@ CLUSTER_TOKEN_HEADER = "KV-Cluster-Token"
 MSGPACK = "application/msgpack"
 
 
+def _refused_before_write(e: BaseException) -> bool:
+    """True when a websocket send failed before any byte of the frame was written: aiohttp
+    checks that the stream is not closing (the peer's end closed, our close frame sent)
+    before it writes, and raises this error then. Such a frame surely never arrived —
+    the core may send it elsewhere. (tests/unit/test_transport_http.py holds aiohttp to it.)"""
+    return isinstance(e, ConnectionResetError) and "closing transport" in str(e)
+
+
 class HttpTransport:
     """Peers are authenticated before anything else happens: with TLS by their node
     certificate (signed by the cluster CA), else by the HMAC signature of every request
@@ -237,7 +245,10 @@ class HttpTransport:
                                 self.frames_sent += 1
                                 self.messages_sent += len(msgs)
                             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ConnectionError) as e:
-                                # the frame may still arrive (buffered, flushed on close): not `lost`
+                                # the frame may still arrive (buffered, flushed on close): not
+                                # `lost` — unless the stream refused it before writing a byte
+                                if _refused_before_write(e):
+                                    lost.extend(msgs)
                                 self._log_fail(peer, f"stream: {type(e).__name__}: {e}")
                                 await self._close(ws)
                                 ws = None
