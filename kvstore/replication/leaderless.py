@@ -131,7 +131,7 @@ class LeaderlessCore:
                               interval_ticks=self._ticks(settings.anti_entropy_interval_ms),
                               tombstone_gc_ms=settings.tombstone_gc_ms)
         self.expiry = Expiry(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms,
-                             stamp=self.clock.now, plan=self._plan, write=self._write_expiry,
+                             plan=self._plan, write=self._write_expiry,
                              retry_ticks=self._ticks(EXPIRY_RETRY_MS))
         self.scans = Scans(self.id, self.ring, settings.n, self.replica, self.fx, self.is_up, now_ms,
                            lambda until, req, retry: self._park(until, None, req, retry), self._observe,

@@ -23,7 +23,7 @@ Owns:
 - `Expiry`: the live versions whose expiry time has come (the replica's ExpiryQueue,
   at most EXPIRE_BATCH per tick). The key's first up owner — the node that
   coordinates its writes — coordinates the expiry tombstone (`Replica.expire`:
-  supersedes exactly that version, stamped by its hybrid clock) through the normal
+  supersedes exactly that version, with that version's timestamp) through the normal
   write path (W acks, hints for the owners that miss it); a tombstone whose quorum
   failed is driven again every EXPIRY_RETRY_MS while it is this replica's. The other
   owners look again every EXPIRY_RETRY_MS, and write it themselves if they have
@@ -56,7 +56,7 @@ from kvstore.replication.ll_replica import (
     MERKLE_DEPTH, Replica, WritePlan, container_bytes, coordinators, shared_partitions,
 )
 from kvstore.replication.merkle import compare_level
-from kvstore.replication.versions import DVVSet, Dot, HlcTimestamp, encode_dot
+from kvstore.replication.versions import DVVSet, Dot, encode_dot
 
 __all__ = ["HINT_BATCH", "AE_SYNC_MAX_PARTS", "EXPIRE_BATCH", "EXPIRY_RETRY_MS", "Liveness", "HintHandoff",
            "AntiEntropy", "Expiry"]
@@ -352,10 +352,10 @@ class Expiry:
     """Versions whose TTL ran out: their tombstones (see the module doc)."""
 
     def __init__(self, me: NodeId, ring: Ring, n: int, replica: Replica, fx: Effects,
-                 is_up: Callable[[NodeId], bool], now_ms: Callable[[], int], *, stamp: Callable[[], HlcTimestamp],
+                 is_up: Callable[[NodeId], bool], now_ms: Callable[[], int], *,
                  plan: Callable[[str], WritePlan], write: ExpiryWrite, retry_ticks: int) -> None:
         self.me, self.ring, self.n, self.replica, self.fx = me, ring, n, replica, fx
-        self.is_up, self.now_ms, self.stamp, self.plan, self.write = is_up, now_ms, stamp, plan, write
+        self.is_up, self.now_ms, self.plan, self.write = is_up, now_ms, plan, write
         self.retry_ticks = retry_ticks
 
     def due(self) -> bool:
@@ -380,7 +380,7 @@ class Expiry:
         except Unavailable:
             return False
         old = self.replica.get(key)
-        done = self.replica.expire(key, version, at, self.stamp())
+        done = self.replica.expire(key, version, at)
         if done is None:
             return True
         container, rec = done

@@ -314,8 +314,7 @@ class Replica:
         new = update(cur, cur.context if ctx is None else ctx, self.id, value, ts, expires_ms)
         return self._coordinated(key, new)
 
-    def expire(self, key: str, version: str, expires_ms: int,
-               ts: HlcTimestamp) -> tuple[DVVSet, list[Any]] | None:
+    def expire(self, key: str, version: str, expires_ms: int) -> tuple[DVVSet, list[Any]] | None:
         """The expiry tombstone of `version` (a live sibling expiring at `expires_ms`),
         coordinated here: it supersedes exactly that sibling. None: the sibling is gone
         or changed (superseded, expired by another owner already)."""
@@ -325,7 +324,7 @@ class Replica:
                        and encode_dot(s.dot) == version), None)
         if target is None:
             return None
-        return self._coordinated(key, supersede(cur, target, self.id, ts))
+        return self._coordinated(key, supersede(cur, target, self.id))
 
     def _coordinated(self, key: str, new: DVVSet) -> tuple[DVVSet, list[Any]]:
         if self.lww:
@@ -363,13 +362,14 @@ class Replica:
         return out, False
 
     def gc_tombstones(self, now_ms: int, gc_ms: int) -> list[list[Any]]:
-        """Purge tombstones older than gc_ms (by their HLC time): the context stays, so
+        """Purge tombstones older than gc_ms (by their HLC time; an expiry tombstone, which
+        carries its version's timestamp, by the expiry it enacts): the context stays, so
         no older copy can come back (versions.purge_tombstones). The purged container
         wins every later sync, so the purge itself spreads by anti-entropy."""
         out: list[list[Any]] = []
         for key in list(self._tombstoned):
             c = self.store[key]
-            if all(now_ms - s.timestamp.physical_ms >= gc_ms for s in c.siblings):
+            if all(now_ms - max(s.timestamp.physical_ms, s.expires_ms or 0) >= gc_ms for s in c.siblings):
                 purged = purge_tombstones(c)
                 self._set(key, purged)
                 out.append([_PUT, key, purged.to_plain()])
@@ -536,14 +536,20 @@ def ttl_left(s: Sibling, now_ms: int) -> int | None:
     return None if s.expires_ms is None else max(1, s.expires_ms - now_ms)
 
 
-def supersede(container: DVVSet, target: Sibling, node: NodeId, ts: HlcTimestamp) -> DVVSet:
+def supersede(container: DVVSet, target: Sibling, node: NodeId) -> DVVSet:
     """`node`'s expiry tombstone of `target`: it replaces exactly that sibling (unlike
     `update` with a context, which would also supersede a concurrent sibling of the
     same node with a lower counter). The tombstone carries the expiry it enacts; the
-    dot rule of `update` holds (node's next counter, context gap-free)."""
+    dot rule of `update` holds (node's next counter, context gap-free).
+
+    It carries `target`'s timestamp, not the clock's now: under last-write-wins a
+    tombstone stamped "now" would beat every version older than the moment the expiry
+    ran — also a newer write that superseded `target` on a replica this node has not
+    heard from yet — and delete it for good. With `target`'s timestamp it beats what
+    `target` beat and nothing more (`target` itself it supersedes by its context)."""
     kept = [s for s in container.siblings if s.dot != target.dot]
     dot = Dot(node, container.context.get(node) + 1)
-    kept.append(Sibling(dot, None, ts, target.expires_ms))
+    kept.append(Sibling(dot, None, target.timestamp, target.expires_ms))
     kept.sort(key=lambda s: s.dot)
     return DVVSet(tuple(kept), container.context.with_counter(node, dot.counter))
 

@@ -340,7 +340,10 @@ class MultiLeaderStore:
         if self.dot_floor and expire is None and ctx.get(self.node_id) < self.dot_floor:
             # we lost our own log once: dots up to the floor may exist elsewhere, never reuse one
             ctx = ctx.with_counter(self.node_id, self.dot_floor)
-        ts = self.clock.now()
+        # an expiry tombstone carries the expired version's timestamp, not now: under lww a
+        # tombstone stamped now would beat a newer write that superseded the version on a
+        # node we have not heard from yet (see ll_replica.supersede)
+        ts = expire.timestamp if expire is not None else self.clock.now()
         if ttl_ms is not None:
             expires = ts.physical_ms + ttl_ms
         new = update(base, ctx, self.node_id, value, ts, expires)

@@ -322,10 +322,10 @@ class SingleLeaderCore:
                     expected = EXPECT_NEVER   # names no version a key can have: a mismatch
                 if expected == 0:
                     expected = EXPECT_NEVER
-            # A key with a TTL may have expired by now: the command says when "now" is, so
-            # that every replica decides the precondition as reads answer (absent).
-            now = self.now_ms() if at is not None or op.key in self.state.expires else None
-            return encode_cas(op.key, expected, value, req.rid, at, now), True
+            # A key with a TTL may have expired by now — also one whose TTL put is proposed
+            # but not applied yet: every CAS says when "now" is, so that every replica
+            # decides the precondition as reads answer (an expired key is absent).
+            return encode_cas(op.key, expected, value, req.rid, at, self.now_ms()), True
         if isinstance(op, Put):
             return encode_put(op.key, op.value, req.rid, at), False
         return encode_delete(op.key, req.rid), False

@@ -16,17 +16,19 @@ the queue of a follower does not grow without bound either):
   harmless (the version check), and keys already in the batch are not repeated;
 - on a follower they are parked until the node leads (`lead()` makes every parked key due
   at once) or the leader's expire entry removes them (the next look drops them as stale).
+A parked key that is not due any more on this node's clock (an NTP step back) stays parked
+until its deadline on this clock.
 So a new leader proposes what is due from its own queue and from what it had parked,
 including the keys the old leader had proposed in entries that were lost. An expire
 entry undone by an async rollback gives its keys back to the queue (KVState.undo_to
 re-queues every restored expiry).
 
-Pure: imports collections, kvstore.storage.state.
+Pure: imports heapq, kvstore.storage.state.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 from kvstore.storage.state import KVState
 
@@ -37,7 +39,7 @@ class ExpiryProposer:
     def __init__(self, batch_max: int = 1000, retry_ms: int = 1000) -> None:
         self.batch_max = batch_max
         self.retry_ms = retry_ms
-        self._parked: deque[tuple[int, str, int]] = deque()   # (look again at ms, key, version)
+        self._parked: list[tuple[int, str, int]] = []   # heap of (look again at ms, key, version)
 
     def take(self, state: KVState, now_ms: int, leader: bool) -> list[tuple[str, int]]:
         """The (key, version) pairs to expire now (leader) — always [] on a follower."""
@@ -48,10 +50,14 @@ class ExpiryProposer:
         budget = self.batch_max       # bounds a tick's work on a follower too
         keep: list[tuple[int, str, int]] = []
         while parked and parked[0][0] <= now_ms and budget > 0:
-            _, key, ver = parked.popleft()
+            _, key, ver = heapq.heappop(parked)
             budget -= 1
-            if key in seen or not state.expired_version(key, ver, now_ms):
-                continue                          # gone, re-written, or already in this batch
+            if key in seen:
+                continue                          # already in this batch
+            if not state.expired_version(key, ver, now_ms):
+                if state.holds_ttl_version(key, ver):   # not due on this clock (it went back)
+                    keep.append((state.expires[key], key, ver))
+                continue                          # gone or re-written: dropped
             seen.add(key)
             if leader:
                 out.append((key, ver))
@@ -67,13 +73,16 @@ class ExpiryProposer:
                     out.append((key, ver))
                 else:
                     keep.append((later, key, ver))
-        parked.extend(keep)
-        parked.extend((later, key, ver) for key, ver in out)
+        for item in keep:
+            heapq.heappush(parked, item)
+        for key, ver in out:
+            heapq.heappush(parked, (later, key, ver))
         return out
 
     def lead(self) -> None:
         """This node just became leader: everything parked is due now."""
-        self._parked = deque((0, key, ver) for _, key, ver in self._parked)
+        self._parked = [(0, key, ver) for _, key, ver in self._parked]
+        heapq.heapify(self._parked)
 
     def __len__(self) -> int:
         return len(self._parked)

@@ -287,6 +287,11 @@ class KVState:
         at = self.expires.get(key)
         return at is not None and at <= now_ms
 
+    def holds_ttl_version(self, key: str, version: int) -> bool:
+        """True if `key` still holds `version` and that version has a TTL."""
+        item = self.data.get(key)
+        return item is not None and item[1] == version and key in self.expires
+
     # ---- the primitive changes (every path goes through these: keys/ttl stay exact) ---
     def _put(self, key: str, value: bytes, ver: int, at: int | None) -> None:
         data = self.data

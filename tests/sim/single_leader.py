@@ -39,7 +39,7 @@ from typing import Any
 from kvstore.errors import BadRequest, KVError, Unavailable, VersionMismatch
 from kvstore.protocol.messages import Entry, Envelope, SnapshotImage, VoteResponse
 from kvstore.replication.core import Delete, Precondition, Put, ReadResult, WriteResult
-from kvstore.storage.state import KVState, Result, decode_command
+from kvstore.storage.state import OP_CAS, OP_CAS_AT, KVState, Result, decode_command
 from kvstore.transport.sim import (
     NemesisOptions,
     Observer,
@@ -599,7 +599,7 @@ def entry_mismatch(e: Entry, rec: OpRecord) -> str:
     o = rec.ops[0]
     if rec.precondition is not None:
         value = o.value if isinstance(o, Put) else None
-        return "" if op == 3 and cmd[1] == o.key and cmd[3] == value else f"command {cmd[:4]}"
+        return "" if op in (OP_CAS, OP_CAS_AT) and cmd[1] == o.key and cmd[3] == value else f"command {cmd[:4]}"
     if isinstance(o, Put):
         return "" if op == 1 and cmd[1] == o.key and cmd[2] == o.value else f"command {cmd[:3]}"
     return "" if op == 2 and cmd[1] == o.key else f"command {cmd[:2]}"

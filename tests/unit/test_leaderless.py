@@ -340,8 +340,8 @@ def test_expiry_tombstone_supersedes_exactly_the_expired_version() -> None:
     c3, _ = rep.coordinate(key, b"ttl", c1.context, ts(3, me), expires_ms=50)   # me:3, concurrent with me:2
     other.merge(key, c3)
     assert len(rep.expiry) == 1 and rep.expiring(core.expiry_id(key, f"{me}:3")) == (50, f"{me}:3")
-    assert rep.expire(key, f"{me}:3", 49, ts(60, me)) is None          # not that version any more
-    tomb, rec = rep.expire(key, f"{me}:3", 50, ts(60, me))  # type: ignore[misc]
+    assert rep.expire(key, f"{me}:3", 49) is None          # not that version any more
+    tomb, rec = rep.expire(key, f"{me}:3", 50)  # type: ignore[misc]
     assert values(tomb) == [b"older", None]                             # me:2 kept, me:4 the tombstone
     (t,) = [s for s in tomb.siblings if s.value is None]
     assert t.dot == Dot(me, 4) and t.expires_ms == 50 and tomb.context.get(me) == 4
@@ -362,7 +362,7 @@ def test_change_of_names_the_newest_version_a_reader_can_now_see() -> None:
     c3, _ = rep.coordinate(key, b"t", None, ts(3, me), expires_ms=10)
     assert core.change_of(c2, c3, lww=False, now_ms=9) == ("put", f"{me}:3", b"t")
     assert core.change_of(c2, c3, lww=False, now_ms=10) == ("expire", f"{me}:3", None)   # expired on arrival
-    c4, _ = rep.expire(key, f"{me}:3", 10, ts(11, me))  # type: ignore[misc]
+    c4, _ = rep.expire(key, f"{me}:3", 10)  # type: ignore[misc]
     assert core.change_of(c3, c4, lww=False, now_ms=11) == ("expire", f"{me}:4", None)
     purged = DVVSet((), c3.context)
     assert core.change_of(c3, purged, lww=False, now_ms=0) == ("delete", f"{me}:3", None)

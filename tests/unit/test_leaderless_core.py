@@ -1262,6 +1262,7 @@ def test_ttl_read_answers_the_time_left_and_expiry_tombstone_converges() -> None
     key = "session"
     o = owners(sim, key)
     w = ok(sim.put(o[0], key, b"s", ttl_ms=500))
+    (w_ts,) = [s.timestamp for s in sim.container(o[0], key).siblings]
     assert ok(sim.get("n1", key)).ttl_ms == 500
     sim.tick(20)
     r = ok(sim.get(o[1], key))
@@ -1273,7 +1274,9 @@ def test_ttl_read_answers_the_time_left_and_expiry_tombstone_converges() -> None
     assert all(c == copies[0] for c in copies)
     (tomb,) = copies[0].siblings
     assert tomb.value is None and tomb.dot == Dot(NodeId(o[0]), 2) and tomb.expires_ms is not None
-    assert tomb.timestamp.physical_ms >= tomb.expires_ms and copies[0].context.covers(decode_dot(w.version))
+    # the tombstone carries the expired version's timestamp (under lww it must not beat a newer write)
+    assert tomb.timestamp == w_ts and tomb.expires_ms == w_ts.physical_ms + 500
+    assert copies[0].context.covers(decode_dot(w.version))
     expired = {x: sim[x].status().counters["kv_keys_expired_total"] for x in map(str, sim.ids)}
     assert expired == {x: float(x == o[0]) for x in expired}
 
